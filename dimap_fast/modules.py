@@ -1,0 +1,129 @@
+"""Which weights are prunable, and which DIMAP module each belongs to.
+
+A module map is a dict from module name to a list of glob patterns over parameter names
+(fnmatch rules: ``*`` also matches dots). The built-in map covers timm's Swin family
+(``swin_*``, ``swinv2_*``, ``swinv2_cr_*``): the paper's Appendix B. Everything the map does
+not name (patch embedding, patch merging, norms, biases, position-bias tables, the head) stays
+dense.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import DimapError
+
+SWIN_MODULES: dict[str, tuple[str, ...]] = {
+    "QKV-M": ("*blocks.*.attn.qkv.weight",),
+    "PRJ-M": ("*blocks.*.attn.proj.weight",),
+    "MLP-M": ("*blocks.*.mlp.fc1.weight", "*blocks.*.mlp.fc2.weight"),
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One prunable weight: its parameter name, its module and the tensor itself (not a copy)."""
+
+    name: str
+    module: str
+    tensor: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+
+def named_tensors(source) -> dict[str, torch.Tensor]:
+    """Parameters of a model, or the tensors of a state dict, detached but sharing storage."""
+    if isinstance(source, torch.nn.Module):
+        return {name: p.detach() for name, p in source.named_parameters()}
+    if isinstance(source, Mapping):
+        out = {}
+        for name, value in source.items():
+            if isinstance(value, torch.Tensor):
+                out[str(name)] = value.detach()
+        return out
+    raise DimapError(
+        f"expected a torch.nn.Module or a state dict, got {type(source).__name__}: "
+        "pass a timm model or the dict that model.state_dict() returns"
+    )
+
+
+def check_module_map(module_map) -> dict[str, tuple[str, ...]]:
+    if module_map is None:
+        return dict(SWIN_MODULES)
+    if not isinstance(module_map, Mapping) or not module_map:
+        raise DimapError(
+            "module_map must be a non-empty dict of module name -> glob patterns, "
+            "e.g. {'QKV-M': ['*.attn.qkv.weight']}"
+        )
+    out = {}
+    for module, patterns in module_map.items():
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        patterns = tuple(patterns)
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise DimapError(f"module_map[{module!r}] must be one or more non-empty glob patterns")
+        out[str(module)] = patterns
+    return out
+
+
+def prunable_layers(source, module_map=None) -> list[Layer]:
+    """The prunable weights of ``source`` in model order, each tagged with its module.
+
+    Refuses (DimapError) a source with no prunable weight, a name claimed by two modules,
+    non-floating, empty, NaN or Inf weights, and weights spread over several devices.
+    """
+    module_map = check_module_map(module_map)
+    tensors = named_tensors(source)
+    layers = []
+    for name, tensor in tensors.items():
+        hits = [m for m, pats in module_map.items() if any(fnmatch.fnmatchcase(name, p) for p in pats)]
+        if len(hits) > 1:
+            raise DimapError(f"{name} matches modules {hits}: make the module_map patterns disjoint")
+        if hits:
+            layers.append(Layer(name, hits[0], tensor))
+    if not layers:
+        wanted = sorted({p for pats in module_map.values() for p in pats})
+        raise DimapError(
+            f"no prunable weight found (looked for {', '.join(wanted)}): "
+            "this is not a timm Swin; pass module_map={'MODULE': ['glob', ...]} for other models"
+        )
+    _check_layers(layers)
+    return layers
+
+
+def _check_layers(layers: Iterable[Layer]) -> None:
+    devices = set()
+    for layer in layers:
+        t = layer.tensor
+        if not t.is_floating_point():
+            raise DimapError(f"{layer.name} has dtype {t.dtype}: prunable weights must be floating point")
+        if t.numel() == 0:
+            raise DimapError(f"{layer.name} is empty (shape {tuple(t.shape)}): nothing to prune there")
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise DimapError(f"{layer.name} holds {bad} weights: repair or retrain the checkpoint before pruning")
+        devices.add(t.device)
+    if len(devices) > 1:
+        raise DimapError(
+            f"prunable weights sit on several devices ({', '.join(sorted(map(str, devices)))}): "
+            "move the model to one device first (model.to(device))"
+        )
+
+
+def module_sizes(layers: Iterable[Layer]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for layer in layers:
+        sizes[layer.module] = sizes.get(layer.module, 0) + layer.numel
+    return sizes
+
+
+def prune_count(ratio: float, size: int) -> int:
+    """round(ratio x size), halves rounded up, so the count never depends on banker's rounding."""
+    return min(size, int(math.floor(ratio * size + 0.5)))

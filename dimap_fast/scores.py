@@ -1,0 +1,203 @@
+"""The DIMAP score (the paper's Eq. 10) on the CPU, and the exact module threshold.
+
+For each prunable layer, with magnitudes sorted descending (ties by flat index, a stable sort),
+
+    Imp(w_j) = w_j^2 / (w_1^2 + ... + w_j^2)
+
+with the prefix sum accumulated in float64, sequentially (numpy's cumsum order), and 0 where the
+prefix is 0. Inside a layer the score never increases along the ranks, so at any threshold a layer
+keeps a prefix of its ranks: a magnitude cutoff plus a count. That is what lets a ratio be cut
+without a per-weight argsort.
+
+Memory is the constraint that shapes this file: holding every score in float64 would take twice
+the model's prunable weights. A layer keeps only its sorted magnitudes (float32) and, every
+``BLOCK`` ranks, the float64 prefix sum before the block and the key at its first rank. A ratio's
+threshold is found on those block heads, and exact keys are recomputed only for the few blocks
+that straddle it, continuing the very same sequential sums, so they equal a full recomputation
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+BLOCK = 64  # ranks per block head: 16 bytes per 64 weights, and a narrow band to recompute per ratio
+CHUNK = 1 << 16  # elements per float64 pass, sized to stay in cache
+
+
+class LayerState:
+    """What a layer keeps between ratios: sorted magnitudes and its block heads."""
+
+    __slots__ = ("neg", "prefix", "heads_neg", "numel", "method")
+
+    def __init__(self, neg: np.ndarray, method: str):
+        self.neg = neg  # -|w| ascending, i.e. |w| descending with the sign flipped: numpy sorts ascending only
+        self.numel = neg.size
+        self.method = method
+        if method == "dimap":
+            self.prefix, heads = _dimap_heads(neg)
+        else:
+            self.prefix = None
+            heads = -neg[::BLOCK].astype(np.float64)
+        self.heads_neg = -heads  # ascending, for searchsorted
+
+    @property
+    def heads(self) -> np.ndarray:
+        return -self.heads_neg
+
+    def keys(self, r0: int, r1: int) -> np.ndarray:
+        """Exact keys of ranks [r0, r1); r0 must start a block."""
+        if self.method != "dimap":
+            return -self.neg[r0:r1].astype(np.float64)
+        sq = np.square(self.neg[r0:r1], dtype=np.float64)
+        run = np.empty(sq.size + 1)
+        run[0] = self.prefix[r0 // BLOCK]
+        run[1:] = sq
+        np.cumsum(run, out=run)
+        return _safe_divide(sq, run[1:])
+
+    def key_at(self, rank: int) -> float:
+        start = rank - rank % BLOCK
+        return float(self.keys(start, rank + 1)[-1])
+
+    def magnitude_at(self, rank: int) -> float:
+        return float(-self.neg[rank])
+
+    def nbytes(self) -> int:
+        extra = 0 if self.prefix is None else self.prefix.nbytes
+        return self.neg.nbytes + self.heads_neg.nbytes + extra
+
+
+def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
+    """-|w| sorted ascending as float32 (exact for fp16 and bf16 too)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    out = np.abs(flat.cpu().numpy())
+    np.negative(out, out=out)
+    out.sort()
+    return out
+
+
+def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _dimap_heads(neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: the float64 prefix sum before it and the score of its first rank."""
+    n = neg.size
+    nblocks = -(-n // BLOCK)
+    prefix = np.empty(nblocks)
+    heads = np.empty(nblocks)
+    run = np.empty(min(CHUNK, n) + 1)
+    carry = 0.0
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of BLOCK, so chunks start blocks
+        stop = min(start + CHUNK, n)
+        m = stop - start
+        part = run[: m + 1]
+        part[0] = carry  # continuing from the carry keeps the sum sequential across chunks
+        np.square(neg[start:stop], out=part[1:], dtype=np.float64)
+        np.cumsum(part, out=part)
+        blocks = slice(start // BLOCK, -(-stop // BLOCK))
+        prefix[blocks] = part[0:m:BLOCK]
+        heads[blocks] = _safe_divide(np.square(neg[start:stop:BLOCK], dtype=np.float64), part[1 : m + 1 : BLOCK])
+        carry = part[m]
+    return prefix, heads
+
+
+def build_states(tensors: list[torch.Tensor], method: str, progress=None) -> list[LayerState]:
+    """Sort and summarize every layer, largest first over all cores (numpy releases the GIL)."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].numel())
+    states: list[LayerState | None] = [None] * len(tensors)
+
+    def work(i):
+        states[i] = LayerState(sorted_negated_magnitudes(tensors[i]), method)
+        return tensors[i].numel()
+
+    workers = max(1, min(len(tensors), torch.get_num_threads(), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in pool.map(work, order):
+            if progress is not None:
+                progress.update(done)
+    return states  # type: ignore[return-value]
+
+
+class Group:
+    """Layers that share one threshold (a module for dimap, everything for global).
+
+    The block heads of all its layers, sorted descending once, bound how many weights lie at or
+    above any value: a block whose head is >= t holds at least its first weight above t, and no
+    weight after a head < t is >= t. Those bounds bracket a ratio's exact threshold between two
+    head values; only the blocks in between are recomputed.
+    """
+
+    def __init__(self, states: list[LayerState]):
+        self.states = states
+        self.numels = np.array([s.numel for s in states], dtype=np.int64)
+        self.total = int(self.numels.sum())
+        heads = np.concatenate([s.heads for s in states])
+        sizes = np.concatenate([_block_sizes(s.numel) for s in states])
+        firsts = np.concatenate([_first_gains(s.numel) for s in states])
+        order = np.argsort(-heads, kind="stable")
+        self.neg_values = -heads[order]  # ascending
+        self.cum_hi = np.cumsum(sizes[order])
+        self.cum_lo = np.cumsum(firsts[order])
+
+    def keep_counts(self, keep: int) -> np.ndarray:
+        """Per layer, how many top ranks stay so that exactly ``keep`` weights stay in the group.
+
+        Order: key descending, then layer (earlier layers keep their ties first), then rank.
+        """
+        if keep >= self.total:
+            return self.numels.copy()
+        if keep <= 0:
+            return np.zeros_like(self.numels)
+        lower, upper = self._bracket(keep)
+        starts, stops = [], []
+        for s in self.states:
+            above = int(np.searchsorted(s.heads_neg, -upper, side="right"))  # heads >= upper
+            at_least = int(np.searchsorted(s.heads_neg, -lower, side="right"))  # heads >= lower
+            starts.append(max(above - 1, 0) * BLOCK)
+            stops.append(min(at_least * BLOCK, s.numel))
+        keys = [s.keys(a, b) for s, a, b in zip(self.states, starts, stops)]
+        lengths = np.array([k.size for k in keys])
+        need = keep - sum(starts)
+        counts = np.array(starts, dtype=np.int64)
+        if need > 0:
+            band = np.concatenate(keys)
+            chosen = np.argsort(-band, kind="stable")[:need]
+            owner = np.repeat(np.arange(len(keys)), lengths)
+            counts += np.bincount(owner[chosen], minlength=len(keys))
+        return counts
+
+    def _bracket(self, keep: int) -> tuple[float, float]:
+        """Head values lower <= t* < upper around the keep-th largest key t*."""
+        n = self.neg_values.size
+        j = int(np.searchsorted(self.cum_lo, keep, side="left"))
+        lower = -float(self.neg_values[j]) if j < n else -np.inf
+        j = int(np.searchsorted(self.cum_hi, keep, side="left")) - 1
+        if j >= 0:
+            v = self.neg_values[j]
+            end = int(np.searchsorted(self.neg_values, v, side="right")) - 1
+            if end != j:  # the tie group runs past j: its count may reach keep
+                j = int(np.searchsorted(self.neg_values, v, side="left")) - 1
+        upper = -float(self.neg_values[j]) if j >= 0 else np.inf
+        return lower, upper
+
+
+def _block_sizes(n: int) -> np.ndarray:
+    sizes = np.full(-(-n // BLOCK), BLOCK, dtype=np.int64)
+    sizes[-1] = n - (sizes.size - 1) * BLOCK
+    return sizes
+
+
+def _first_gains(n: int) -> np.ndarray:
+    gains = np.full(-(-n // BLOCK), BLOCK, dtype=np.int64)
+    gains[0] = 1
+    return gains
