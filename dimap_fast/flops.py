@@ -17,13 +17,12 @@ from .errors import DimapError
 from .modules import prunable_layers
 
 
-def report(model: torch.nn.Module, input_size=None, module_map=None) -> dict:
+def report(model, input_size=None, module_map=None) -> dict:
     """Sparsity per module and per layer; parameters and FLOPs of the whole model, dense and pruned.
 
-    input_size: an int or (H, W); default the model's own (224 for the ImageNet Swins).
+    input_size: an int or (H, W); default the model's own (224 for the ImageNet Swins). Given a
+    state dict instead of a model, FLOPs are None (there is nothing to run).
     """
-    if not isinstance(model, torch.nn.Module):
-        raise DimapError(f"report needs a torch.nn.Module, got {type(model).__name__}")
     layers = prunable_layers(model, module_map)
     rows, modules = {}, {}
     zeros_total = 0
@@ -36,13 +35,18 @@ def report(model: torch.nn.Module, input_size=None, module_map=None) -> dict:
         m["zeros"] += zeros
     for m in modules.values():
         m["sparsity"] = m["zeros"] / m["weights"]
-    params = sum(p.numel() for p in model.parameters())
-    dense, pruned = count_flops(model, _input_shape(model, input_size), {layer.name for layer in layers})
+    if isinstance(model, torch.nn.Module):
+        params = sum(p.numel() for p in model.parameters())
+        dense, pruned = count_flops(model, _input_shape(model, input_size), {layer.name for layer in layers})
+        flops = {"dense": dense, "pruned": pruned, "reduction": 1 - pruned / dense if dense else 0.0}
+    else:
+        params = sum(t.numel() for t in model.values() if t.is_floating_point())
+        flops = None
     return {
         "modules": modules,
         "layers": rows,
         "params": {"dense": params, "pruned": params - zeros_total, "reduction": zeros_total / params},
-        "flops": {"dense": dense, "pruned": pruned, "reduction": 1 - pruned / dense if dense else 0.0},
+        "flops": flops,
     }
 
 

@@ -90,6 +90,12 @@ def check_output(out, inputs=()) -> Path:
     return out
 
 
+def public_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as safetensors: a temporary file beside ``out``, fsync, then rename."""
     from safetensors.torch import save_file
@@ -110,6 +116,7 @@ def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
         save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, public_mode())  # mkstemp makes 0600 files; outputs get the usual umask
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -49,45 +49,56 @@ def lamp_scores(w: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def _keep_top(keys_per_layer, ranks_per_layer, keep):
-    """Keep `keep` weights in the order (key desc, layer asc, rank asc); masks per layer."""
+def _order(keys_per_layer, ranks_per_layer):
+    """The keep order over a group: key descending, then layer, then rank."""
     keys = torch.cat(keys_per_layer).numpy()
-    layer_ids = np.concatenate([np.full(k.numel(), i) for i, k in enumerate(keys_per_layer)])
+    layer_ids = np.concatenate([np.full(k.numel(), i, dtype=np.int32) for i, k in enumerate(keys_per_layer)])
     ranks = torch.cat(ranks_per_layer).numpy()
-    order = np.lexsort((ranks, layer_ids, -keys))  # last key is primary
-    kept = np.zeros(keys.size, dtype=bool)
-    kept[order[:keep]] = True
-    out, start = [], 0
-    for k in keys_per_layer:
-        out.append(torch.from_numpy(kept[start : start + k.numel()].copy()))
-        start += k.numel()
-    return out
+    return np.lexsort((ranks, layer_ids, -keys))  # the last key is the primary one
 
 
 def n_pruned(ratio, size):
     return min(size, int(math.floor(ratio * size + 0.5)))
 
 
+class Reference:
+    """Masks of one model at any ratio, from one literal ranking per group."""
+
+    def __init__(self, state_dict, method="dimap", patterns=PATTERNS):
+        self.method = method
+        self.layers = prunable(state_dict, patterns)
+        self.groups = []
+        if method == "uniform":
+            self.ranks = {name: layer_ranks(w) for name, _, w in self.layers}
+            return
+        grouped = {}
+        for name, module, w in self.layers:
+            grouped.setdefault(module if method == "dimap" else "all", []).append((name, w))
+        for members in grouped.values():
+            if method == "dimap":
+                keys = [lamp_scores(w) for _, w in members]
+            else:
+                keys = [w.detach().reshape(-1).double().abs() for _, w in members]
+            ranks = [layer_ranks(w) for _, w in members]
+            self.groups.append((members, _order(keys, ranks)))
+
+    def masks(self, ratio):
+        out = {}
+        if self.method == "uniform":
+            for name, _, w in self.layers:
+                keep = w.numel() - n_pruned(ratio, w.numel())
+                out[name] = (self.ranks[name] < keep).reshape(w.shape)
+            return out
+        for members, order in self.groups:
+            size = order.size
+            kept = np.zeros(size, dtype=bool)
+            kept[order[: size - n_pruned(ratio, size)]] = True
+            start = 0
+            for name, w in members:
+                out[name] = torch.from_numpy(kept[start : start + w.numel()].copy()).reshape(w.shape)
+                start += w.numel()
+        return out
+
+
 def reference_masks(state_dict, ratio, method="dimap", patterns=PATTERNS):
-    layers = prunable(state_dict, patterns)
-    masks = {}
-    if method == "uniform":
-        for name, _, w in layers:
-            keep = w.numel() - n_pruned(ratio, w.numel())
-            ranks = layer_ranks(w)
-            masks[name] = (ranks < keep).reshape(w.shape)
-        return masks
-    groups = {}
-    for name, module, w in layers:
-        groups.setdefault(module if method == "dimap" else "all", []).append((name, w))
-    for members in groups.values():
-        if method == "dimap":
-            keys = [lamp_scores(w) for _, w in members]
-        else:
-            keys = [w.detach().reshape(-1).double().abs() for _, w in members]
-        ranks = [layer_ranks(w) for _, w in members]
-        size = sum(w.numel() for _, w in members)
-        kept = _keep_top(keys, ranks, size - n_pruned(ratio, size))
-        for (name, w), m in zip(members, kept):
-            masks[name] = m.reshape(w.shape)
-    return masks
+    return Reference(state_dict, method, patterns).masks(ratio)

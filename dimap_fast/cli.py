@@ -1,0 +1,172 @@
+"""The ``dimap-fast`` command: prune, report, sweep, demo.
+
+Every refusal is one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import METHODS, DimapError, check_ratio
+
+EXAMPLES = """\
+examples:
+  dimap-fast demo                                     prune a small Swin trained on digits
+  dimap-fast prune swin_tiny_patch4_window7_224 --ratio 0.5 --out tiny50.safetensors
+  dimap-fast prune ckpt.pth --model swin_base_patch4_window7_224 --ratio 0.35 --out b35.safetensors
+  dimap-fast report tiny50.safetensors --model swin_tiny_patch4_window7_224
+  dimap-fast report tiny50.safetensors --json
+  dimap-fast sweep swin_tiny_patch4_window7_224 swin_small_patch4_window7_224 \\
+      --ratios 0.15,0.35,0.55 --methods dimap,uniform --out-dir sweeps/
+"""
+
+
+def _ratio(text: str) -> float:
+    try:
+        return check_ratio(float(text))
+    except (ValueError, DimapError) as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DimapError) else f"ratio must be a number in [0, 1), got {text!r}")
+
+
+def _ratios(text: str) -> list[float]:
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give ratios as a comma-separated list, e.g. 0.15,0.35,0.55")
+    return [_ratio(p.strip()) for p in parts]
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    return methods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dimap-fast",
+        description="DIMAP pruning (He & Zhou, ICLR 2024) for timm's Swin family.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune one model and write it as .safetensors with its masks",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="timm model name (random init) or checkpoint (.safetensors, .pth, .pt)")
+    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each module's weights to remove, in [0, 1)")
+    p.add_argument("--method", choices=METHODS, default="dimap", help="dimap (default), global or uniform")
+    p.add_argument("--out", required=True, help="output .safetensors (pruned weights and masks)")
+    p.add_argument("--model", help="timm architecture of a checkpoint (recorded in the output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
+    p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights for a model name")
+
+    r = sub.add_parser("report", help="sparsity per module and layer, parameters and FLOPs")
+    r.add_argument("source", help="timm model name or checkpoint")
+    r.add_argument("--model", help="timm architecture of a checkpoint (needed for FLOPs)")
+    r.add_argument("--input-size", type=int, default=None, help="image size for FLOPs (default: the model's)")
+    r.add_argument("--layers", action="store_true", help="also list every prunable layer")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    s = sub.add_parser("sweep", help="prune several models at several ratios, one output per pair")
+    s.add_argument("sources", nargs="+", help="timm model names or checkpoints")
+    s.add_argument("--ratios", type=_ratios, required=True, help="comma-separated, e.g. 0.15,0.35,0.55")
+    s.add_argument("--methods", type=_methods, default=["dimap"], help="comma-separated (default dimap)")
+    s.add_argument("--out-dir", required=True, help="folder for the outputs and summary.csv")
+    s.add_argument("--model", help="timm architecture of the checkpoints")
+    s.add_argument("--masks-only", action="store_true", help="write only the masks, not the pruned weights")
+
+    d = sub.add_parser("demo", help="prune a small Swin trained on scikit-learn's digits, before/after accuracy")
+    d.add_argument("--out-dir", default="demo_out", help="where the pruned checkpoint goes (default demo_out/)")
+    d.add_argument("--ratios", type=_ratios, default=[0.5, 0.8], help="default 0.5,0.8")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except DimapError as exc:
+        print(f"dimap-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dimap-fast: interrupted; finished outputs are complete, nothing partial was left", file=sys.stderr)
+        return 130
+
+
+def cmd_prune(args) -> int:
+    from .io import check_output, save_pruned
+    from .plan import plan
+    from .sources import load_source
+
+    out = check_output(args.out, [args.source])
+    if out.exists() and not args.overwrite:
+        raise DimapError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    src = load_source(args.source, arch=args.model, pretrained=args.pretrained)
+    p = plan(src.state_dict, method=args.method, progress=True)
+    masks = p.masks(args.ratio)
+    state = prune_state(src.state_dict, masks)
+    meta = {"method": args.method, "ratio": repr(args.ratio), "source": args.source, "timm_model": src.arch or ""}
+    for key in ("model_config",):
+        if key in src.metadata:
+            meta[key] = src.metadata[key]
+    save_pruned(out, state, masks, meta)
+    print(format_sparsity(p.sparsity(args.ratio)))
+    print(f"wrote {out}")
+    return 0
+
+
+def prune_state(state: dict, masks: dict) -> dict:
+    """A copy of the state dict with pruned weights zeroed; the input tensors are untouched."""
+    out = dict(state)
+    for name, mask in masks.items():
+        out[name] = state[name] * mask.to(state[name].device)
+    return out
+
+
+def format_sparsity(sp: dict) -> str:
+    lines = [f"{'module':<10}{'removed':>10}"]
+    lines += [f"{m:<10}{v:>10.2%}" for m, v in sp["modules"].items()]
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> int:
+    from .flops import format_report, report, report_json
+    from .sources import load_source
+
+    src = load_source(args.source, arch=args.model, need_model=True)
+    rep = report(src.model if src.model is not None else src.state_dict, input_size=args.input_size)
+    if args.json:
+        print(report_json(rep))
+    else:
+        print(format_report(rep, layers=args.layers))
+        if rep["flops"] is None:
+            print("FLOPs   unknown: pass --model NAME to count them")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out_dir), args.ratios)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "report": cmd_report, "sweep": cmd_sweep, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())
