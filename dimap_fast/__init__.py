@@ -2,7 +2,12 @@
 
 from .errors import DimapError
 from .modules import SWIN_MODULES
+from .flops import report
+from .masks import MaskHandle, apply_masks, make_permanent
 from .plan import Cutoff, Plan, compute_masks, plan
 
-__all__ = ["DimapError", "SWIN_MODULES", "Cutoff", "Plan", "compute_masks", "plan"]
+__all__ = [
+    "DimapError", "SWIN_MODULES", "Cutoff", "Plan", "MaskHandle",
+    "apply_masks", "compute_masks", "make_permanent", "plan", "report",
+]
 __version__ = "0.1.0"

@@ -44,9 +44,9 @@ def demo_model_from_metadata(metadata: dict[str, str]) -> torch.nn.Module | None
     config = metadata.get("model_config")
     if not config:
         return None
-    from .train import small_swin_from_config
+    from .train import build_swin
 
-    return small_swin_from_config(json.loads(config))
+    return build_swin(json.loads(config))
 
 
 def load_source(spec: str, arch: str | None = None, need_model: bool = False, pretrained: bool = False) -> Source:
