@@ -75,6 +75,13 @@ class Plan:
             self._counts_cache[ratio] = counts
         return counts
 
+    def keep_counts_many(self, ratios) -> np.ndarray:
+        """[R, L] keep counts; the GPU path selects every ratio in one launch per group."""
+        ratios = [check_ratio(r) for r in ratios]
+        if hasattr(self._scorer, "keep_counts_many"):
+            return self._scorer.keep_counts_many(ratios)
+        return np.stack([self.keep_counts(r) for r in ratios]) if ratios else np.zeros((0, len(self.layers)), np.int64)
+
     def cutoffs(self, ratio: float) -> dict[str, Cutoff]:
         """Per layer: the smallest kept magnitude (inf when nothing stays) and the keep count."""
         counts = self.keep_counts(ratio)
@@ -107,6 +114,35 @@ class Plan:
         """Boolean masks keyed by parameter name, True = kept, on the weights' device."""
         cuts = self.cutoffs(ratio)
         return {layer.name: layer_mask(layer.tensor, cuts[layer.name]) for layer in self.layers}
+
+    @torch.no_grad()
+    def prune_(self, ratio: float) -> dict[str, torch.Tensor]:
+        """Zero the pruned weights of the planned tensors in place; returns the masks.
+
+        The plan's tensors are the model's own parameters (or the state dict's tensors), so this
+        prunes the model itself. On the GPU path one fused kernel per layer writes mask and zeros.
+        """
+        cuts = self.cutoffs(ratio)
+        if self.backend == "triton":
+            from .kernels import apply_cutoffs
+
+            out = {}
+            for layer in self.layers:
+                cut = cuts[layer.name]
+                flat = layer.tensor.view(-1)
+                dev = flat.device
+                mask, kept = apply_cutoffs(
+                    flat,
+                    torch.tensor([0, cut.numel], dtype=torch.int64, device=dev),
+                    torch.tensor([cut.magnitude], dtype=torch.float32, device=dev),
+                    torch.tensor([cut.keep], dtype=torch.int64, device=dev),
+                )
+                out[layer.name] = mask.view(layer.tensor.shape)
+            return out
+        masks = {layer.name: layer_mask(layer.tensor, cuts[layer.name]) for layer in self.layers}
+        for layer in self.layers:
+            layer.tensor.mul_(masks[layer.name])
+        return masks
 
     def sparsity(self, ratio: float) -> dict[str, dict[str, float]]:
         """Fraction removed, per module and per layer: {"modules": {...}, "layers": {...}}."""
