@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,rounds
+	$(BIN)/python -m pytest -q -s bench --benchmark-columns=min,median,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -77,7 +77,8 @@ def prunable_layers(source, module_map=None) -> list[Layer]:
     """The prunable weights of ``source`` in model order, each tagged with its module.
 
     Refuses (DimapError) a source with no prunable weight, a name claimed by two modules,
-    non-floating, empty, NaN or Inf weights, and weights spread over several devices.
+    non-floating or empty weights, and weights spread over several devices. NaN and Inf are
+    refused by the scorers, which see them for free at the ends of each sorted layer.
     """
     module_map = check_module_map(module_map)
     tensors = named_tensors(source)
@@ -106,9 +107,6 @@ def _check_layers(layers: Iterable[Layer]) -> None:
             raise DimapError(f"{layer.name} has dtype {t.dtype}: prunable weights must be floating point")
         if t.numel() == 0:
             raise DimapError(f"{layer.name} is empty (shape {tuple(t.shape)}): nothing to prune there")
-        if not bool(torch.isfinite(t).all()):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise DimapError(f"{layer.name} holds {bad} weights: repair or retrain the checkpoint before pruning")
         devices.add(t.device)
     if len(devices) > 1:
         raise DimapError(
@@ -127,3 +125,8 @@ def module_sizes(layers: Iterable[Layer]) -> dict[str, int]:
 def prune_count(ratio: float, size: int) -> int:
     """round(ratio x size), halves rounded up, so the count never depends on banker's rounding."""
     return min(size, int(math.floor(ratio * size + 0.5)))
+
+
+def non_finite_error(name: str, largest: float) -> DimapError:
+    bad = "NaN" if math.isnan(largest) else "Inf"
+    return DimapError(f"{name} holds {bad} weights: repair or retrain the checkpoint before pruning")

@@ -162,7 +162,7 @@ class NumpyScorer:
     def __init__(self, layers: list[Layer], method: str, bar=None):
         self.method = method
         self.layers = layers
-        self.states = build_states([layer.tensor for layer in layers], method, bar)
+        self.states = build_states([layer.tensor for layer in layers], method, bar, [layer.name for layer in layers])
         self.groups: list[tuple[list[int], Group]] = []
         if method == "dimap":
             for module in dict.fromkeys(layer.module for layer in layers):

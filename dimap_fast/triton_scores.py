@@ -8,10 +8,12 @@ On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exerci
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from .modules import Layer, prune_count
+from .modules import Layer, non_finite_error, prune_count
 
 
 class TritonScorer:
@@ -32,7 +34,7 @@ class TritonScorer:
         else:
             parts = [[i] for i in range(len(layers))]
         for idx in parts:
-            mags = torch.cat([_sorted_magnitudes(layers[i].tensor) for i in idx])
+            mags = torch.cat([_sorted_magnitudes(layers[i]) for i in idx])
             sizes = torch.tensor([0] + [self.numels[i] for i in idx], dtype=torch.int64)
             offsets = torch.cumsum(sizes, 0).to(mags.device)
             keys = module_scores(mags, offsets) if method == "dimap" else mags.double()
@@ -68,8 +70,12 @@ class TritonScorer:
         return float(self.groups[g][2][start + rank])
 
 
-def _sorted_magnitudes(tensor: torch.Tensor) -> torch.Tensor:
-    mags = tensor.detach().reshape(-1).abs()
+def _sorted_magnitudes(layer: Layer) -> torch.Tensor:
+    mags = layer.tensor.detach().reshape(-1).abs()
     if mags.dtype != torch.float32:
         mags = mags.float()
-    return torch.sort(mags, descending=True).values
+    mags = torch.sort(mags, descending=True).values
+    largest = float(mags[0])  # torch sorts NaN above +inf, so the first value tells
+    if not math.isfinite(largest):
+        raise non_finite_error(layer.name, largest)
+    return mags
