@@ -8,29 +8,36 @@ Methods (the prunable set is the same for all three):
 - ``dimap``: Eq. 10 scores, one threshold per module; each module loses round(ratio x size).
 - ``global``: one magnitude threshold over all prunable weights; they lose round(ratio x total).
 - ``uniform``: each layer loses round(ratio x layer size) by magnitude.
+Patterns (``pattern=``) change the unit from a weight to a tile, a neuron or head, or a 2:4 group:
+see ``dimap_fast.patterns``.
 
-Tie rule: weights are kept in the order (key descending, layer in model order, rank in the layer),
+Tie rule: units are kept in the order (key descending, layer in model order, rank in the layer),
 where the key is the score (dimap) or the magnitude (global, uniform) and the rank orders a layer
 by magnitude descending, then by flat index. So at the threshold, earlier layers keep their ties
-first, and inside a layer the lower flat index stays.
+first, and inside a layer the lower flat index stays. round() rounds halves up.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import METHODS, DimapError, check_choice, check_ratio
-from .modules import Layer, prunable_layers, prune_count
+from .modules import Layer, named_tensors, prunable_layers, prune_count
+from .patterns import UnitLayer, check_pattern, two_four_mask, unit_layers
 from .scores import Group, build_states
 
 
 @dataclass(frozen=True)
 class Cutoff:
-    """A layer's cut: keep |w| > magnitude, then ties at it by flat index, ``keep`` weights in all."""
+    """A layer's cut: keep values > magnitude, then ties at it by flat index, ``keep`` in all.
+
+    For the unstructured pattern the value is |w|; for block and channel it is a unit's energy.
+    """
 
     magnitude: float
     keep: int
@@ -40,36 +47,55 @@ class Cutoff:
 class Plan:
     """The ratio-independent part of a pruning run over one model's prunable weights."""
 
-    def __init__(self, layers: list[Layer], method: str, backend: str, progress: bool = False):
+    def __init__(self, layers: list[Layer], method: str, backend: str, progress: bool = False,
+                 pattern: str = "unstructured", block_size: int = 32, tensors: dict | None = None):
         self.layers = layers
         self.method = method
         self.backend = backend
-        self.modules = list(dict.fromkeys(layer.module for layer in layers))
+        self.pattern = pattern
+        self.block_size = block_size
         self._counts_cache: dict[float, np.ndarray] = {}
-        bar = _progress_bar(sum(layer.numel for layer in layers), progress)
+        if pattern == "2:4":
+            self.units: list[UnitLayer] = []
+            self.modules = list(dict.fromkeys(layer.module for layer in layers))
+            self._scorer = None
+            return
+        self.units = unit_layers(layers, pattern, block_size, tensors)
+        self.modules = list(dict.fromkeys(u.module for u in self.units))
+        bar = _progress_bar(sum(u.numel for u in self.units), progress)
         try:
             if backend == "triton":
                 from .triton_scores import TritonScorer
 
-                self._scorer = TritonScorer(layers, method)
+                self._scorer = TritonScorer(self.units, method)
                 if bar is not None:
                     bar.update(bar.total)
             else:
-                self._scorer = NumpyScorer(layers, method, bar)
+                self._scorer = NumpyScorer(self.units, method, bar)
         finally:
             if bar is not None:
                 bar.close()
 
     def __repr__(self) -> str:
         n = sum(layer.numel for layer in self.layers)
-        return f"Plan(method={self.method!r}, backend={self.backend!r}, layers={len(self.layers)}, weights={n})"
+        return (f"Plan(method={self.method!r}, pattern={self.pattern!r}, backend={self.backend!r}, "
+                f"layers={len(self.layers)}, weights={n})")
+
+    def _ratio(self, ratio) -> float:
+        ratio = check_ratio(ratio)
+        if self.pattern == "2:4" and ratio != 0.5:
+            raise DimapError(f"pattern '2:4' always removes half of the weights: use ratio 0.5, not {ratio}")
+        return ratio
 
     def keep_counts(self, ratio: float) -> np.ndarray:
-        """Per layer (in model order), how many weights stay."""
-        ratio = check_ratio(ratio)
+        """Per unit layer (in model order), how many units stay."""
+        ratio = self._ratio(ratio)
         counts = self._counts_cache.get(ratio)
         if counts is None:
-            counts = self._scorer.keep_counts(ratio)
+            if self._scorer is None:
+                counts = np.array([layer.numel // 2 for layer in self.layers], dtype=np.int64)
+            else:
+                counts = self._floor(self._scorer.keep_counts(ratio))
             if len(self._counts_cache) > 64:
                 self._counts_cache.clear()
             self._counts_cache[ratio] = counts
@@ -77,43 +103,55 @@ class Plan:
 
     def keep_counts_many(self, ratios) -> np.ndarray:
         """[R, L] keep counts; the GPU path selects every ratio in one launch per group."""
-        ratios = [check_ratio(r) for r in ratios]
-        if hasattr(self._scorer, "keep_counts_many"):
-            return self._scorer.keep_counts_many(ratios)
-        return np.stack([self.keep_counts(r) for r in ratios]) if ratios else np.zeros((0, len(self.layers)), np.int64)
+        ratios = [self._ratio(r) for r in ratios]
+        if self._scorer is not None and hasattr(self._scorer, "keep_counts_many"):
+            return self._floor(self._scorer.keep_counts_many(ratios))
+        return np.stack([self.keep_counts(r) for r in ratios]) if ratios else np.zeros((0, len(self.units)), np.int64)
+
+    def _floor(self, counts: np.ndarray) -> np.ndarray:
+        # a layer with no neuron or no head left would cut the network: channel keeps one of each
+        return np.maximum(counts, 1) if self.pattern == "channel" else counts
 
     def cutoffs(self, ratio: float) -> dict[str, Cutoff]:
-        """Per layer: the smallest kept magnitude (inf when nothing stays) and the keep count."""
+        """Per unit layer: the smallest kept value (inf when nothing stays) and the keep count."""
         counts = self.keep_counts(ratio)
+        if self._scorer is None:
+            raise DimapError("pattern '2:4' has no cutoffs: every group of 4 keeps its 2 largest weights")
         return {
-            layer.name: Cutoff(self._scorer.magnitude_at(i, int(c) - 1) if c > 0 else math.inf, int(c), layer.numel)
-            for i, (layer, c) in enumerate(zip(self.layers, counts))
+            u.name: Cutoff(self._scorer.magnitude_at(i, int(c) - 1) if c > 0 else math.inf, int(c), u.numel)
+            for i, (u, c) in enumerate(zip(self.units, counts))
         }
 
     def thresholds(self, ratio: float) -> dict[str, float]:
         """Per module, the smallest key that stays: the score (dimap) or the magnitude (global).
 
-        ``uniform`` has no module threshold (every layer has its own): NaN. A module that keeps
-        nothing reports inf.
+        ``uniform`` and ``2:4`` have no module threshold (every layer has its own): NaN. A module
+        that keeps nothing reports inf.
         """
         counts = self.keep_counts(ratio)
         out = {}
         for module in self.modules:
-            if self.method == "uniform":
+            if self.method == "uniform" or self._scorer is None:
                 out[module] = math.nan
                 continue
             keys = [
                 self._scorer.key_at(i, int(c) - 1)
-                for i, (layer, c) in enumerate(zip(self.layers, counts))
-                if layer.module == module and c > 0
+                for i, (u, c) in enumerate(zip(self.units, counts))
+                if u.module == module and c > 0
             ]
             out[module] = min(keys) if keys else math.inf
         return out
 
     def masks(self, ratio: float) -> dict[str, torch.Tensor]:
         """Boolean masks keyed by parameter name, True = kept, on the weights' device."""
+        ratio = self._ratio(ratio)
+        if self._scorer is None:
+            return {layer.name: two_four_mask(layer.tensor, layer.name) for layer in self.layers}
         cuts = self.cutoffs(ratio)
-        return {layer.name: layer_mask(layer.tensor, cuts[layer.name]) for layer in self.layers}
+        out = {}
+        for u in self.units:
+            out.update(u.expand(layer_mask(u.values, cuts[u.name])))
+        return {layer.name: out[layer.name] for layer in self.layers if layer.name in out}
 
     @torch.no_grad()
     def prune_(self, ratio: float) -> dict[str, torch.Tensor]:
@@ -122,16 +160,16 @@ class Plan:
         The plan's tensors are the model's own parameters (or the state dict's tensors), so this
         prunes the model itself. On the GPU path one fused kernel per layer writes mask and zeros.
         """
-        cuts = self.cutoffs(ratio)
-        if self.backend == "triton":
+        if self.backend == "triton" and self.pattern == "unstructured":
             from .kernels import apply_cutoffs
 
+            cuts = self.cutoffs(ratio)
             out = {}
             for layer in self.layers:
                 cut = cuts[layer.name]
                 flat = layer.tensor.view(-1)
                 dev = flat.device
-                mask, kept = apply_cutoffs(
+                mask, _ = apply_cutoffs(
                     flat,
                     torch.tensor([0, cut.numel], dtype=torch.int64, device=dev),
                     torch.tensor([cut.magnitude], dtype=torch.float32, device=dev),
@@ -139,19 +177,20 @@ class Plan:
                 )
                 out[layer.name] = mask.view(layer.tensor.shape)
             return out
-        masks = {layer.name: layer_mask(layer.tensor, cuts[layer.name]) for layer in self.layers}
+        masks = self.masks(ratio)
         for layer in self.layers:
             layer.tensor.mul_(masks[layer.name])
         return masks
 
     def sparsity(self, ratio: float) -> dict[str, dict[str, float]]:
-        """Fraction removed, per module and per layer: {"modules": {...}, "layers": {...}}."""
+        """Fraction of units removed, per module and per unit layer: {"modules": ..., "layers": ...}."""
         counts = self.keep_counts(ratio)
+        sized = self.units or self.layers
         layers, kept, size = {}, {}, {}
-        for layer, c in zip(self.layers, counts):
-            layers[layer.name] = 1.0 - int(c) / layer.numel
-            kept[layer.module] = kept.get(layer.module, 0) + int(c)
-            size[layer.module] = size.get(layer.module, 0) + layer.numel
+        for u, c in zip(sized, counts):
+            layers[u.name] = 1.0 - int(c) / u.numel
+            kept[u.module] = kept.get(u.module, 0) + int(c)
+            size[u.module] = size.get(u.module, 0) + u.numel
         modules = {m: 1.0 - kept[m] / size[m] for m in self.modules}
         return {"modules": modules, "layers": layers}
 
@@ -159,17 +198,17 @@ class Plan:
 class NumpyScorer:
     """CPU path: numpy sorts and sums (both cores), then exact selection on block heads."""
 
-    def __init__(self, layers: list[Layer], method: str, bar=None):
+    def __init__(self, units: list[UnitLayer], method: str, bar=None):
         self.method = method
-        self.layers = layers
-        self.states = build_states([layer.tensor for layer in layers], method, bar, [layer.name for layer in layers])
+        squared = bool(units) and units[0].squared
+        self.states = build_states([u.values for u in units], method, bar, [u.name for u in units], squared)
         self.groups: list[tuple[list[int], Group]] = []
         if method == "dimap":
-            for module in dict.fromkeys(layer.module for layer in layers):
-                idx = [i for i, layer in enumerate(layers) if layer.module == module]
+            for module in dict.fromkeys(u.module for u in units):
+                idx = [i for i, u in enumerate(units) if u.module == module]
                 self.groups.append((idx, Group([self.states[i] for i in idx])))
         elif method == "global":
-            self.groups.append((list(range(len(layers))), Group(self.states)))
+            self.groups.append((list(range(len(units))), Group(self.states)))
 
     def keep_counts(self, ratio: float) -> np.ndarray:
         if self.method == "uniform":
@@ -189,32 +228,33 @@ class NumpyScorer:
         return sum(s.nbytes() for s in self.states)
 
 
-def layer_mask(tensor: torch.Tensor, cut: Cutoff) -> torch.Tensor:
-    """Keep |w| > cut, then the first ties at the cut by flat index, ``cut.keep`` in all."""
+def layer_mask(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
+    """Keep values > cut, then the first ties at the cut by flat index, ``cut.keep`` in all."""
     if cut.keep >= cut.numel:
-        return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     if cut.keep <= 0:
-        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-    if tensor.is_cuda:
-        return _layer_mask_torch(tensor, cut)
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype != torch.float32:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if values.is_cuda:
+        return _layer_mask_torch(values, cut)
+    # numpy, not torch: torch's CPU reductions over bools measured several times slower here
+    flat = values.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     mags = np.abs(flat.numpy())
-    threshold = np.float32(cut.magnitude)
+    threshold = mags.dtype.type(cut.magnitude)
     mask = np.greater(mags, threshold)
     missing = cut.keep - int(np.count_nonzero(mask))
-    if missing > 0:  # numpy here: torch's CPU reductions over bools measured several times slower
+    if missing > 0:
         ties = np.flatnonzero(mags == threshold)[:missing]
         mask[ties] = True
-    return torch.from_numpy(mask).reshape(tensor.shape)
+    return torch.from_numpy(mask).reshape(values.shape)
 
 
-def _layer_mask_torch(tensor: torch.Tensor, cut: Cutoff) -> torch.Tensor:
-    mags = tensor.detach().abs()
-    if mags.dtype != torch.float32:
+def _layer_mask_torch(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
+    mags = values.detach().abs()
+    if mags.dtype not in (torch.float32, torch.float64):
         mags = mags.float()
-    threshold = torch.tensor(cut.magnitude, dtype=torch.float32, device=tensor.device)
+    threshold = torch.tensor(cut.magnitude, dtype=mags.dtype, device=values.device)
     mask = mags > threshold
     missing = cut.keep - int(mask.sum())
     if missing > 0:
@@ -231,34 +271,44 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="w", unit_scale=True, desc="scoring", leave=False)
 
 
-def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=None, backend: str = "auto", progress: bool = False) -> Plan:
+def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=None, backend: str = "auto",
+         progress: bool = False, pattern: str = "unstructured", block_size: int = 32) -> Plan:
     """Score every prunable weight once; the returned Plan cuts at any ratio.
 
     device: where to score (default: where the weights are). backend: "auto" picks the Triton
     kernels for CUDA weights and numpy otherwise; "triton" forces the kernels (CPU tensors need
-    TRITON_INTERPRET=1), "numpy" forces the CPU path.
+    TRITON_INTERPRET=1), "numpy" forces the CPU path. pattern: "unstructured" (the paper),
+    "block" (block_size x block_size tiles), "channel" (neurons and heads) or "2:4".
+    Structured patterns score their few units on the CPU whatever the device.
     """
     check_choice("method", method, METHODS)
     check_choice("backend", backend, ("auto", "numpy", "triton"))
+    check_pattern(pattern, block_size)
     layers = prunable_layers(model_or_state_dict, module_map)
+    tensors = named_tensors(model_or_state_dict)
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        tensors.update({k: v.detach() for k, v in model_or_state_dict.state_dict().items() if k not in tensors})
     if device is not None:
         device = torch.device(device)
         layers = [Layer(l.name, l.module, l.tensor.to(device)) for l in layers]
     on_cuda = layers[0].tensor.is_cuda
     if backend == "auto":
-        backend = "triton" if on_cuda else "numpy"
+        backend = "triton" if on_cuda and pattern == "unstructured" else "numpy"
+    if backend == "triton" and pattern != "unstructured":
+        raise DimapError(f"backend='triton' scores the unstructured pattern; pattern {pattern!r} runs on backend='numpy'")
     if backend == "triton" and not on_cuda and not _interpreting():
         raise DimapError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import; use backend='numpy'")
-    return Plan(layers, method, backend, progress)
+    return Plan(layers, method, backend, progress, pattern, block_size, tensors)
 
 
 def compute_masks(model_or_state_dict, ratio: float, method: str = "dimap", module_map=None, **kwargs) -> dict[str, torch.Tensor]:
-    """Boolean masks (True = kept), one per prunable weight, keyed by parameter name."""
+    """Boolean masks (True = kept), one per prunable weight, keyed by parameter name.
+
+    Keyword arguments go to ``plan``: pattern, block_size, device, backend.
+    """
     ratio = check_ratio(ratio)
     return plan(model_or_state_dict, method=method, module_map=module_map, **kwargs).masks(ratio)
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

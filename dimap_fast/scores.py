@@ -34,14 +34,15 @@ CHUNK = 1 << 16  # elements per float64 pass, sized to stay in cache (L2)
 class LayerState:
     """What a layer keeps between ratios: sorted magnitudes and its block heads."""
 
-    __slots__ = ("neg", "prefix", "heads_neg", "numel", "method")
+    __slots__ = ("neg", "prefix", "heads_neg", "numel", "method", "squared")
 
-    def __init__(self, neg: np.ndarray, method: str):
+    def __init__(self, neg: np.ndarray, method: str, squared: bool = False):
         self.neg = neg  # -|w| ascending, i.e. |w| descending with the sign flipped: numpy sorts ascending only
         self.numel = neg.size
         self.method = method
+        self.squared = squared  # neg holds -energy (structured units) rather than -|w|
         if method == "dimap":
-            self.prefix, heads = _dimap_heads(neg)
+            self.prefix, heads = _dimap_heads(neg, squared)
         else:
             self.prefix = None
             heads = -neg[::BLOCK].astype(np.float64)
@@ -55,7 +56,7 @@ class LayerState:
         """Exact keys of ranks [r0, r1); r0 must start a block."""
         if self.method != "dimap":
             return -self.neg[r0:r1].astype(np.float64)
-        sq = np.square(self.neg[r0:r1], dtype=np.float64)
+        sq = -self.neg[r0:r1].astype(np.float64) if self.squared else np.square(self.neg[r0:r1], dtype=np.float64)
         run = np.empty(sq.size + 1)
         run[0] = self.prefix[r0 // BLOCK]
         run[1:] = sq
@@ -75,9 +76,9 @@ class LayerState:
 
 
 def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
-    """-|w| sorted ascending as float32 (exact for fp16 and bf16 too)."""
+    """-|w| sorted ascending as float32 (exact for fp16 and bf16 too; float64 stays float64)."""
     flat = tensor.detach().reshape(-1)
-    if flat.dtype != torch.float32:
+    if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     out = np.abs(flat.cpu().numpy())
     np.negative(out, out=out)
@@ -91,7 +92,7 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dimap_heads(neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per block: the float64 prefix sum before it and the score of its first rank."""
     n = neg.size
     nblocks = -(-n // BLOCK)
@@ -105,7 +106,10 @@ def _dimap_heads(neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         stop = min(start + CHUNK, n)
         m = stop - start
         squares[0] = carry  # continuing from the carry keeps the sum sequential across chunks
-        np.square(neg[start:stop], out=squares[1 : m + 1], dtype=np.float64)
+        if squared:
+            np.negative(neg[start:stop], out=squares[1 : m + 1])
+        else:
+            np.square(neg[start:stop], out=squares[1 : m + 1], dtype=np.float64)
         # torch's CPU cumsum is sequential like numpy's (bit-identical) and measured 3x faster
         torch.cumsum(squares_t[: m + 1], 0, out=sums_t[: m + 1])
         blocks = slice(start // BLOCK, -(-stop // BLOCK))
@@ -121,7 +125,7 @@ def _check_finite(name: str, neg: np.ndarray) -> None:
         raise non_finite_error(name, float(neg[-1] if np.isnan(neg[-1]) else -neg[0]))
 
 
-def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=None) -> list[LayerState]:
+def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=None, squared=False) -> list[LayerState]:
     """Sort and summarize every layer, largest first over all cores (numpy releases the GIL)."""
     order = sorted(range(len(tensors)), key=lambda i: -tensors[i].numel())
     states: list[LayerState | None] = [None] * len(tensors)
@@ -129,7 +133,7 @@ def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=
     def work(i):
         neg = sorted_negated_magnitudes(tensors[i])
         _check_finite(names[i] if names else f"layer {i}", neg)
-        states[i] = LayerState(neg, method)
+        states[i] = LayerState(neg, method, squared)
         return tensors[i].numel()
 
     workers = max(1, min(len(tensors), torch.get_num_threads(), os.cpu_count() or 1))

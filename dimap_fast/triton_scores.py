@@ -13,11 +13,12 @@ import math
 import numpy as np
 import torch
 
-from .modules import Layer, non_finite_error, prune_count
+from .modules import non_finite_error, prune_count
+from .patterns import UnitLayer
 
 
 class TritonScorer:
-    def __init__(self, layers: list[Layer], method: str):
+    def __init__(self, layers: list[UnitLayer], method: str):
         from .kernels import module_scores
 
         self.method = method
@@ -70,8 +71,8 @@ class TritonScorer:
         return float(self.groups[g][2][start + rank])
 
 
-def _sorted_magnitudes(layer: Layer) -> torch.Tensor:
-    mags = layer.tensor.detach().reshape(-1).abs()
+def _sorted_magnitudes(layer: UnitLayer) -> torch.Tensor:
+    mags = layer.values.detach().reshape(-1).abs()
     if mags.dtype != torch.float32:
         mags = mags.float()
     mags = torch.sort(mags, descending=True).values
