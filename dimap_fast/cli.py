@@ -52,6 +52,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _pattern_args(p) -> None:
+    from .patterns import BLOCK_SIZES, PATTERNS
+
+    p.add_argument("--pattern", choices=PATTERNS, default="unstructured",
+                   help="unstructured (the paper, default), block tiles, channel (neurons and heads) or 2:4")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32, help="tile size for --pattern block")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dimap-fast",
@@ -67,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each module's weights to remove, in [0, 1)")
     p.add_argument("--method", choices=METHODS, default="dimap", help="dimap (default), global or uniform")
     p.add_argument("--out", required=True, help="output .safetensors (pruned weights and masks)")
+    _pattern_args(p)
     p.add_argument("--model", help="timm architecture of a checkpoint (recorded in the output)")
+    p.add_argument("--shrink", action="store_true", help="with --pattern channel: write the physically smaller model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     p.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights for a model name")
 
@@ -77,12 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input-size", type=int, default=None, help="image size for FLOPs (default: the model's)")
     r.add_argument("--layers", action="store_true", help="also list every prunable layer")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.add_argument("--throughput", action="store_true", help="also time images/s, dense architecture vs this model")
+    r.add_argument("--batch", type=int, default=8, help="batch size for --throughput (default 8)")
 
     s = sub.add_parser("sweep", help="prune several models at several ratios, one output per pair")
     s.add_argument("sources", nargs="+", help="timm model names or checkpoints")
     s.add_argument("--ratios", type=_ratios, required=True, help="comma-separated, e.g. 0.15,0.35,0.55")
     s.add_argument("--methods", type=_methods, default=["dimap"], help="comma-separated (default dimap)")
     s.add_argument("--out-dir", required=True, help="folder for the outputs and summary.csv")
+    _pattern_args(s)
     s.add_argument("--model", help="timm architecture of the checkpoints")
     s.add_argument("--masks-only", action="store_true", help="write only the masks, not the pruned weights")
 
@@ -119,17 +132,44 @@ def cmd_prune(args) -> int:
     out = check_output(args.out, [args.source])
     if out.exists() and not args.overwrite:
         raise DimapError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    if args.shrink:
+        return _prune_and_shrink(args, out)
     src = load_source(args.source, arch=args.model, pretrained=args.pretrained)
-    p = plan(src.state_dict, method=args.method, progress=True)
+    p = plan(src.state_dict, method=args.method, progress=True, pattern=args.pattern, block_size=args.block_size)
     masks = p.masks(args.ratio)
     state = prune_state(src.state_dict, masks)
-    meta = {"method": args.method, "ratio": repr(args.ratio), "source": args.source, "timm_model": src.arch or ""}
+    meta = {"method": args.method, "ratio": repr(args.ratio), "source": args.source, "timm_model": src.arch or "",
+            "pattern": args.pattern, "block_size": str(args.block_size)}
     for key in ("model_config",):
         if key in src.metadata:
             meta[key] = src.metadata[key]
     save_pruned(out, state, masks, meta)
     print(format_sparsity(p.sparsity(args.ratio)))
     print(f"wrote {out}")
+    return 0
+
+
+def _prune_and_shrink(args, out) -> int:
+    import json
+
+    from .plan import plan
+    from .shrink import block_sizes, save_shrunk, shrink
+    from .sources import load_source
+
+    if args.pattern != "channel":
+        raise DimapError("--shrink removes whole neurons and heads: use it with --pattern channel")
+    src = load_source(args.source, arch=args.model, need_model=True, pretrained=args.pretrained)
+    if src.model is None:
+        raise DimapError(f"{args.source} names no architecture: pass --model NAME to shrink it")
+    p = plan(src.model, method=args.method, progress=True, pattern="channel")
+    p.prune_(args.ratio)
+    model = shrink(src.model)
+    config = json.loads(src.metadata["model_config"]) if "model_config" in src.metadata else None
+    save_shrunk(model, out, arch=src.arch if config is None else None, config=config)
+    print(format_sparsity(p.sparsity(args.ratio)))
+    sizes = block_sizes(model)
+    print(f"{len(sizes)} blocks; heads {[v['heads'] for v in sizes.values()]}")
+    print(f"wrote {out} ({sum(t.numel() for t in model.parameters()):,} parameters)")
     return 0
 
 
@@ -153,19 +193,30 @@ def cmd_report(args) -> int:
 
     src = load_source(args.source, arch=args.model, need_model=True)
     rep = report(src.model if src.model is not None else src.state_dict, input_size=args.input_size)
+    if args.throughput:
+        if src.model is None:
+            raise DimapError("--throughput needs an architecture: pass --model NAME")
+        from .speed import compare_throughput
+
+        rep["throughput"] = compare_throughput(src, batch=args.batch, input_size=args.input_size)
     if args.json:
         print(report_json(rep))
     else:
         print(format_report(rep, layers=args.layers))
         if rep["flops"] is None:
             print("FLOPs   unknown: pass --model NAME to count them")
+        if "throughput" in rep:
+            t = rep["throughput"]
+            print(f"images/s  dense {t['dense']:.1f}   this model {t['model']:.1f}   speed-up {t['speedup']:.2f}x "
+                  f"(batch {t['batch']}, {t['device']})")
     return 0
 
 
 def cmd_sweep(args) -> int:
     from .sweep import sweep
 
-    sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only)
+    sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only,
+          pattern=args.pattern, block_size=args.block_size)
     return 0
 
 

@@ -58,6 +58,11 @@ def load_source(spec: str, arch: str | None = None, need_model: bool = False, pr
         return Source(spec, model.state_dict(), model=model, arch=spec)
     path = Path(spec)
     state, masks, metadata = load_pruned(path)
+    if metadata.get("format") == "dimap-fast/shrunk-1":
+        from .shrink import load_shrunk
+
+        model = load_shrunk(path)
+        return Source(spec, state, path=path, model=model, arch=metadata.get("timm_model"), metadata=metadata)
     arch = arch or metadata.get("timm_model")
     src = Source(spec, state, path=path, arch=arch, metadata=metadata, masks=masks)
     if need_model:

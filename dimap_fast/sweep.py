@@ -18,12 +18,14 @@ from .errors import DimapError
 from .io import check_output, looks_like_path, public_mode, save_pruned
 
 
-def output_name(stem: str, method: str, ratio: float, masks_only: bool) -> str:
+def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: str = "unstructured", block_size: int = 32) -> str:
     kind = "masks" if masks_only else "pruned"
-    return f"{stem}__{method}__r{ratio:g}.{kind}.safetensors"
+    tag = {"unstructured": "", "block": f"__block{block_size}", "channel": "__channel", "2:4": "__2of4"}[pattern]
+    return f"{stem}__{method}{tag}__r{ratio:g}.{kind}.safetensors"
 
 
-def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, progress=True) -> list[dict]:
+def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, progress=True,
+          pattern: str = "unstructured", block_size: int = 32) -> list[dict]:
     """Prune every source at every ratio with every method; returns the summary rows."""
     from tqdm import tqdm
 
@@ -32,6 +34,11 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     from .sources import load_source
 
     out_dir = Path(out_dir)
+    from .patterns import check_pattern
+
+    check_pattern(pattern, block_size)
+    if pattern == "2:4" and any(r != 0.5 for r in ratios):
+        raise DimapError("pattern '2:4' always removes half of the weights: use --ratios 0.5")
     for spec in sources:  # refuse bad names before any work or any file
         if looks_like_path(spec):
             if not Path(spec).is_file():
@@ -47,16 +54,17 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
             for method in methods:
                 p = None
                 for ratio in ratios:
-                    out = check_output(out_dir / output_name(src.stem, method, ratio, masks_only), [src.path])
+                    out = check_output(out_dir / output_name(src.stem, method, ratio, masks_only, pattern, block_size), [src.path])
                     if out.exists():
                         rows.append(_row(spec, method, ratio, None, out, "kept (exists)"))
                         bar.update(1)
                         continue
                     start = time.perf_counter()
                     if p is None:
-                        p = plan(src.state_dict, method=method)
+                        p = plan(src.state_dict, method=method, pattern=pattern, block_size=block_size)
                     masks = p.masks(ratio)
-                    meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or ""}
+                    meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
+                            "pattern": pattern, "block_size": str(block_size)}
                     state = {} if masks_only else prune_state(src.state_dict, masks)
                     save_pruned(out, state, masks, meta)
                     rows.append(_row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s"))

@@ -1,0 +1,36 @@
+"""Images per second, the dense architecture beside the given model, timed in one run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .flops import _input_shape
+
+
+@torch.no_grad()
+def images_per_second(model: torch.nn.Module, shape, seconds: float = 2.0) -> float:
+    model.eval()
+    x = torch.randn(shape, device=next(model.parameters()).device)
+    model(x)  # warm-up: allocator, kernels, caches
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 2:
+        model(x)
+        done += 1
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return done * shape[0] / (time.perf_counter() - start)
+
+
+def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
+    """Dense base architecture vs ``src.model``, alternating so both see the same machine state."""
+    from .sources import create_timm_model, demo_model_from_metadata
+
+    model = src.model
+    dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
+    shape = (batch,) + _input_shape(model, input_size)[1:]
+    d1, m1 = images_per_second(dense, shape), images_per_second(model, shape)
+    d2, m2 = images_per_second(dense, shape), images_per_second(model, shape)
+    d, m = max(d1, d2), max(m1, m2)
+    return {"dense": d, "model": m, "speedup": m / d, "batch": batch, "device": str(next(model.parameters()).device)}

@@ -1,0 +1,74 @@
+"""shrink(): a channel-pruned Swin made smaller gives the masked model's logits, and round-trips."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import dimap_fast
+from dimap_fast import DimapError
+from dimap_fast.shrink import block_sizes, load_shrunk, save_shrunk, shrink
+
+CONFIG = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+
+
+def small_swin(seed=0):
+    torch.manual_seed(seed)
+    return timm.models.swin_transformer.SwinTransformer(**CONFIG).eval()
+
+
+def channel_pruned(model, ratio):
+    plan = dimap_fast.plan(model, pattern="channel")
+    plan.prune_(ratio)
+    return plan
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.95])
+def test_shrunk_small_swin_equals_masked(ratio):
+    model = small_swin()
+    channel_pruned(model, ratio)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+        small = shrink(copy.deepcopy(model))
+        out = small(x)
+    assert (out - masked).abs().max() < 1e-4
+    dense_params = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in small.parameters()) < dense_params
+    sizes = block_sizes(small)
+    assert any(v["heads"] < h for v, h in zip(sizes.values(), [2, 2, 4, 4]))
+    if ratio == 0.95:
+        assert all(v["heads"] >= 1 and v["hidden"] >= 1 for v in sizes.values())
+        assert min(v["heads"] for v in sizes.values()) == 1  # a layer left with one head still runs
+
+
+def test_shrunk_swin_tiny_equals_masked():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224").eval()
+    channel_pruned(model, 0.5)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        masked = model(x)
+        small = shrink(copy.deepcopy(model))
+        out = small(x)
+    assert (out - masked).abs().max() < 1e-4
+    rep_dense, rep_small = dimap_fast.report(model), dimap_fast.report(small)
+    assert rep_small["flops"]["dense"] < 0.75 * rep_dense["flops"]["dense"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = small_swin(1)
+    channel_pruned(model, 0.5)
+    small = shrink(model)
+    path = tmp_path / "small.safetensors"
+    with pytest.raises(DimapError, match="architecture"):
+        save_shrunk(small, path)
+    assert not path.exists()
+
+    save_shrunk(small, path, config=CONFIG)
+    loaded = load_shrunk(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    assert block_sizes(loaded) == block_sizes(small)
