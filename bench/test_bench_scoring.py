@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import RESULTS, record
+from results import RESULTS, record
 from lamp_reference import lamp_reference_masks
 
 import dimap_fast

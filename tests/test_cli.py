@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import make_state
+from statedicts import make_state
 from safetensors.torch import save_file
 
 from dimap_fast.cli import main

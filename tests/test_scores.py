@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_state
+from statedicts import make_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import Reference, lamp_scores

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_state
+from statedicts import make_state
 from reference import Reference
 
 import dimap_fast
