@@ -4,12 +4,13 @@ from .errors import DimapError
 from .flops import report
 from .masks import MaskHandle, apply_masks, make_permanent
 from .modules import SWIN_MODULES
+from .nn import convert
 from .plan import Cutoff, Plan, compute_masks, plan
 from .shrink import load_shrunk, save_shrunk, shrink
 
 __all__ = [
     "DimapError", "SWIN_MODULES", "Cutoff", "Plan", "MaskHandle",
     "apply_masks", "compute_masks", "make_permanent", "plan", "report",
-    "shrink", "save_shrunk", "load_shrunk",
+    "shrink", "save_shrunk", "load_shrunk", "convert",
 ]
 __version__ = "0.1.0"

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="timm architecture of the checkpoints")
     s.add_argument("--masks-only", action="store_true", help="write only the masks, not the pruned weights")
 
+    from .kernel_bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     d = sub.add_parser("demo", help="prune a small Swin trained on scikit-learn's digits, before/after accuracy")
     d.add_argument("--out-dir", default="demo_out", help="where the pruned checkpoint goes (default demo_out/)")
     d.add_argument("--ratios", type=_ratios, default=[0.5, 0.8], help="default 0.5,0.8")
@@ -114,18 +118,37 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _on_sigterm(_terminate)
     try:
         return COMMANDS[args.command](args)
     except DimapError as exc:
         print(f"dimap-fast: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("dimap-fast: interrupted; finished outputs are complete, nothing partial was left", file=sys.stderr)
-        return 130
+        return 143 if exc.args == ("SIGTERM",) else 130
+    finally:
+        if previous is not None:
+            _on_sigterm(previous)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # stop as on Ctrl-C: the output being written removes its temporary file
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only, where signals arrive); returns the previous one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def cmd_prune(args) -> int:
-    from .io import check_output, save_pruned
+    from .errors import check_model_name
+    from .io import check_architecture, check_output, save_pruned
     from .plan import plan
     from .sources import load_source
 
@@ -134,7 +157,11 @@ def cmd_prune(args) -> int:
         raise DimapError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     if args.shrink:
         return _prune_and_shrink(args, out)
+    if args.model:
+        check_model_name(args.model)  # before reading a large checkpoint
     src = load_source(args.source, arch=args.model, pretrained=args.pretrained)
+    if src.path is not None and src.arch and src.model is None:  # a checkpoint of another architecture is refused
+        check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
     p = plan(src.state_dict, method=args.method, progress=True, pattern=args.pattern, block_size=args.block_size)
     masks = p.masks(args.ratio)
     state = prune_state(src.state_dict, masks)
@@ -227,7 +254,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "report": cmd_report, "sweep": cmd_sweep, "demo": cmd_demo}
+def cmd_bench(args) -> int:
+    from .kernel_bench import run_kernel_bench
+
+    return run_kernel_bench(args)
+
+
+COMMANDS = {"prune": cmd_prune, "report": cmd_report, "sweep": cmd_sweep, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

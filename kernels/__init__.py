@@ -1,4 +1,5 @@
-"""Triton kernels for DIMAP scoring, threshold selection and mask application, with references.
+"""Triton kernels for DIMAP scoring, threshold selection, mask application, block-sparse linear
+layers and fused window attention, each with its plain-torch reference.
 
 Importing this package never needs triton or a GPU: without triton the kernels refuse to run
 (RuntimeError) while the ``*_reference`` functions keep working.
@@ -8,6 +9,15 @@ from ._common import HAVE_TRITON
 from .apply import apply_cutoffs, apply_cutoffs_reference
 from .importance import module_scores, module_scores_reference
 from .select import select_keep_counts, select_keep_counts_reference
+from .sparse_linear import (
+    BlockSparseWeight,
+    block_sparse_linear,
+    block_sparse_linear_reference,
+    pack_block_sparse,
+    tile_sparsity,
+    unpack_block_sparse,
+)
+from .window_attention import window_attention, window_attention_reference
 
 __all__ = [
     "HAVE_TRITON",
@@ -17,4 +27,12 @@ __all__ = [
     "module_scores_reference",
     "select_keep_counts",
     "select_keep_counts_reference",
+    "BlockSparseWeight",
+    "block_sparse_linear",
+    "block_sparse_linear_reference",
+    "pack_block_sparse",
+    "tile_sparsity",
+    "unpack_block_sparse",
+    "window_attention",
+    "window_attention_reference",
 ]

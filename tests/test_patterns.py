@@ -139,3 +139,15 @@ def test_bad_pattern_and_block_size_are_refused():
         dimap_fast.compute_masks(model, 0.5, pattern="diagonal")
     with pytest.raises(DimapError, match="block_size"):
         dimap_fast.compute_masks(model, 0.5, pattern="block", block_size=24)
+
+
+def test_block_pruned_model_converts_to_the_same_logits():
+    model = small_swin(4).eval()
+    dimap_fast.plan(model, pattern="block", block_size=16).prune_(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        dimap_fast.convert(model, block=16)
+        after = model(x)
+    assert (after - before).abs().max() < 1e-5
+    assert any(type(m).__name__ == "SparseLinear" for m in model.modules())

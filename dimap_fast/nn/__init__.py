@@ -1,0 +1,16 @@
+"""Drop-in modules for pruned timm Swins and ``convert``, which swaps them in.
+
+CPU: torch code, results identical to timm's. CUDA (or backend "triton"): the block-sparse linear
+and fused window attention kernels of dimap_fast.kernels, forward only.
+"""
+
+from .backend import BACKENDS, backend, get_backend, set_backend
+from .convert import choose_block, convert
+from .sparse_linear import SparseLinear, zero_smallest_tiles_
+from .swin_block import SwinBlock
+from .window_attention import WindowAttention
+
+__all__ = [
+    "BACKENDS", "SparseLinear", "SwinBlock", "WindowAttention", "backend", "choose_block",
+    "convert", "get_backend", "set_backend", "zero_smallest_tiles_",
+]

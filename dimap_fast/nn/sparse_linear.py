@@ -1,0 +1,91 @@
+"""``SparseLinear``: an nn.Linear whose zero BxB tiles are skipped on the GPU.
+
+The dense, zero-filled weight stays the parameter (same state_dict, same Parameter object as the
+Linear it came from, so optimizers and mask hooks keep working). On CPU the forward is F.linear
+on it, never slower than nn.Linear. On the Triton path the kept tiles are packed on first use and
+repacked whenever the weight changes (new storage, device, dtype, or an in-place update).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backend import kernels, use_triton
+
+BLOCKS = (16, 32, 64)
+
+
+class SparseLinear(nn.Linear):
+    """nn.Linear with block-structured zeros; ``block`` is the tile side (16, 32 or 64)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block: int = 32,
+                 device=None, dtype=None):
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.block = int(block)
+        self._packed = None
+        self._packed_key = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block: int = 32) -> "SparseLinear":
+        """A SparseLinear sharing ``linear``'s weight and bias Parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  block=block, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def packed(self):
+        """The kept tiles of the current weight (kernels.BlockSparseWeight), cached."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.block)
+        if key != self._packed_key:
+            self._packed = kernels().pack_block_sparse(w.detach(), self.block)
+            self._packed_key = key
+        return self._packed
+
+    def tile_sparsity(self) -> float:
+        """Fraction of the weight's BxB tiles that are all zero."""
+        return kernels().tile_sparsity(self.weight, self.block)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = self._packed_key = None  # .to()/.half() etc.: repack lazily after the move
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x, self.weight, self.bias):
+            return kernels().block_sparse_linear(x, self.packed(), self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block={self.block}"
+
+
+def zero_smallest_tiles_(weight: torch.Tensor, ratio: float, block: int = 32) -> torch.Tensor:
+    """Zero, in place, the ``round(ratio * tiles)`` BxB tiles of smallest L2 norm; returns weight.
+
+    A block-structured stand-in for a pruned layer, for tests and benchmarks (ties go to the
+    lower tile index). Edge tiles of a dimension that is not a multiple of ``block`` count as tiles.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    n, k = weight.shape
+    r, c = -(-n // block), -(-k // block)
+    with torch.no_grad():
+        w = F.pad(weight.float(), (0, c * block - k, 0, r * block - n))
+        norms = w.view(r, block, c, block).pow(2).sum((1, 3)).flatten()
+        drop = int(round(ratio * norms.numel()))
+        order = torch.sort(norms, stable=True).indices[:drop]
+        keep = torch.ones(r * c, dtype=torch.bool, device=weight.device)
+        keep[order] = False
+        mask = keep.view(r, 1, c, 1).expand(r, block, c, block).reshape(r * block, c * block)
+        weight.masked_fill_(~mask[:n, :k], 0)
+    return weight

@@ -1,0 +1,45 @@
+"""``WindowAttention``: timm's Swin WindowAttention, with the fused Triton kernel on the GPU.
+
+A subclass of ``timm.models.swin_transformer.WindowAttention``: same constructor, same
+``forward(x, mask=None)`` on windows (num_windows*B, N, C), same parameters and state_dict.
+On the torch path it *is* timm's forward. On the Triton path the windows are read as a batch of
+one-window token maps, and the kernel adds the bias table and the given mask itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models import swin_transformer as timm_swin
+
+from .backend import kernels, use_triton
+
+
+class WindowAttention(timm_swin.WindowAttention):
+    """Window multi-head self-attention with relative position bias (W-MSA / SW-MSA)."""
+
+    @classmethod
+    def adopt(cls, attn: timm_swin.WindowAttention) -> "WindowAttention":
+        """Turn a timm WindowAttention into this class in place (it adds no state) and return it."""
+        if not isinstance(attn, timm_swin.WindowAttention):
+            raise ValueError(f"expected timm's WindowAttention, got {type(attn).__name__}")
+        attn.__class__ = cls
+        return attn
+
+    def fast_path(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the Triton kernel (dropout at train time never does)."""
+        if self.training and self.attn_drop.p > 0:
+            return False
+        return use_triton(x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fast_path(x):
+            return super().forward(x, mask)
+        b_, n, _ = x.shape
+        wh, ww = self.window_size
+        if n != wh * ww:
+            raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
+        qkv = self.qkv(x).view(b_, wh, ww, -1)
+        # Explicit zero shift: with one window per "image" there is nothing to roll or pad.
+        out = kernels().window_attention(qkv, self.relative_position_bias_table, self.num_heads,
+                                         self.window_size, 0, mask=mask, scale=self.scale)
+        return self.proj_drop(self.proj(out.view(b_, n, -1)))

@@ -1,0 +1,221 @@
+"""Block-sparse linear layer y = x W^T + b, with W stored as its kept BxB tiles.
+
+Format (``BlockSparseWeight``): W (out x in) is zero-padded to whole tiles and cut into a grid
+of R tile-rows (output features) by C tile-columns (input features). A tile that is all zero is
+pruned; the kept tiles are stored tile-row by tile-row (CSR over tiles):
+
+- ``tiles[t]`` is the kept tile ``W[r*B:(r+1)*B, c*B:(c+1)*B]`` *transposed* (input-major), so
+  the kernel's (K x N) operand is read with unit stride along N;
+- ``col_idx[t]`` is its tile-column c;
+- the tiles of tile-row r are ``row_ptr[r]:row_ptr[r+1]``.
+
+One launch: a program owns BM rows of x and one output tile-row, and accumulates in float32
+over that row's kept tiles only; a tile-row with no kept tile writes just the bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import FLOAT_DTYPES, HAVE_TRITON, check_runnable, device_guard, interpreting, tl, triton
+
+BLOCKS = (16, 32, 64)
+_INTERP_BM = 64  # the interpreter pays per program far more than per element: few, big programs
+
+
+@dataclass(frozen=True)
+class BlockSparseWeight:
+    """Kept BxB tiles of a (out_features x in_features) weight, tile-row by tile-row."""
+
+    tiles: torch.Tensor  # (nnz, B, B), each tile transposed: tiles[t][k, n] = W[r*B + n, c*B + k]
+    row_ptr: torch.Tensor  # (R + 1,) int64: the loop counter inherits it, so t*B*B cannot overflow
+    col_idx: torch.Tensor  # (nnz,) int32
+    out_features: int
+    in_features: int
+    block: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(tile-rows, tile-columns) of the padded weight."""
+        b = self.block
+        return -(-self.out_features // b), -(-self.in_features // b)
+
+    @property
+    def density(self) -> float:
+        """Fraction of tiles kept."""
+        r, c = self.grid
+        return self.col_idx.numel() / (r * c)
+
+    def to(self, *args, **kwargs) -> "BlockSparseWeight":
+        """Tiles follow ``Tensor.to``'s device and dtype; the indices follow only the device."""
+        tiles = self.tiles.to(*args, **kwargs)
+        dev = tiles.device
+        return BlockSparseWeight(tiles, self.row_ptr.to(dev), self.col_idx.to(dev),
+                                 self.out_features, self.in_features, self.block)
+
+
+def _check_block(block) -> int:
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    return int(block)
+
+
+def _tile_grid(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """(R, C, B, B) view of the zero-padded weight: [r, c] is W[r*B:(r+1)*B, c*B:(c+1)*B]."""
+    n, k = weight.shape
+    r, c = -(-n // block), -(-k // block)
+    w = F.pad(weight, (0, c * block - k, 0, r * block - n))
+    return w.view(r, block, c, block).permute(0, 2, 1, 3)
+
+
+def tile_sparsity(weight: torch.Tensor, block: int) -> float:
+    """Fraction of the BxB tiles of ``weight`` (zero-padded to whole tiles) that are all zero."""
+    block = _check_block(block)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
+    kept = _tile_grid(weight.detach(), block).ne(0).flatten(2).any(2)
+    return 1.0 - kept.float().mean().item()
+
+
+def pack_block_sparse(weight: torch.Tensor, block: int = 32) -> BlockSparseWeight:
+    """Pack ``weight``'s nonzero BxB tiles; all-zero tiles are the pruned ones and are dropped.
+
+    Dimensions that are not multiples of ``block`` are zero-padded (the padding is never read
+    back: the kernel masks x's columns and y's columns at the true sizes).
+    """
+    block = _check_block(block)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D torch.Tensor (out_features x in_features)")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    w = weight.detach()
+    grid = _tile_grid(w, block)
+    kept = grid.ne(0).flatten(2).any(2)  # (R, C)
+    rows, cols = kept.nonzero(as_tuple=True)  # row-major: tiles come out grouped by tile-row
+    tiles = grid[rows, cols].transpose(1, 2).contiguous()
+    row_ptr = torch.zeros(kept.shape[0] + 1, dtype=torch.int64, device=w.device)
+    torch.cumsum(kept.sum(1), 0, out=row_ptr[1:])
+    return BlockSparseWeight(tiles, row_ptr, cols.to(torch.int32), w.shape[0], w.shape[1], block)
+
+
+def unpack_block_sparse(packed: BlockSparseWeight) -> torch.Tensor:
+    """The dense (out_features x in_features) weight that ``packed`` stores."""
+    b = packed.block
+    r, c = packed.grid
+    grid = torch.zeros(r, c, b, b, dtype=packed.tiles.dtype, device=packed.tiles.device)
+    counts = packed.row_ptr[1:] - packed.row_ptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(r, device=counts.device), counts)
+    grid[rows, packed.col_idx.long()] = packed.tiles.transpose(1, 2)
+    dense = grid.permute(0, 2, 1, 3).reshape(r * b, c * b)
+    return dense[: packed.out_features, : packed.in_features]
+
+
+@triton.jit
+def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
+                stride_xm, stride_ym,
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    # Tile-rows vary fastest so that programs running together share the same rows of x in L2.
+    pid = tl.program_id(0)
+    r = pid % R
+    pm = pid // R
+    rm = (pm * BM + tl.arange(0, BM)).to(tl.int64)
+    rb = tl.arange(0, B)
+    m_ok = rm < M
+    acc = tl.zeros((BM, B), dtype=tl.float32)
+    t0 = tl.load(row_ptr + r)
+    t1 = tl.load(row_ptr + r + 1)
+    for t in range(t0, t1):
+        c = tl.load(col_ptr + t)
+        k = c * B + rb
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :],
+                     mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+        wt = tl.load(tiles_ptr + t * (B * B) + rb[:, None] * B + rb[None, :])
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC)
+    n = r * B + rb
+    n_ok = n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+if HAVE_TRITON:
+    # Autotuned twin for the GPU; the interpreter keeps the plain kernel (tuning would run every
+    # config in Python).
+    _bsr_linear_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BM": bm}, num_warps=w, num_stages=s)
+            for bm, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
+        ],
+        key=["M", "N", "K", "B"],
+    )(_bsr_linear)
+else:
+    _bsr_linear_tuned = None
+
+
+def _upcast(kernel, dtype: torch.dtype) -> bool:
+    # The interpreter keeps bfloat16 as raw uint16 bits and its dot multiplies those integers;
+    # widening both operands to float32 first is exact, and a GPU never takes this branch.
+    return dtype == torch.bfloat16 and interpreting(kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Match F.linear: float32 uses TF32 tensor cores only where torch itself is allowed to.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def block_sparse_linear(x: torch.Tensor, packed: BlockSparseWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b over the kept tiles only (Triton); x is (..., in_features)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a torch.Tensor of shape (..., in_features)")
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {packed.in_features}")
+    if x.dtype not in FLOAT_DTYPES or packed.tiles.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and the packed tiles ({packed.tiles.dtype}) must share one "
+                         "of float32, float16, bfloat16: repack with weight.to(x.dtype)")
+    if bias is not None and (bias.shape != (packed.out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be ({packed.out_features},) of {x.dtype}")
+    others = [packed.tiles, packed.row_ptr, packed.col_idx] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"x is on {x.device}: move the packed weight (packed.to(device)) and bias there")
+    check_runnable(_bsr_linear, x.device, "block_sparse_linear")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n, k = x2.shape[0], packed.out_features, packed.in_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    r = packed.grid[0]
+    if m == 0:
+        return y.view(*lead, n)
+    b_arg = bias if bias is not None else y  # never read without HAS_BIAS
+    args = (x2, packed.tiles, packed.row_ptr, packed.col_idx, b_arg, y, m, n, k, r,
+            x2.stride(0), y.stride(0))
+    with device_guard(x.device):
+        if interpreting(_bsr_linear) or _bsr_linear_tuned is None:
+            grid = (r * triton.cdiv(m, _INTERP_BM),)
+            _bsr_linear[grid](*args, HAS_BIAS=bias is not None, BM=_INTERP_BM, B=packed.block,
+                              PREC=_precision(x.dtype), UPCAST=_upcast(_bsr_linear, x.dtype))
+        else:
+            grid = lambda meta: (r * triton.cdiv(m, meta["BM"]),)  # noqa: E731
+            _bsr_linear_tuned[grid](*args, HAS_BIAS=bias is not None, B=packed.block,
+                                    PREC=_precision(x.dtype), UPCAST=_upcast(_bsr_linear, x.dtype))
+    return y.view(*lead, n)
+
+
+def block_sparse_linear_reference(x: torch.Tensor, packed: BlockSparseWeight,
+                                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch block_sparse_linear: unpack to the dense weight, float32 F.linear, cast back."""
+    w = unpack_block_sparse(packed).float()
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from dimap_fast.kernels.sparse_linear import (
+    BlockSparseWeight,
+    block_sparse_linear,
+    block_sparse_linear_reference,
+    pack_block_sparse,
+    tile_sparsity,
+    unpack_block_sparse,
+)
+
+TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def tiled_weight(out_f, in_f, block, keep, seed=0, dtype=torch.float32):
+    """Random weight whose tile (r, c) is kept where ``keep[r][c]`` (a bool grid) is True."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    full = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
+    return (w * full).to(dtype)
+
+
+def random_keep(rows, cols, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, cols, generator=g) < density
+
+
+def check(x, w, block, bias=None):
+    packed = pack_block_sparse(w, block)
+    y = block_sparse_linear(x, packed, bias)
+    ref = block_sparse_linear_reference(x, packed, bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    atol, rtol = TOL[x.dtype]
+    torch.testing.assert_close(y.float(), ref.float(), atol=atol, rtol=rtol)
+    return y
+
+
+def test_pack_unpack_roundtrip_and_format():
+    keep = [[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 0]]
+    w = tiled_weight(70, 45, 16, keep)  # 5 x 3 tiles, the last row and column partial
+    p = pack_block_sparse(w, 16)
+    assert isinstance(p, BlockSparseWeight)
+    assert p.grid == (5, 3) and p.tiles.shape == (7, 16, 16)
+    assert p.row_ptr.tolist() == [0, 2, 2, 5, 6, 7]
+    assert p.col_idx.tolist() == [0, 2, 0, 1, 2, 1, 0]
+    assert p.density == pytest.approx(7 / 15)
+    edge = torch.zeros(16, 16)  # tile (0, 2): stored transposed, zero-padded past column 45
+    edge[:13] = w[0:16, 32:45].T
+    assert torch.equal(p.tiles[1], edge)
+    assert torch.equal(unpack_block_sparse(p), w)
+    assert tile_sparsity(w, 16) == pytest.approx(8 / 15)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_pack_all_zero_and_dense(block):
+    z = pack_block_sparse(torch.zeros(40, 70), block)
+    assert z.tiles.shape[0] == 0 and z.density == 0.0
+    assert torch.equal(unpack_block_sparse(z), torch.zeros(40, 70))
+    d = torch.randn(40, 70)
+    assert pack_block_sparse(d, block).density == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32])
+def test_matches_reference_mixed_rows(dtype, block):
+    # Tile-rows fully kept, fully pruned and mixed; partial edge tiles on both axes; two row blocks.
+    keep = [[1, 1, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
+    w = tiled_weight(4 * block - 5, 3 * block - 7, block, keep, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, w.shape[1], generator=g).to(dtype)
+    bias = torch.randn(w.shape[0], generator=g).to(dtype)
+    y = check(x, w, block, bias)
+    assert torch.equal(y[:, block:2 * block], bias[block:2 * block].expand(70, -1))  # pruned row
+
+
+def test_block_64():
+    w = tiled_weight(130, 100, 64, [[1, 0], [0, 0], [1, 1]])
+    check(torch.randn(9, 100), w, 64, torch.randn(130))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_sparsities(density):
+    w = tiled_weight(96, 80, 16, random_keep(6, 5, density, seed=int(density * 8)))
+    y = check(torch.randn(33, 80), w, 16)
+    if density == 0.0:
+        assert not y.any()
+
+
+def test_leading_dims_and_strided_input():
+    w = tiled_weight(48, 40, 16, random_keep(3, 3, 0.5))
+    x = torch.randn(2, 3, 80)[..., ::2]  # inner stride 2: the launcher makes it contiguous
+    y = check(x, w, 16, torch.randn(48))
+    assert y.shape == (2, 3, 48)
+    assert block_sparse_linear(torch.randn(0, 40), pack_block_sparse(w, 16)).shape == (0, 48)
+
+
+def test_refusals():
+    p = pack_block_sparse(torch.randn(32, 32), 16)
+    with pytest.raises(ValueError, match="features"):
+        block_sparse_linear(torch.randn(4, 31), p)
+    with pytest.raises(ValueError, match="repack"):
+        block_sparse_linear(torch.randn(4, 32, dtype=torch.float16), p)
+    with pytest.raises(ValueError, match="block must be one of"):
+        pack_block_sparse(torch.randn(32, 32), 8)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_block_sparse(torch.randn(32), 16)
