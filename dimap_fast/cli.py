@@ -220,6 +220,11 @@ def cmd_report(args) -> int:
 
     src = load_source(args.source, arch=args.model, need_model=True)
     rep = report(src.model if src.model is not None else src.state_dict, input_size=args.input_size)
+    if src.metadata.get("format") == "dimap-fast/shrunk-1":
+        from .sources import create_timm_model, demo_model_from_metadata
+
+        base = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
+        rep["base"] = {k: report(base, input_size=args.input_size)[k]["dense"] for k in ("params", "flops")}
     if args.throughput:
         if src.model is None:
             raise DimapError("--throughput needs an architecture: pass --model NAME")
@@ -232,6 +237,10 @@ def cmd_report(args) -> int:
         print(format_report(rep, layers=args.layers))
         if rep["flops"] is None:
             print("FLOPs   unknown: pass --model NAME to count them")
+        if "base" in rep:
+            b = rep["base"]
+            print(f"shrunk from params {b['params']:,}, FLOPs {b['flops']:,}: "
+                  f"{rep['params']['dense'] / b['params']:.1%} of the params, {rep['flops']['dense'] / b['flops']:.1%} of the FLOPs")
         if "throughput" in rep:
             t = rep["throughput"]
             print(f"images/s  dense {t['dense']:.1f}   this model {t['model']:.1f}   speed-up {t['speedup']:.2f}x "
