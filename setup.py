@@ -22,10 +22,10 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.26",
+        "scikit-learn>=1.3",  # the demo's data: the handwritten digits that ship inside it
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-learn>=1.3", "matplotlib>=3.7"],
-        "demo": ["scikit-learn>=1.3"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["dimap-fast=dimap_fast.cli:main"]},
