@@ -10,6 +10,9 @@ METHODS = ("dimap", "global", "uniform")
 class DimapError(ValueError):
     """Bad input: the message says what is wrong and what to do, on one line."""
 
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever a wrapped library said
+
 
 def check_ratio(ratio) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) and not hasattr(ratio, "__float__"):
@@ -24,3 +27,18 @@ def check_choice(kind: str, value, choices) -> str:
     if value not in choices:
         raise DimapError(f"unknown {kind} {value!r}: choose one of {', '.join(choices)}")
     return value
+
+
+def check_model_name(name) -> str:
+    """A timm model name that exists; a typo gets the closest names."""
+    import difflib
+
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        if isinstance(name, str) and "." in name:
+            raise DimapError(f"{name!r} is neither a checkpoint file nor a timm model name: check the path or the name")
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DimapError(f"unknown model name {name!r}{hint}: see timm.list_models('swin*')")
+    return name

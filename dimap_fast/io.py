@@ -1,24 +1,33 @@
 """Reading checkpoints safely and writing results atomically.
 
 Loading prefers safetensors (no code can hide in it); ``.pth``/``.pt``/``.bin`` go through
-``torch.load(weights_only=True)``, which refuses pickled code. Outputs are written to a temporary
-file beside the target and renamed over it, so a crash leaves either the old file or the new one,
-never half of one; the input is never a target.
+``torch.load(weights_only=True)``, which refuses pickled code. Whatever is wrong with a file
+(missing, truncated, corrupt, a pickle that would run code) is one DimapError, never another
+exception.
+
+Outputs are written to a temporary file beside the target, ``.NAME.PID.XXXXXXXX.tmp``, fsynced and
+renamed over it, so a crash leaves either the old file or the new one, never half of one; the input
+is never a target. An interrupted write removes its temporary file; one left by a killed process
+(kill -9, power loss) is recognised by its dead PID and removed by the next run that writes NAME.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import DimapError
+from .errors import DimapError, check_model_name
 
 MASK_PREFIX = "dimap_mask."
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TEMP_SUFFIX = ".tmp"
 
 
 def looks_like_path(spec: str) -> bool:
@@ -27,42 +36,97 @@ def looks_like_path(spec: str) -> bool:
 
 def load_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a checkpoint; wrappers like {"model": ...} are unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DimapError(f"checkpoint {path} not found: check the path")
+    path = checkpoint_path(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    if path.suffix in TORCH_SUFFIXES:
-        return _load_torch(path), {}
-    raise DimapError(f"{path}: unknown checkpoint type {path.suffix!r}: use .safetensors, .pth or .pt")
+    return _load_torch(path), {}
+
+
+def checkpoint_path(path) -> Path:
+    """``path`` as a Path, once it is a readable file of a known checkpoint type."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DimapError(f"a checkpoint is a file path, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise DimapError(f"{path} is a folder, not a checkpoint file: name the .safetensors or .pth inside it")
+    if not path.is_file():
+        raise DimapError(f"checkpoint {path} not found: check the path")
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
+        raise DimapError(f"{path}: unknown checkpoint type {path.suffix!r}: use .safetensors, .pth or .pt")
+    if not os.access(path, os.R_OK):
+        raise DimapError(f"cannot read {path}: permission denied")
+    return path
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """The first 8 bytes give the header length: refuse one that overruns the file before parsing."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if size < 8:
+        raise DimapError(
+            f"cannot read {path}: {size} bytes is too short for a safetensors file: it is truncated; copy or export it again"
+        )
+    length = int.from_bytes(head, "little")
+    if 8 + length > size:
+        raise DimapError(
+            f"cannot read {path}: not a valid safetensors file (a header of {length} bytes in a file of {size}): "
+            "it is truncated or damaged; copy or export it again"
+        )
 
 
 def _load_safetensors(path: Path):
     from safetensors import safe_open
 
+    _check_safetensors_header(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise DimapError(f"cannot read {path}: not a valid safetensors file ({_first_line(exc)}); is it truncated?") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # several types for damaged files, and pyo3 panics are BaseException
+        raise DimapError(_damaged(path, exc)) from None
     return tensors, metadata
+
+
+def _damaged(path, exc) -> str:
+    return f"cannot read {path}: not a valid safetensors file ({_reason(exc)}): it is truncated or damaged; copy or export it again"
+
+
+def safetensors_header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(shape per tensor, metadata) of a safetensors file, reading its header only."""
+    from safetensors import safe_open
+
+    path = checkpoint_path(path)
+    _check_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        raise DimapError(_damaged(path, exc)) from None
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     import pickle
+    import warnings
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would break the one-line refusal
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        raise DimapError(_pickle_refusal(path, str(exc))) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
         raise DimapError(
-            f"refused {path}: it holds pickled objects beyond plain tensors ({_first_line(exc)[:120]}); "
-            "convert it to .safetensors in a trusted environment"
+            f"cannot read {path}: truncated or not a torch checkpoint ({_reason(exc)}); copy or export it again"
         ) from None
-    except Exception as exc:
-        raise DimapError(f"cannot read {path}: truncated or not a torch checkpoint ({_first_line(exc)[:120]})") from None
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -72,9 +136,49 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _pickle_refusal(path: Path, text: str) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"would call {found.group(1)}" if found else "holds pickled objects beyond plain tensors"
+    return (
+        f"refused {path}: loading it {what}, and a pickle can run code, so weights_only loading blocks it; "
+        "if you trust the file, re-save its state dict with safetensors.torch.save_file and prune that"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of a library's message, short enough for one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def check_architecture(shapes: dict[str, tuple[int, ...]], arch: str, path) -> None:
+    """Refuse a checkpoint that does not fit timm's ``arch``: the same line as sources.load_into.
+
+    The model is built on the meta device, so no weight is allocated or initialised.
+    """
+    import timm
+
+    check_model_name(arch)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch)
+    except Exception as exc:
+        raise DimapError(f"cannot create {arch}: {_reason(exc)}") from None
+    own = model.state_dict()
+    for key, shape in shapes.items():
+        if key in own and tuple(own[key].shape) != tuple(shape):
+            raise DimapError(
+                f"{path} does not fit this architecture: {key} has shape {tuple(shape)}, "
+                f"the model expects {tuple(own[key].shape)}; pass the right --model"
+            )
+    missing = [k for k in own if k not in shapes and not k.endswith("relative_position_index")]
+    unexpected = [k for k in shapes if k not in own]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise DimapError(f"{path} does not fit this architecture ({what}): pass the right --model")
 
 
 def check_output(out, inputs=()) -> Path:
@@ -82,6 +186,8 @@ def check_output(out, inputs=()) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise DimapError(f"output {out} must end in .safetensors")
+    if out.is_dir():
+        raise DimapError(f"output {out} is a folder: name a file inside it")
     if not out.parent.is_dir():
         raise DimapError(f"output folder {out.parent} does not exist: create it first")
     for src in inputs:
@@ -94,6 +200,74 @@ def public_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(out):
+    """Yield a temporary path beside ``out``; on success fsync it and rename it over ``out``.
+
+    On any failure or interruption the temporary file is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=out.parent)
+    except OSError as exc:
+        raise DimapError(f"cannot write in {out.parent} ({_reason(exc)}): choose another output folder") from None
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, public_mode())  # mkstemp makes 0600 files; outputs get the usual umask
+        os.replace(tmp, out)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise DimapError(f"cannot write {out} ({_reason(exc)}): check the free space and permissions") from None
+        raise
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temps(folder, names) -> list[Path]:
+    """Remove the temporary files of ``names`` that a killed run left in ``folder``.
+
+    A temporary file is ours when it reads ``.NAME.PID.XXXXXXXX.tmp`` with NAME in ``names``; it is
+    stale when no process PID is alive (or PID is this process, which calls this before writing).
+    Files of live processes, and anything else, are left alone.
+    """
+    names = set(names)
+    removed = []
+    pattern = f".{glob.escape(next(iter(names)))}.*{TEMP_SUFFIX}" if len(names) == 1 else f".*{TEMP_SUFFIX}"
+    for path in Path(folder).glob(pattern):
+        parts = path.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random part
+        if len(parts) != 3 or parts[0] not in names or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -110,18 +284,39 @@ def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             v = v.clone()  # safetensors refuses tensors that share or overhang storage
         seen.add(key)
         clean[k] = v
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    remove_stale_temps(out.parent, [out.name])
+    with atomic_path(out) as tmp:
         save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, public_mode())  # mkstemp makes 0600 files; outputs get the usual umask
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        _sort_header(tmp)
+    return out
+
+
+def _sort_header(path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length.
+
+    safetensors writes the metadata in hash-map order, which changes from run to run: sorting makes
+    the same tensors and metadata the same bytes. The compact JSON of the same content has the same
+    length whatever the key order; trailing spaces (allowed by the format) pad it if shorter.
+    """
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        raw = f.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:
+            f.seek(8)
+            f.write(text + b" " * (length - len(text)))
+
+
+def write_text_atomic(out, text: str) -> Path:
+    """Write a text file (summary.csv) the way save_atomic writes tensors."""
+    out = Path(out)
+    remove_stale_temps(out.parent, [out.name])
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
     return out
 
 
@@ -140,4 +335,11 @@ def load_pruned(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
     tensors, metadata = load_state_dict(path)
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    for name, mask in masks.items():
+        weight = state.get(name)
+        if mask.dtype != torch.bool or (weight is not None and weight.shape != mask.shape):
+            raise DimapError(
+                f"{path}: the mask of {name} is {mask.dtype} {tuple(mask.shape)}, not a bool mask of its weight's shape: "
+                "the file is damaged; prune again"
+            )
     return state, masks, metadata

@@ -77,8 +77,8 @@ def prunable_layers(source, module_map=None) -> list[Layer]:
     """The prunable weights of ``source`` in model order, each tagged with its module.
 
     Refuses (DimapError) a source with no prunable weight, a name claimed by two modules,
-    non-floating or empty weights, and weights spread over several devices. NaN and Inf are
-    refused by the scorers, which see them for free at the ends of each sorted layer.
+    non-floating, sparse, meta or empty weights, and weights spread over several devices or dtypes.
+    NaN and Inf are refused by the scorers, which see them for free at the ends of each sorted layer.
     """
     module_map = check_module_map(module_map)
     tensors = named_tensors(source)
@@ -100,18 +100,31 @@ def prunable_layers(source, module_map=None) -> list[Layer]:
 
 
 def _check_layers(layers: Iterable[Layer]) -> None:
-    devices = set()
+    devices, dtypes = set(), {}
     for layer in layers:
         t = layer.tensor
         if not t.is_floating_point():
             raise DimapError(f"{layer.name} has dtype {t.dtype}: prunable weights must be floating point")
+        if t.layout != torch.strided:
+            raise DimapError(f"{layer.name} is a {t.layout} tensor: make the weights dense first (tensor.to_dense())")
+        if t.is_meta:
+            raise DimapError(f"{layer.name} is on the meta device and holds no values: load the weights first")
         if t.numel() == 0:
             raise DimapError(f"{layer.name} is empty (shape {tuple(t.shape)}): nothing to prune there")
         devices.add(t.device)
+        dtypes.setdefault(t.dtype, layer.name)
     if len(devices) > 1:
         raise DimapError(
             f"prunable weights sit on several devices ({', '.join(sorted(map(str, devices)))}): "
             "move the model to one device first (model.to(device))"
+        )
+    if len(dtypes) > 1:
+        # a module's weights compete under one threshold: ranking values rounded to different precisions,
+        # or guessing a cast, would be silent; a half-cast model is almost always a mistake
+        found = ", ".join(f"{str(d).replace('torch.', '')} ({name})" for d, name in dtypes.items())
+        raise DimapError(
+            f"prunable weights mix dtypes: {found}; cast them to one first, "
+            "e.g. model.float() or {k: v.float() for k, v in state_dict.items()}"
         )
 
 

@@ -289,8 +289,15 @@ def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=Non
     if isinstance(model_or_state_dict, torch.nn.Module):
         tensors.update({k: v.detach() for k, v in model_or_state_dict.state_dict().items() if k not in tensors})
     if device is not None:
-        device = torch.device(device)
-        layers = [Layer(l.name, l.module, l.tensor.to(device)) for l in layers]
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise DimapError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+        try:
+            layers = [Layer(l.name, l.module, l.tensor.to(device)) for l in layers]
+        except (RuntimeError, AssertionError) as exc:
+            reason = " ".join(str(exc).split(". ")[0].split())[:100]
+            raise DimapError(f"cannot move the weights to {device} ({reason}): pass device='cpu' or a GPU that is present") from None
     on_cuda = layers[0].tensor.is_cuda
     if backend == "auto":
         backend = "triton" if on_cuda and pattern == "unstructured" else "numpy"

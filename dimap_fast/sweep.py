@@ -1,21 +1,27 @@
 """Batch pruning: several models x methods x ratios, one output file per triple.
 
 One model and one plan are alive at a time, so memory stays that of the largest model plus its
-plan. Each output is written atomically and summary.csv is rewritten (atomically) after every
-file, so a sweep stopped at any point leaves only complete files; a rerun skips what exists.
+plan. Everything a sweep can check without pruning (names, files, headers, architectures, the
+outputs already there) is checked before the first file is written.
+
+Each output is written atomically and summary.csv is rewritten (atomically) after every file, so a
+sweep stopped at any point (Ctrl-C, SIGTERM, kill -9) leaves only complete files. A rerun removes
+the temporary files a killed run left, keeps the outputs that exist (their rows come back from the
+old summary.csv) and writes the rest, byte for byte what an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from .errors import DimapError
-from .io import check_output, looks_like_path, public_mode, save_pruned
+from .errors import METHODS, DimapError, check_choice, check_model_name, check_ratio
+from .io import (check_architecture, check_output, checkpoint_path, looks_like_path, remove_stale_temps,
+                 safetensors_header, save_pruned, write_text_atomic)
+
+SUMMARY = "summary.csv"
 
 
 def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: str = "unstructured", block_size: int = 32) -> str:
@@ -33,57 +39,160 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     from .plan import plan
     from .sources import load_source
 
+    jobs = _check(sources, ratios, methods, Path(out_dir), arch, masks_only, pattern, block_size)
     out_dir = Path(out_dir)
-    from .patterns import check_pattern
-
-    check_pattern(pattern, block_size)
-    if pattern == "2:4" and any(r != 0.5 for r in ratios):
-        raise DimapError("pattern '2:4' always removes half of the weights: use --ratios 0.5")
-    for spec in sources:  # refuse bad names before any work or any file
-        if looks_like_path(spec):
-            if not Path(spec).is_file():
-                raise DimapError(f"checkpoint {spec} not found: check the path")
-        else:
-            _check_name(spec)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    bar = tqdm(total=len(sources) * len(methods) * len(ratios), desc="sweep", unit="file", disable=not progress)
     try:
-        for spec in sources:
-            src = load_source(spec, arch=arch)
-            for method in methods:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DimapError(f"cannot create {out_dir} ({exc.strerror}): choose another --out-dir") from None
+    remove_stale_temps(out_dir, [SUMMARY] + [out.name for _, _, _, out in jobs])
+    previous = _read_summary(out_dir / SUMMARY)
+    rows = []
+    bar = tqdm(total=len(jobs), desc="sweep", unit="file", disable=not progress)
+    src = p = None
+    try:
+        for i, (spec, method, ratio, out) in enumerate(jobs):
+            if i and spec != jobs[i - 1][0]:
+                src = p = None  # one model in memory at a time
+            elif i and method != jobs[i - 1][1]:
                 p = None
-                for ratio in ratios:
-                    out = check_output(out_dir / output_name(src.stem, method, ratio, masks_only, pattern, block_size), [src.path])
-                    if out.exists():
-                        rows.append(_row(spec, method, ratio, None, out, "kept (exists)"))
-                        bar.update(1)
-                        continue
-                    start = time.perf_counter()
-                    if p is None:
-                        p = plan(src.state_dict, method=method, pattern=pattern, block_size=block_size)
-                    masks = p.masks(ratio)
-                    meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
-                            "pattern": pattern, "block_size": str(block_size)}
-                    state = {} if masks_only else prune_state(src.state_dict, masks)
-                    save_pruned(out, state, masks, meta)
-                    rows.append(_row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s"))
-                    _write_csv(out_dir / "summary.csv", rows)
-                    bar.update(1)
-                del p
-            del src
+            if _complete(out, method, ratio, pattern, block_size):
+                rows.append(_kept_row(previous.get(out.name), spec, method, ratio, out))
+                bar.update(1)
+                continue
+            start = time.perf_counter()
+            if src is None:
+                src = load_source(spec, arch=arch)
+                if src.path is not None and src.arch and src.model is None:
+                    check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
+            if p is None:
+                p = plan(src.state_dict, method=method, pattern=pattern, block_size=block_size)
+            masks = p.masks(ratio)
+            meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
+                    "pattern": pattern, "block_size": str(block_size)}
+            state = {} if masks_only else prune_state(src.state_dict, masks)
+            save_pruned(out, state, masks, meta)
+            rows.append(_row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s"))
+            _write_csv(out_dir / SUMMARY, rows)
+            bar.update(1)
     finally:
         bar.close()
-    _write_csv(out_dir / "summary.csv", rows)
+    _write_csv(out_dir / SUMMARY, rows)
     print(format_rows(rows))
     return rows
 
 
-def _check_name(spec):
-    import timm
+def _stem(spec: str) -> str:
+    return Path(spec).name.split(".")[0] if looks_like_path(spec) else spec
 
-    if not timm.is_model(spec):
-        raise DimapError(f"unknown model name {spec!r}: see timm.list_models('swin*')")
+
+def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_size) -> list[tuple]:
+    """Refuse bad input before any work or any file; returns (spec, method, ratio, output) per job."""
+    from .patterns import check_pattern
+
+    check_pattern(pattern, block_size)
+    if isinstance(sources, str) or not sources:
+        raise DimapError("give the sources as a list of timm model names or checkpoint files")
+    for spec in sources:
+        if not isinstance(spec, str) or not spec:
+            raise DimapError(f"a source is a timm model name or a checkpoint file, got {spec!r}")
+    if not ratios:
+        raise DimapError("give at least one ratio, e.g. 0.15,0.35,0.55")
+    if not methods:
+        raise DimapError(f"give at least one method: {', '.join(METHODS)}")
+    ratios = list(dict.fromkeys(check_ratio(r) for r in ratios))
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        check_choice("method", m, METHODS)
+    if pattern == "2:4" and any(r != 0.5 for r in ratios):
+        raise DimapError("pattern '2:4' always removes half of the weights: use --ratios 0.5")
+    if arch is not None:
+        check_model_name(arch)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DimapError(f"--out-dir {out_dir} is a file: name a folder")
+    stems: dict[str, str] = {}
+    for spec in dict.fromkeys(sources):
+        if looks_like_path(spec):
+            if Path(spec).suffix == ".safetensors":  # header only: cheap, and it catches damage and misfits now
+                shapes, meta = safetensors_header(spec)
+                if (arch or meta.get("timm_model")) and meta.get("format") != "dimap-fast/shrunk-1":
+                    check_architecture({k: v for k, v in shapes.items() if not k.startswith("dimap_mask.")},
+                                       arch or meta["timm_model"], spec)
+            else:
+                checkpoint_path(spec)  # exists, readable, a known type; the rest is checked when it is loaded
+        else:
+            check_model_name(spec)
+        stem = _stem(spec)
+        if stem in stems:
+            raise DimapError(f"{stems[stem]} and {spec} would write the same outputs ({stem}__...): rename one of them")
+        stems[stem] = spec
+    jobs, names = [], {}
+    for spec in stems.values():
+        for method in methods:
+            for ratio in ratios:
+                out = out_dir / output_name(_stem(spec), method, ratio, masks_only, pattern, block_size)
+                if out_dir.is_dir():  # otherwise it is made later, and nothing in it can be an input
+                    check_output(out, [spec] if looks_like_path(spec) else [])
+                if out.name in names and names[out.name] != ratio:
+                    raise DimapError(f"ratios {names[out.name]!r} and {ratio!r} give the same output {out.name}: "
+                                     "drop one or make them differ in the first 6 digits")
+                names[out.name] = ratio
+                _check_existing(out, method, ratio, pattern, block_size)
+                jobs.append((spec, method, ratio, out))
+    return jobs
+
+
+def _existing_meta(out: Path) -> dict | None:
+    """The metadata of an existing output, or None when there is none or it cannot be read."""
+    if not out.is_file():
+        return None
+    try:
+        return safetensors_header(out)[1]
+    except DimapError:
+        return None  # damaged (never by us: we rename complete files only); written again
+
+
+def _check_existing(out: Path, method, ratio, pattern, block_size) -> None:
+    meta = _existing_meta(out)
+    if meta is not None and not _matches(meta, method, ratio, pattern, block_size):
+        raise DimapError(
+            f"{out} exists but was not written by this sweep (method {meta.get('method')!r}, ratio {meta.get('ratio')!r}): "
+            "move it away or choose another --out-dir"
+        )
+
+
+def _matches(meta, method, ratio, pattern, block_size) -> bool:
+    return (meta.get("format") == "dimap-fast/1" and meta.get("method") == method and meta.get("ratio") == repr(ratio)
+            and meta.get("pattern", "unstructured") == pattern and meta.get("block_size", str(block_size)) == str(block_size))
+
+
+def _complete(out: Path, method, ratio, pattern, block_size) -> bool:
+    meta = _existing_meta(out)
+    return meta is not None and _matches(meta, method, ratio, pattern, block_size)
+
+
+def _read_summary(path: Path) -> dict[str, dict]:
+    """Rows of a previous summary.csv by output file name; unreadable or absent gives none."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    return {Path(r["output"]).name: r for r in rows if r.get("output")}
+
+
+def _kept_row(old, spec, method, ratio, out):
+    row = {"source": spec, "method": method, "ratio": ratio}
+    if old is not None and old.get("method") == method and old.get("ratio") and float(old["ratio"]) == ratio:
+        for key, value in old.items():
+            if key.endswith("-M") and value not in (None, ""):
+                try:
+                    row[key] = float(value)
+                except ValueError:
+                    pass
+    row["output"] = str(out)
+    row["note"] = "kept (exists)"
+    return row
 
 
 def _row(spec, method, ratio, sparsity, out, note):
@@ -104,11 +213,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.chmod(tmp, public_mode())
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def format_rows(rows: list[dict]) -> str:

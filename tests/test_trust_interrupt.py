@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import save_file
 from statedicts import make_state
 
@@ -135,6 +136,18 @@ def test_stopped_sweep_loses_nothing_and_rerun_finishes_identically(setup, stopp
     assert [sha(Path(p)) for p in sources] == before  # the inputs are never modified
 
 
+def test_separate_processes_write_identical_bytes(setup, stopped):
+    """Determinism across processes: each stopped sweep ran in its own process (own hash seed, own
+    allocations); the first output of each is byte for byte the same, and the same as this process wrote."""
+    _, _, expected = setup
+    outs, _ = stopped
+    first = sorted(expected)[0]  # every sweep writes it first
+    digests = {sig.name: sha(out / first) for sig, out in outs.items()}
+    assert set(digests.values()) == {expected[first]}, digests
+    with safe_open(str(outs[signal.SIGKILL] / first), "pt") as f:  # nothing that varies from run to run is recorded
+        assert set(f.metadata()) == {"format", "method", "ratio", "source", "timm_model", "pattern", "block_size"}
+
+
 def test_stale_temporary_files_of_dead_processes_go_live_ones_stay(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -166,3 +179,29 @@ def test_damaged_existing_output_is_written_again_not_kept(setup, tmp_path, caps
     (out / name).write_bytes(b"truncated")  # unreadable: written again
     assert main(sweep_args(sources, out)) == 0
     assert len(check_outputs(out, expected)) == TOTAL
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")], ids=["interrupt", "disk full"])
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, failure):
+    import safetensors.torch
+    import torch
+
+    from dimap_fast import DimapError
+    from dimap_fast.io import save_atomic
+
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"the old file")
+
+    def half_write(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a fi")
+        raise failure
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    expected = KeyboardInterrupt if failure is KeyboardInterrupt else DimapError
+    with pytest.raises(expected) as info:
+        save_atomic(out, {"w": torch.ones(2)})
+    if expected is DimapError:
+        assert str(info.value) == f"cannot write {out} (No space left on device): check the free space and permissions"
+    assert out.read_bytes() == b"the old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
