@@ -60,7 +60,7 @@ def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
         print(f"dimap at {r:.0%}: per-module sparsity")
         print(format_report(report(pruned)) + "\n")
         kept = [f"{1 - v:.0%}" for v in plans["dimap"].sparsity(r)["layers"].values()]
-        print("kept per layer, in model order: " + " ".join(kept) + "\n")
+        print("kept per layer, in name order: " + " ".join(kept) + "\n")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

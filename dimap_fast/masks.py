@@ -10,6 +10,7 @@ leaves plain dense tensors that happen to hold zeros: nothing in the state dict 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 
 import torch
 
@@ -70,6 +71,8 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskH
     """
     if not isinstance(model, torch.nn.Module):
         raise DimapError(f"apply_masks needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(masks, Mapping):
+        raise DimapError(f"masks must be a dict of parameter name -> bool tensor, got {type(masks).__name__}")
     params = dict(model.named_parameters())
     pairs = []
     for name, mask in masks.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -73,8 +74,17 @@ def check_module_map(module_map) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that compares the numbers in a name as numbers: layers.2 before layers.10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def prunable_layers(source, module_map=None) -> list[Layer]:
-    """The prunable weights of ``source`` in model order, each tagged with its module.
+    """The prunable weights of ``source`` in natural name order, each tagged with its module.
+
+    Natural order (numbers compared as numbers) rather than the source's own order, because a
+    safetensors file lists names alphabetically: a model and its checkpoint must get the same
+    layer order, which the tie rule at a threshold depends on.
 
     Refuses (DimapError) a source with no prunable weight, a name claimed by two modules,
     non-floating, sparse, meta or empty weights, and weights spread over several devices or dtypes.
@@ -95,6 +105,7 @@ def prunable_layers(source, module_map=None) -> list[Layer]:
             f"no prunable weight found (looked for {', '.join(wanted)}): "
             "this is not a timm Swin; pass module_map={'MODULE': ['glob', ...]} for other models"
         )
+    layers.sort(key=lambda layer: natural_key(layer.name))
     _check_layers(layers)
     return layers
 

@@ -11,9 +11,9 @@ Methods (the prunable set is the same for all three):
 Patterns (``pattern=``) change the unit from a weight to a tile, a neuron or head, or a 2:4 group:
 see ``dimap_fast.patterns``.
 
-Tie rule: units are kept in the order (key descending, layer in model order, rank in the layer),
-where the key is the score (dimap) or the magnitude (global, uniform) and the rank orders a layer
-by magnitude descending, then by flat index. So at the threshold, earlier layers keep their ties
+Tie rule: units are kept in the order (key descending, layer in natural name order, rank in the
+layer), where the key is the score (dimap) or the magnitude (global, uniform) and the rank orders
+a layer by magnitude descending, then by flat index. So at the threshold, earlier layers keep their ties
 first, and inside a layer the lower flat index stays. round() rounds halves up.
 """
 
@@ -88,7 +88,7 @@ class Plan:
         return ratio
 
     def keep_counts(self, ratio: float) -> np.ndarray:
-        """Per unit layer (in model order), how many units stay."""
+        """Per unit layer (in natural name order), how many units stay."""
         ratio = self._ratio(ratio)
         counts = self._counts_cache.get(ratio)
         if counts is None:

@@ -30,10 +30,9 @@ class Source:
 def create_timm_model(name: str, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise DimapError(f"unknown model name {name!r}{hint}: see timm.list_models('swin*')")
+    from .errors import check_model_name
+
+    check_model_name(name)
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:

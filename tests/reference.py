@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 
 import numpy as np
 import torch
@@ -19,12 +20,17 @@ PATTERNS = {
 }
 
 
+def _natural(name):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def prunable(state_dict, patterns=PATTERNS):
+    """Prunable weights in natural name order (layers.2 before layers.10), the documented layer order."""
     out = []
-    for name, t in state_dict.items():
+    for name in sorted(state_dict, key=_natural):
         for module, pats in patterns.items():
             if any(fnmatch.fnmatchcase(name, p) for p in pats):
-                out.append((name, module, t))
+                out.append((name, module, state_dict[name]))
     return out
 
 

@@ -52,3 +52,19 @@ def test_model_and_state_dict_agree(swin_tiny_state):
     a = dimap_fast.compute_masks(model, 0.55)
     b = dimap_fast.compute_masks(swin_tiny_state, 0.55)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_and_model_give_the_same_masks(tmp_path, swin_tiny_state):
+    """A safetensors file lists names alphabetically; the layer order (and so ties) must not care."""
+    from safetensors.torch import save_file
+
+    from dimap_fast.io import load_state_dict
+
+    state = {k: (v * 8).round() / 8 if k.endswith("weight") else v for k, v in swin_tiny_state.items()}  # ties
+    path = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    loaded, _ = load_state_dict(path)
+    for method in ("dimap", "global"):
+        a = dimap_fast.compute_masks(state, 0.5, method=method)
+        b = dimap_fast.compute_masks(loaded, 0.5, method=method)
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -91,7 +91,7 @@ CLI_CASES = [
      "dimap-fast prune: error: argument --pattern: invalid choice: 'diagonal' (choose from …unstructured…block…channel…2:4…) "
      "(see dimap-fast prune --help)"),
     ("unknown model name", P + ["swin_nonexistent_model", "--ratio", "0.5"],
-     "dimap-fast: error: unknown model name 'swin_nonexistent_model' …: see timm.list_models('swin*')"),
+     "dimap-fast: error: unknown model name 'swin_nonexistent_model': see timm.list_models('swin*')"),
     ("unknown --model", P + ["small.safetensors", "--model", "swin_tiny_patch4_window7", "--ratio", "0.5"],
      "dimap-fast: error: unknown model name 'swin_tiny_patch4_window7' (did you mean swin_tiny_patch4_window7_224, "
      "swin_base_patch4_window7_224, swin_small_patch4_window7_224?): see timm.list_models('swin*')"),
@@ -163,7 +163,7 @@ CLI_CASES = [
      "dimap-fast: error: cannot read garbage.safetensors: not a valid safetensors file (…): it is truncated or damaged; "
      "copy or export it again"),
     ("report with an unknown --model", ["report", "small.safetensors", "--model", "swin_nope"],
-     "dimap-fast: error: unknown model name 'swin_nope' …: see timm.list_models('swin*')"),
+     "dimap-fast: error: unknown model name 'swin_nope': see timm.list_models('swin*')"),
     ("report of another architecture", ["report", "small.safetensors", "--model", TINY],
      "dimap-fast: error: small.safetensors does not fit this architecture: layers.0.blocks.0.attn.proj.weight has shape "
      "(16, 16), the model expects (96, 96); pass the right --model"),
@@ -304,7 +304,7 @@ API_CASES = [
     ("integer weights", lambda: dimap_fast.plan(_state(**{FC1: torch.ones(3, dtype=torch.int64)})),
      f"{FC1} has dtype torch.int64: prunable weights must be floating point"),
     ("mixed dtypes", lambda: dimap_fast.plan(_state(**{FC1: torch.ones(3, dtype=torch.bfloat16)})),
-     f"prunable weights mix dtypes: float32 (layers.0.blocks.0.attn.qkv.weight), bfloat16 ({FC1}); "
+     f"prunable weights mix dtypes: float32 (layers.0.blocks.0.attn.proj.weight), bfloat16 ({FC1}); "
      "cast them to one first, e.g. model.float() or {k: v.float() for k, v in state_dict.items()}"),
     ("meta weights", lambda: dimap_fast.plan(_state(**{FC1: torch.ones(3, device="meta")})),
      f"{FC1} is on the meta device and holds no values: load the weights first"),
