@@ -20,6 +20,8 @@ examples:
   dimap-fast report tiny50.safetensors --json
   dimap-fast sweep swin_tiny_patch4_window7_224 swin_small_patch4_window7_224 \\
       --ratios 0.15,0.35,0.55 --methods dimap,uniform --out-dir sweeps/
+  dimap-fast finetune --data digits --ratio 0.7 --out runs/d70
+  dimap-fast eval runs/d70/model.safetensors
 """
 
 
@@ -103,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
+    from .finetune import add_parsers
+
+    add_parsers(sub)  # finetune, eval
+
     d = sub.add_parser("demo", help="prune a small Swin trained on scikit-learn's digits, before/after accuracy")
     d.add_argument("--out-dir", default="demo_out", help="where the pruned checkpoint goes (default demo_out/)")
     d.add_argument("--ratios", type=_ratios, default=[0.5, 0.8], help="default 0.5,0.8")
@@ -120,7 +126,8 @@ def main(argv=None) -> int:
         return 2
     previous = _on_sigterm(_terminate)
     try:
-        return COMMANDS[args.command](args)
+        func = getattr(args, "func", None) or COMMANDS[args.command]
+        return func(args)
     except DimapError as exc:
         print(f"dimap-fast: error: {exc}", file=sys.stderr)
         return 2
