@@ -72,3 +72,18 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
     assert block_sizes(loaded) == block_sizes(small)
+
+
+def test_aligned_widths_are_multiples_of_eight_and_exact():
+    model = small_swin(2)
+    channel_pruned(model, 0.37)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+        aligned = shrink(copy.deepcopy(model), align=8)
+        tight = shrink(copy.deepcopy(model), align=1)
+        assert (aligned(x) - masked).abs().max() < 1e-4
+        assert (tight(x) - masked).abs().max() < 1e-4
+    widths = [v["hidden"] for v in block_sizes(aligned).values()]
+    assert all(w % 8 == 0 for w in widths)
+    assert sum(widths) >= sum(v["hidden"] for v in block_sizes(tight).values())
