@@ -110,12 +110,9 @@ def dense_model(seed: int, data, epochs: int, cache_dir: Path) -> tuple[torch.nn
 
 
 def masked_copy(model, masks):
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        params = dict(out.named_parameters())
-        for name, keep in masks.items():
-            params[name].mul_(keep)
-    return out
+    from dimap_fast.demo import pruned_copy
+
+    return pruned_copy(model, masks)
 
 
 def removed_fraction(masks) -> float:

@@ -260,16 +260,9 @@ class HeldMasks:
     """Masks bound to a model's parameters: zero them, keep gradients off them, check them."""
 
     def __init__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor], device):
-        params = dict(model.named_parameters())
-        self.items = []
-        for name, mask in masks.items():
-            if name not in params:
-                raise DimapError(f"mask {name!r} names no parameter of the model: were the masks made for another model?")
-            p = params[name]
-            if tuple(mask.shape) != tuple(p.shape):
-                raise DimapError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(p.shape)}")
-            keep = mask.to(device=device, dtype=torch.bool)
-            self.items.append((name, p, keep, ~keep))
+        from .masks import bind_masks
+
+        self.items = [(name, p, keep, ~keep) for name, p, keep in bind_masks(model, masks, device)]
 
     @torch.no_grad()
     def zero_(self) -> None:

@@ -62,19 +62,14 @@ def _ensure_step_hook() -> None:
         _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
 
 
-@torch.no_grad()
-def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
-    """Zero every weight whose mask is False, in place, and keep it zero through training.
-
-    Returns a MaskHandle: ``handle.remove()`` (or ``make_permanent(model)``) drops the guards once
-    training is over. Masks are checked against the model before anything is touched.
-    """
+def bind_masks(model: torch.nn.Module, masks, device=None) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """(name, parameter, mask on the parameter's device) for every mask, all checked first."""
     if not isinstance(model, torch.nn.Module):
-        raise DimapError(f"apply_masks needs a torch.nn.Module, got {type(model).__name__}")
+        raise DimapError(f"masks apply to a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(masks, Mapping):
         raise DimapError(f"masks must be a dict of parameter name -> bool tensor, got {type(masks).__name__}")
     params = dict(model.named_parameters())
-    pairs = []
+    bound = []
     for name, mask in masks.items():
         if name not in params:
             raise DimapError(f"mask {name!r} names no parameter of this model: were the masks made for another model?")
@@ -82,7 +77,18 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskH
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise DimapError(f"mask {name!r} must be a bool tensor of shape {tuple(p.shape)}, got {shape}")
-        pairs.append((p, mask.to(p.device)))
+        bound.append((name, p, mask.to(device if device is not None else p.device)))
+    return bound
+
+
+@torch.no_grad()
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
+    """Zero every weight whose mask is False, in place, and keep it zero through training.
+
+    Returns a MaskHandle: ``handle.remove()`` (or ``make_permanent(model)``) drops the guards once
+    training is over. Masks are checked against the model before anything is touched.
+    """
+    pairs = [(p, m) for _, p, m in bind_masks(model, masks)]
     for p, m in pairs:
         p.mul_(m)
     handle = MaskHandle(pairs)

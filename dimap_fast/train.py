@@ -184,18 +184,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _bind_masks(model, masks, device) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    if not masks:
-        return []
-    params = dict(model.named_parameters())
-    bound = []
-    for name, mask in masks.items():
-        if name not in params:
-            raise DimapError(f"mask for {name!r} names no parameter of the model: build masks from this model")
-        p = params[name]
-        if tuple(mask.shape) != tuple(p.shape):
-            raise DimapError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(p.shape)}")
-        bound.append((p, mask.to(device=device, dtype=torch.bool)))
-    return bound
+    from .masks import bind_masks
+
+    return [(p, m) for _, p, m in bind_masks(model, masks or {}, device)]
 
 
 @torch.no_grad()

@@ -20,13 +20,12 @@ def small_swin(seed=0):
 
 def literal_keep(energies_per_layer, ratio, method, floor_one=False):
     """Unit keep masks per layer from Eq. 10 on unit energies, selected literally."""
-    keys, layer_ids, ranks = [], [], []
+    keys = []
     for li, e in enumerate(energies_per_layer):
         order = sorted(range(len(e)), key=lambda j: (-e[j], j))
-        s, rank = 0.0, {}
+        s = 0.0
         for r, j in enumerate(order):
             s += e[j]
-            rank[j] = r
             k = e[j] / s if s > 0 else 0.0
             if method == "global":
                 k = e[j]
