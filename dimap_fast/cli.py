@@ -156,6 +156,7 @@ def _on_sigterm(handler):
 def cmd_prune(args) -> int:
     from .errors import check_model_name
     from .io import check_architecture, check_output, save_pruned
+    from .masks import prune_state
     from .plan import plan
     from .sources import load_source
 
@@ -205,14 +206,6 @@ def _prune_and_shrink(args, out) -> int:
     print(f"{len(sizes)} blocks; heads {[v['heads'] for v in sizes.values()]}")
     print(f"wrote {out} ({sum(t.numel() for t in model.parameters()):,} parameters)")
     return 0
-
-
-def prune_state(state: dict, masks: dict) -> dict:
-    """A copy of the state dict with pruned weights zeroed; the input tensors are untouched."""
-    out = dict(state)
-    for name, mask in masks.items():
-        out[name] = state[name] * mask.to(state[name].device)
-    return out
 
 
 def format_sparsity(sp: dict) -> str:

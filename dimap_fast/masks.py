@@ -103,3 +103,11 @@ def make_permanent(model: torch.nn.Module) -> None:
         handle.reapply()
         handle.remove()
     model._dimap_handles = []
+
+
+def prune_state(state: dict, masks: dict) -> dict:
+    """A copy of the state dict with pruned weights zeroed; the input tensors are untouched."""
+    out = dict(state)
+    for name, mask in masks.items():
+        out[name] = state[name] * mask.to(state[name].device)
+    return out

@@ -35,7 +35,7 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     """Prune every source at every ratio with every method; returns the summary rows."""
     from tqdm import tqdm
 
-    from .cli import prune_state
+    from .masks import prune_state
     from .plan import plan
     from .sources import load_source
 
