@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,9 @@ from .errors import METHODS, DimapError, check_choice, check_ratio
 from .modules import Layer, named_tensors, prunable_layers, prune_count
 from .patterns import UnitLayer, check_pattern, two_four_mask, unit_layers
 from .scores import Group, build_states
+
+
+MASK_CHUNK = 1 << 16  # elements per |w| pass when masks are built: the buffer stays in cache
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,12 @@ class Plan:
         if self._scorer is None:
             return {layer.name: two_four_mask(layer.tensor, layer.name) for layer in self.layers}
         cuts = self.cutoffs(ratio)
+        order = sorted(self.units, key=lambda u: -u.numel)  # largest first balances the workers
+        with ThreadPoolExecutor(max_workers=_workers(len(order))) as pool:
+            built = list(pool.map(lambda u: layer_mask(u.values, cuts[u.name]), order))
         out = {}
-        for u in self.units:
-            out.update(u.expand(layer_mask(u.values, cuts[u.name])))
+        for u, mask in zip(order, built):
+            out.update(u.expand(mask))
         return {layer.name: out[layer.name] for layer in self.layers if layer.name in out}
 
     @torch.no_grad()
@@ -201,14 +208,15 @@ class NumpyScorer:
     def __init__(self, units: list[UnitLayer], method: str, bar=None):
         self.method = method
         squared = bool(units) and units[0].squared
-        self.states = build_states([u.values for u in units], method, bar, [u.name for u in units], squared)
-        self.groups: list[tuple[list[int], Group]] = []
         if method == "dimap":
-            for module in dict.fromkeys(u.module for u in units):
-                idx = [i for i, u in enumerate(units) if u.module == module]
-                self.groups.append((idx, Group([self.states[i] for i in idx])))
+            members = [[i for i, u in enumerate(units) if u.module == m] for m in dict.fromkeys(u.module for u in units)]
         elif method == "global":
-            self.groups.append((list(range(len(units))), Group(self.states)))
+            members = [list(range(len(units)))]
+        else:
+            members = []
+        values = [u.values for u in units]
+        self.states, built = build_states(values, method, bar, [u.name for u in units], squared, members)
+        self.groups: list[tuple[list[int], Group]] = list(zip(members, built))
 
     def keep_counts(self, ratio: float) -> np.ndarray:
         if self.method == "uniform":
@@ -240,13 +248,22 @@ def layer_mask(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
     flat = values.detach().reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    mags = np.abs(flat.numpy())
-    threshold = mags.dtype.type(cut.magnitude)
-    mask = np.greater(mags, threshold)
+    source = flat.numpy()
+    threshold = source.dtype.type(cut.magnitude)
+    mask = np.empty(source.size, dtype=bool)
+    buffer = np.empty(min(MASK_CHUNK, source.size), dtype=source.dtype)
+    for start in range(0, source.size, MASK_CHUNK):  # |w| in a cached buffer, never a full copy
+        part = source[start : start + MASK_CHUNK]
+        mags = np.abs(part, out=buffer[: part.size])
+        np.greater(mags, threshold, out=mask[start : start + part.size])
     missing = cut.keep - int(np.count_nonzero(mask))
-    if missing > 0:
-        ties = np.flatnonzero(mags == threshold)[:missing]
-        mask[ties] = True
+    for start in range(0, source.size, MASK_CHUNK):  # the first ties by flat index, then stop
+        if missing <= 0:
+            break
+        part = source[start : start + MASK_CHUNK]
+        ties = np.flatnonzero(np.abs(part, out=buffer[: part.size]) == threshold)[:missing]
+        mask[start + ties] = True
+        missing -= ties.size
     return torch.from_numpy(mask).reshape(values.shape)
 
 
@@ -261,6 +278,10 @@ def _layer_mask_torch(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
         ties = torch.nonzero((mags == threshold).reshape(-1)).squeeze(1)[:missing]
         mask.view(-1)[ties] = True
     return mask
+
+
+def _workers(jobs: int) -> int:
+    return max(1, min(jobs, torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def _progress_bar(total: int, enabled: bool):
