@@ -81,8 +81,11 @@ def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
     flat = tensor.detach().reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    out = np.abs(flat.cpu().numpy())
-    np.negative(out, out=out)
+    source = flat.cpu().numpy()
+    bits = np.uint32 if source.dtype == np.float32 else np.uint64
+    out = np.empty_like(source)
+    # -|w| is w with its sign bit set: one pass instead of abs then negate (NaN stays NaN)
+    np.bitwise_or(source.view(bits), bits(1) << bits(8 * source.itemsize - 1), out=out.view(bits))
     out.sort()
     return out
 
@@ -198,13 +201,16 @@ class Group:
         self.states = states
         self.numels = np.array([s.numel for s in states], dtype=np.int64)
         self.total = int(self.numels.sum())
-        heads = np.concatenate([s.heads for s in states])
-        sizes = np.concatenate([_block_sizes(s.numel) for s in states])
-        firsts = np.concatenate([_first_gains(s.numel) for s in states])
-        order = np.argsort(-heads, kind="stable")
-        self.neg_values = -heads[order]  # ascending
-        self.cum_hi = np.cumsum(sizes[order])
-        self.cum_lo = np.cumsum(firsts[order])
+        self.neg_values = np.concatenate([s.heads_neg for s in states])
+        self.neg_values.sort()  # ascending
+        # Every block counts BLOCK at most and at least, except a layer's last block (smaller at
+        # most) and its first (1 at least). Those few corrections go to the start of their value's
+        # tie group: the cumulative counts are then exact at every tie group's end and never too
+        # high inside one, which is all _bracket reads (it works on whole tie groups).
+        n = self.neg_values.size
+        full = np.arange(BLOCK, (n + 1) * BLOCK, BLOCK, dtype=np.int64)
+        self.cum_hi = _corrections(self.neg_values, full, [(s.heads_neg[-1], BLOCK * s.heads_neg.size - s.numel) for s in states])
+        self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], BLOCK - 1) for s in states])
 
     def keep_counts(self, keep: int) -> np.ndarray:
         """Per layer, how many top ranks stay so that exactly ``keep`` weights stay in the group.
@@ -248,13 +254,11 @@ class Group:
         return lower, upper
 
 
-def _block_sizes(n: int) -> np.ndarray:
-    sizes = np.full(-(-n // BLOCK), BLOCK, dtype=np.int64)
-    sizes[-1] = n - (sizes.size - 1) * BLOCK
-    return sizes
-
-
-def _first_gains(n: int) -> np.ndarray:
-    gains = np.full(-(-n // BLOCK), BLOCK, dtype=np.int64)
-    gains[0] = 1
-    return gains
+def _corrections(neg_values: np.ndarray, full: np.ndarray, items: list[tuple[float, int]]) -> np.ndarray:
+    """full minus the running sum of amounts, each placed at the start of its value's tie group."""
+    out = np.zeros(neg_values.size, dtype=np.int64)
+    values = np.array([v for v, _ in items])
+    amounts = np.array([a for _, a in items], dtype=np.int64)
+    np.add.at(out, np.searchsorted(neg_values, values, side="left"), amounts)
+    np.cumsum(out, out=out)
+    return np.subtract(full, out, out=out)

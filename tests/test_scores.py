@@ -121,18 +121,22 @@ def test_cutoffs_thresholds_sparsity_agree_with_masks():
         assert th[module] == float(kept_scores.min())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+    sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
     levels=st.integers(2, 50),
     ratio=st.floats(0.0, 0.99),
     seed=st.integers(0, 10_000),
+    copies=st.integers(0, 2),
 )
-def test_property_counts_topk_and_reference(sizes, levels, ratio, seed):
+def test_property_counts_topk_and_reference(sizes, levels, ratio, seed, copies):
     g = torch.Generator().manual_seed(seed)
     state = {}
     for i, n in enumerate(sizes):  # few distinct levels make ties common
         state[f"layers.{i}.blocks.0.mlp.fc1.weight"] = torch.randint(-levels, levels + 1, (n,), generator=g).float() / levels
+    for c in range(copies):  # identical layers tie on every block head, across layers
+        state[f"layers.{len(sizes) + c}.blocks.0.mlp.fc1.weight"] = state["layers.0.blocks.0.mlp.fc1.weight"].clone()
+    sizes = [w.numel() for w in state.values()]
     plan = dimap_fast.plan(state)
     masks = plan.masks(ratio)
     total = sum(sizes)
