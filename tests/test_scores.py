@@ -1,5 +1,6 @@
 """Scores and selection on small hand-made layers: ties, zeros, tiny layers, half precision."""
 
+import importlib
 import math
 
 import numpy as np
@@ -158,3 +159,15 @@ def test_property_monotone_in_ratio(seed, r1, r2):
     a, b = plan.masks(lo), plan.masks(hi)
     for name in a:
         assert not (b[name] & ~a[name]).any(), "a weight pruned at a lower ratio came back"
+
+
+@pytest.mark.parametrize("method", ["dimap", "global", "uniform"])
+def test_masks_built_in_chunks_keep_the_first_ties(monkeypatch, method):
+    # masks are built MASK_CHUNK weights at a time; a small chunk puts the ties at a cutoff in many chunks
+    monkeypatch.setattr(importlib.import_module("dimap_fast.plan"), "MASK_CHUNK", 16)
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randint(-2, 3, s, generator=g).float() * 0.5 for k, s in SHAPES.items()}
+    ref = Reference(state, method)
+    plan = dimap_fast.plan(state, method=method)
+    for ratio in [0.1, 0.3, 0.5, 0.7]:
+        assert_same(plan.masks(ratio), ref.masks(ratio))
