@@ -1,7 +1,7 @@
 """A sweep stopped mid-run (SIGKILL, SIGINT, SIGTERM) loses nothing, and a rerun finishes the same bytes.
 
 The sweep runs as its own process (``python -m dimap_fast.cli sweep``) over two small checkpoints,
-2 methods x 3 ratios (12 outputs, ~0.1 s each); it is stopped as soon as its first output appears.
+2 methods x 15 ratios (60 outputs, several seconds in all); it is stopped as soon as its first output appears.
 A kill -9 can land in the middle of a write, which leaves a temporary file; the test plants one
 (of a dead process) so that the rerun must clean it up every time, not only when the timing falls so.
 """
@@ -23,14 +23,14 @@ from statedicts import make_state
 from dimap_fast.cli import main
 from dimap_fast.io import load_pruned, remove_stale_temps
 
-N = 192
+N = 384
 SHAPES = {
     "layers.0.blocks.0.attn.qkv.weight": (3 * N, N), "layers.0.blocks.0.attn.proj.weight": (N, N),
     "layers.0.blocks.0.mlp.fc1.weight": (4 * N, N), "layers.0.blocks.0.mlp.fc2.weight": (N, 4 * N),
 }
-RATIOS = "0.2,0.4,0.6"
+RATIOS = ",".join(f"{r / 20:g}" for r in range(1, 16))  # enough work that the signal lands mid-run
 METHODS = "dimap,uniform"
-TOTAL = 12
+TOTAL = 2 * 2 * 15
 SIGNALS = [signal.SIGKILL, signal.SIGINT, signal.SIGTERM]
 
 
