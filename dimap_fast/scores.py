@@ -49,10 +49,6 @@ class LayerState:
             heads = -neg[::BLOCK].astype(np.float64)
         self.heads_neg = -heads  # ascending, for searchsorted
 
-    @property
-    def heads(self) -> np.ndarray:
-        return -self.heads_neg
-
     def keys(self, r0: int, r1: int) -> np.ndarray:
         """Exact keys of ranks [r0, r1); r0 must start a block."""
         if self.method != "dimap":
@@ -209,7 +205,8 @@ class Group:
         # high inside one, which is all _bracket reads (it works on whole tie groups).
         n = self.neg_values.size
         full = np.arange(BLOCK, (n + 1) * BLOCK, BLOCK, dtype=np.int64)
-        self.cum_hi = _corrections(self.neg_values, full, [(s.heads_neg[-1], BLOCK * s.heads_neg.size - s.numel) for s in states])
+        short_last = [(s.heads_neg[-1], BLOCK * s.heads_neg.size - s.numel) for s in states]
+        self.cum_hi = _corrections(self.neg_values, full, short_last)
         self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], BLOCK - 1) for s in states])
 
     def keep_counts(self, keep: int) -> np.ndarray:
