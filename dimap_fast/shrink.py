@@ -52,21 +52,20 @@ def _resize_block(block: nn.Module, heads: torch.Tensor, neurons: torch.Tensor, 
     fc1 = _linear(mlp.fc1.in_features, neurons.numel(), mlp.fc1.bias is not None, mlp.fc1)
     fc2 = _linear(neurons.numel(), mlp.fc2.out_features, mlp.fc2.bias is not None, mlp.fc2)
     if copy:
-        qkv.weight.copy_(attn.qkv.weight[rows])
-        if qkv.bias is not None:
-            qkv.bias.copy_(attn.qkv.bias[rows])
-        proj.weight.copy_(attn.proj.weight[:, cols])
-        if proj.bias is not None:
-            proj.bias.copy_(attn.proj.bias)
-        fc1.weight.copy_(mlp.fc1.weight[neurons])
-        if fc1.bias is not None:
-            fc1.bias.copy_(mlp.fc1.bias[neurons])
-        fc2.weight.copy_(mlp.fc2.weight[:, neurons])
-        if fc2.bias is not None:
-            fc2.bias.copy_(mlp.fc2.bias)
+        _copy_kept(qkv, attn.qkv, rows, dim=0)
+        _copy_kept(proj, attn.proj, cols, dim=1)
+        _copy_kept(fc1, mlp.fc1, neurons, dim=0)
+        _copy_kept(fc2, mlp.fc2, neurons, dim=1)
     attn.qkv, attn.proj, attn.relative_position_bias_table = qkv, proj, table
     attn.num_heads = int(heads.numel())
     mlp.fc1, mlp.fc2 = fc1, fc2
+
+
+def _copy_kept(dst: nn.Linear, src: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Kept outputs (dim 0: rows and their biases) or kept inputs (dim 1: columns; the bias stays whole)."""
+    dst.weight.copy_(src.weight.index_select(dim, index))
+    if dst.bias is not None:
+        dst.bias.copy_(src.bias[index] if dim == 0 else src.bias)
 
 
 def block_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
