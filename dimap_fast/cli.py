@@ -132,9 +132,6 @@ def main(argv=None) -> int:
         print(f"dimap-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        from .io import discard_pending_temps
-
-        discard_pending_temps()
         print("dimap-fast: interrupted; finished outputs are complete, nothing partial was left", file=sys.stderr)
         return 143 if exc.args == ("SIGTERM",) else 130
     finally:

@@ -202,9 +202,6 @@ def public_mode() -> int:
     return 0o666 & ~mask
 
 
-_PENDING: set[str] = set()  # temporary files being written by this process
-
-
 @contextlib.contextmanager
 def atomic_path(out):
     """Yield a temporary path beside ``out``; on success fsync it and rename it over ``out``.
@@ -213,37 +210,28 @@ def atomic_path(out):
     """
     out = Path(out)
     tmp = str(out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    # registered before the file exists: a Ctrl-C landing anywhere from here on finds it (discard_pending_temps)
-    _PENDING.add(tmp)
+    refused = False  # the file could not be made: whatever has its name is not ours to remove
+    # One guard from the file's creation to its rename: a Ctrl-C landing right after the file
+    # appears (even inside os.open) is caught here and the file removed.
     try:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as exc:
+            refused = True
             raise DimapError(f"cannot write in {out.parent} ({_reason(exc)}): choose another output folder") from None
-        try:
-            yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, public_mode())  # the file was made 0600; outputs get the usual umask
-            os.replace(tmp, out)
-        except BaseException as exc:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, public_mode())  # the file was made 0600; outputs get the usual umask
+        os.replace(tmp, out)
+    except BaseException as exc:
+        if not refused:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if isinstance(exc, OSError):
-                raise DimapError(f"cannot write {out} ({_reason(exc)}): check the free space and permissions") from None
-            raise
-    finally:
-        _PENDING.discard(tmp)
+        if isinstance(exc, OSError):
+            raise DimapError(f"cannot write {out} ({_reason(exc)}): check the free space and permissions") from None
+        raise
     _fsync_dir(out.parent)
-
-
-def discard_pending_temps() -> None:
-    """Remove the temporary files this process was writing (after an interruption: a signal can land
-    between a file's creation and the cleanup that guards it)."""
-    for tmp in list(_PENDING):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _PENDING.discard(tmp)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -212,3 +212,21 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
         assert str(info.value) == f"cannot write {out} (No space left on device): check the free space and permissions"
     assert out.read_bytes() == b"the old file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
+def test_interrupt_right_after_the_temporary_file_appears_leaves_nothing(tmp_path, monkeypatch):
+    # the narrowest window: the file exists, nothing has been written yet
+    import dimap_fast.io as io
+
+    real_close = os.close
+
+    def interrupted_close(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.os, "close", interrupted_close)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(tmp_path / "out.safetensors"):
+            pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
