@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +34,36 @@ except ImportError:  # the plain-torch references must stay importable without t
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+
+
+def pointer(dtype: torch.dtype) -> str:
+    """Triton's signature type of a tensor argument of ``dtype``, e.g. "*fp16"."""
+    return "*" + _TRITON_TYPES[dtype]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One compile a launcher can ask for on a GPU, precise enough to compile it ahead of time.
+
+    ``num_stages`` is None where the launch names none, so triton's default applies.
+    """
+
+    kernel: object  # the @triton.jit function itself, never an autotuner around it
+    name: str
+    signature: dict  # every argument -> "*fp16", "i32", ... or "constexpr"
+    constexprs: dict
+    num_warps: int
+    num_stages: int | None = None
+
+    @classmethod
+    def of(cls, kernel, name: str, types: dict, constexprs: dict, num_warps: int,
+           num_stages: int | None = None) -> "LaunchConfig":
+        """Fill the signature in the kernel's argument order; a missing type raises KeyError."""
+        args = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        sig = {a: "constexpr" if a in constexprs else types[a] for a in args}
+        return cls(kernel, name, sig, dict(constexprs), num_warps, num_stages)
 
 
 def interpreting(kernel) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from ._common import (
     FLOAT_DTYPES,
+    LaunchConfig,
     block_table,
     check_1d,
     check_block,
@@ -21,12 +22,17 @@ from ._common import (
     check_runnable,
     default_block,
     device_guard,
+    pointer,
     tl,
     triton,
 )
 
 _GPU_BLOCK = 2048  # 8 warps: ~90 registers, two programs per SM, no spills (ptxas sm_90a)
 _INTERP_BLOCK = 256
+
+
+def _block_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
 
 
 @triton.jit
@@ -98,7 +104,7 @@ def apply_cutoffs(w: torch.Tensor, offsets: torch.Tensor, cut: torch.Tensor, kee
     mask = torch.empty(w.numel(), dtype=torch.uint8, device=dev)
     kept_blk = torch.empty_like(gt)
     blk_layer_l = blk_layer.long()
-    warps = 8 if block >= 2048 else 4
+    warps = _block_warps(block)
     with device_guard(dev):
         _count_block[(nb,)](w, offs, blk_layer, blk_start, cut, gt, eq, BLOCK=block,
                             num_warps=warps)
@@ -134,3 +140,22 @@ def apply_cutoffs_reference(w: torch.Tensor, offsets: torch.Tensor, cut: torch.T
         kept[l] = int(m.sum())
     new_w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
     return new_w, mask, kept.to(w.device)
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """What apply_cutoffs launches on a GPU at its default block (the engine never passes one)."""
+    i64 = pointer(torch.int64)
+    table = dict(offsets_ptr=i64, blk_layer_ptr=pointer(torch.int32), blk_start_ptr=i64,
+                 cut_ptr=pointer(torch.float32))
+    warps = _block_warps(_GPU_BLOCK)
+    out = []
+    for dtype in FLOAT_DTYPES:
+        w = pointer(dtype)
+        label = f"{w[1:]} BLOCK={_GPU_BLOCK}"
+        out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}",
+                                   dict(table, w_ptr=w, gt_ptr=i64, eq_ptr=i64),
+                                   dict(BLOCK=_GPU_BLOCK), warps))
+        out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label}",
+                                   dict(table, w_ptr=w, quota_ptr=i64, mask_ptr=pointer(torch.uint8),
+                                        kept_ptr=i64), dict(BLOCK=_GPU_BLOCK), warps))
+    return out

@@ -19,6 +19,7 @@ import torch
 
 from ._common import (
     FLOAT_DTYPES,
+    LaunchConfig,
     block_table,
     check_1d,
     check_block,
@@ -27,6 +28,7 @@ from ._common import (
     default_block,
     device_guard,
     interpreting,
+    pointer,
     tl,
     triton,
 )
@@ -35,10 +37,15 @@ _GPU_BLOCK = 2048  # 8 warps: ~90 registers, two programs per SM, no spills (ptx
 _GPU_CHUNK = 1024  # blocks per carry step; three steps cover a 4.2M-weight layer
 _INTERP_BLOCK = 128
 _INTERP_CHUNK = 16
+_CARRY_WARPS = 4
 # The interpreter's cumsum is numpy's sequential accumulate, already monotone on non-negative
 # input, and its generic scan calls the combine function once per element in Python; so the
 # in-block cummax is skipped there unless a test forces it.
 _FORCE_CUMMAX = False
+
+
+def _block_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
 
 
 @triton.jit
@@ -129,11 +136,11 @@ def module_scores(mags: torch.Tensor, offsets: torch.Tensor, *, block_size: int 
     guard = torch.empty_like(tot)
     out = torch.empty(mags.numel(), dtype=torch.float64, device=dev)
     cummax = _FORCE_CUMMAX or not interpreting(_block_scores)
-    warps = 8 if block >= 2048 else 4
+    warps = _block_warps(block)
     with device_guard(dev):
         _block_totals[(nb,)](mags, offs, blk_layer, blk_start, tot, BLOCK=block, CUMMAX=cummax,
                              num_warps=warps)
-        _layer_carries[(nl,)](tot, blk_off, carry, guard, CHUNK=chunk, num_warps=4)
+        _layer_carries[(nl,)](tot, blk_off, carry, guard, CHUNK=chunk, num_warps=_CARRY_WARPS)
         _block_scores[(nb,)](mags, offs, blk_layer, blk_start, carry, guard, out, BLOCK=block,
                              CUMMAX=cummax, num_warps=warps)
     return out
@@ -148,4 +155,24 @@ def module_scores_reference(mags: torch.Tensor, offsets: torch.Tensor) -> torch.
         sq = mags[a:b].to(torch.float64) ** 2
         s = torch.cumsum(sq, 0)
         out[a:b] = torch.where(s > 0, sq / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
+    return out
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """What module_scores launches on a GPU at its default block (the engine never passes one)."""
+    f64, i64 = pointer(torch.float64), pointer(torch.int64)
+    table = dict(offsets_ptr=i64, blk_layer_ptr=pointer(torch.int32), blk_start_ptr=i64)
+    block = dict(BLOCK=_GPU_BLOCK, CUMMAX=True)  # a GPU always takes the in-block cummax
+    warps = _block_warps(_GPU_BLOCK)
+    out = [LaunchConfig.of(_layer_carries, f"importance _layer_carries CHUNK={_GPU_CHUNK}",
+                           dict(tot_ptr=f64, blk_off_ptr=i64, carry_ptr=f64, guard_ptr=f64),
+                           dict(CHUNK=_GPU_CHUNK), _CARRY_WARPS)]
+    for dtype in FLOAT_DTYPES:
+        mags = pointer(dtype)
+        label = f"{mags[1:]} BLOCK={_GPU_BLOCK}"
+        out.append(LaunchConfig.of(_block_totals, f"importance _block_totals {label}",
+                                   dict(table, mags_ptr=mags, tot_ptr=f64), block, warps))
+        out.append(LaunchConfig.of(_block_scores, f"importance _block_scores {label}",
+                                   dict(table, mags_ptr=mags, carry_ptr=f64, guard_ptr=f64,
+                                        out_ptr=f64), block, warps))
     return out

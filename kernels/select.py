@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_1d, check_offsets, check_runnable, device_guard, interpreting, tl, triton
+from ._common import (
+    LaunchConfig,
+    check_1d,
+    check_offsets,
+    check_runnable,
+    device_guard,
+    interpreting,
+    pointer,
+    tl,
+    triton,
+)
 
 _RADIX_BITS = 3  # 8 candidates per round, 21 rounds cover the 63 bits of a non-negative key
 _ROUNDS = 63 // _RADIX_BITS
 _GPU_LAYERS = 128  # layers searched side by side (Swin modules have <= 96)
 _GPU_RATIOS = 2
+_WARPS = 4
 _INTERP_LAYERS = 8
 _INTERP_RATIOS = 16  # the interpreter pays per operation, not per lane: batch ratios widely
 
@@ -145,7 +156,7 @@ def select_keep_counts(scores: torch.Tensor, offsets: torch.Tensor, keep: torch.
         _keep_counts[(triton.cdiv(r, block_r),)](
             keys, offsets.to(dev), keep.to(dev).contiguous(), out, r, nl, longest.bit_length(),
             ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_R=block_r,
-            BLOCK_L=block_layers, num_warps=4,
+            BLOCK_L=block_layers, num_warps=_WARPS,
         )
     return out
 
@@ -162,3 +173,23 @@ def select_keep_counts_reference(scores: torch.Tensor, offsets: torch.Tensor,
     rows = [torch.bincount(layer_of[: int(m)], minlength=nl) for m in keep.cpu().tolist()]
     out = torch.stack(rows) if rows else torch.empty((0, nl), dtype=torch.int64)
     return out.to(torch.int64).to(scores.device)
+
+
+def _powers_of_two(top: int) -> list[int]:
+    """1, 2, 4, ... up to triton.next_power_of_2(top), the sizes a launch clamps its blocks to."""
+    return [1 << i for i in range((top - 1).bit_length() + 1)]
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """What select_keep_counts launches on a GPU at its default block_layers (the engine never
+    passes one): blocks shrink to the next power of two of the ratio and layer counts."""
+    i64 = pointer(torch.int64)
+    types = dict(keys_ptr=i64, offsets_ptr=i64, keep_ptr=i64, out_ptr=i64, R="i32", L="i32",
+                 SEARCH_STEPS="i32")
+    return [
+        LaunchConfig.of(_keep_counts, f"select _keep_counts BLOCK_R={block_r} BLOCK_L={block_l}",
+                        types, dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
+                                    BLOCK_R=block_r, BLOCK_L=block_l), _WARPS)
+        for block_r in _powers_of_two(_GPU_RATIOS)
+        for block_l in _powers_of_two(_GPU_LAYERS)
+    ]

@@ -15,15 +15,27 @@ over that row's kept tiles only; a tile-row with no kept tile writes just the bi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, HAVE_TRITON, check_runnable, device_guard, interpreting, tl, triton
+from ._common import (
+    FLOAT_DTYPES,
+    HAVE_TRITON,
+    LaunchConfig,
+    check_runnable,
+    device_guard,
+    interpreting,
+    pointer,
+    tl,
+    triton,
+)
 
 BLOCKS = (16, 32, 64)
 _INTERP_BM = 64  # the interpreter pays per program far more than per element: few, big programs
+_TUNE_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))  # BM, warps, stages
 
 
 @dataclass(frozen=True)
@@ -151,8 +163,7 @@ if HAVE_TRITON:
     # config in Python).
     _bsr_linear_tuned = triton.autotune(
         configs=[
-            triton.Config({"BM": bm}, num_warps=w, num_stages=s)
-            for bm, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
+            triton.Config({"BM": bm}, num_warps=w, num_stages=s) for bm, w, s in _TUNE_CONFIGS
         ],
         key=["M", "N", "K", "B"],
     )(_bsr_linear)
@@ -219,3 +230,24 @@ def block_sparse_linear_reference(x: torch.Tensor, packed: BlockSparseWeight,
     w = unpack_block_sparse(packed).float()
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every autotune config of block_sparse_linear on a GPU, for every dtype, float32 precision,
+    bias and block it accepts."""
+    out = []
+    for dtype in FLOAT_DTYPES:
+        t = pointer(dtype)
+        types = dict(x_ptr=t, tiles_ptr=t, row_ptr=pointer(torch.int64), col_ptr=pointer(torch.int32),
+                     bias_ptr=t, y_ptr=t, M="i32", N="i32", K="i32", R="i32", stride_xm="i32",
+                     stride_ym="i32")
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else (_precision(dtype),)
+        for prec, has_bias, block, (bm, warps, stages) in itertools.product(
+                precisions, (False, True), BLOCKS, _TUNE_CONFIGS):
+            kind = f"{t[1:]}-{prec}" if dtype == torch.float32 else t[1:]
+            name = (f"sparse_linear {kind}{' bias' if has_bias else ''} B={block} BM={bm} "
+                    f"w{warps} s{stages}")
+            # UPCAST is the interpreter's bfloat16 workaround: a GPU never takes it.
+            constexprs = dict(HAS_BIAS=has_bias, BM=bm, B=block, PREC=prec, UPCAST=False)
+            out.append(LaunchConfig.of(_bsr_linear, name, types, constexprs, warps, stages))
+    return out

@@ -1,5 +1,7 @@
 """dimap_fast.nn: drop-in modules and convert; the Triton path runs under the interpreter on CPU."""
 
+import copy
+
 import pytest
 import torch
 from timm.models import swin_transformer as timm_swin
@@ -7,6 +9,10 @@ from torch import nn
 
 import dimap_fast.nn as dnn
 from dimap_fast.errors import DimapError
+from tolerances import assert_close, assert_rel_close, matmul_precision
+
+# The CPU's autocast dtype is bfloat16; CUDA's default is float16.
+AUTOCAST = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
 PRUNABLE = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -49,22 +55,55 @@ def test_sparse_linear_shares_parameters_and_matches_on_cpu():
 
 
 @torch.no_grad()
-def test_sparse_linear_triton_path_and_repack(triton_backend):
-    lin = nn.Linear(40, 70, bias=False)
+def test_sparse_linear_triton_path_and_repack(triton_backend, device):
+    lin = nn.Linear(40, 70, bias=False).to(device)
     dnn.zero_smallest_tiles_(lin.weight, 0.5, 16)
     sp = dnn.SparseLinear.from_linear(lin, block=16)
-    x = torch.randn(9, 40)
-    assert (sp(x) - lin(x)).abs().max() <= 1e-4
-    first = sp.packed()
-    lin.weight[:16].zero_()  # an in-place update must be seen by the next forward
-    assert sp.packed() is not first
-    assert (sp(x) - lin(x)).abs().max() <= 1e-4
+    x = torch.randn(9, 40, device=device)
+    with matmul_precision("ieee"):
+        assert_close(sp(x), lin(x))
+        first = sp.packed()
+        lin.weight[:16].zero_()  # an in-place update must be seen by the next forward
+        assert sp.packed() is not first
+        assert_close(sp(x), lin(x))
 
 
-def test_triton_backend_refuses_autograd(triton_backend):
-    sp = dnn.SparseLinear(16, 16, block=16)
+@torch.no_grad()
+def test_sparse_linear_follows_autocast(triton_backend, device):
+    # fp32 parameters, half-precision activations: the tiles follow the autocast dtype, as
+    # F.linear does, instead of refusing the mixed dtypes.
+    lin = nn.Linear(40, 70).to(device)
+    dnn.zero_smallest_tiles_(lin.weight, 0.5, 16)
+    sp = dnn.SparseLinear.from_linear(lin, block=16)
+    x = torch.randn(9, 40, device=device)
+    half = AUTOCAST[device.type]
+    with torch.autocast(device.type, dtype=half):
+        got, want = sp(x), lin(x)
+        again = sp(x.to(half))  # activations already in the autocast dtype
+    assert got.dtype == want.dtype == again.dtype == half
+    assert_close(got, want.float())
+    assert torch.equal(got, again)
+    assert sp.weight.dtype == torch.float32 and sp.packed().tiles.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_converted_model_under_autocast(triton_backend, device):
+    model = block_prune(small_swin(img_size=16)).to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    half = AUTOCAST[device.type]
+    with dnn.backend("torch"), torch.autocast(device.type, dtype=half):
+        want = model(x)
+    dnn.convert(model)
+    with torch.autocast(device.type, dtype=half):
+        got = model(x)
+    assert got.dtype == want.dtype
+    assert_close(got, want.float())
+
+
+def test_triton_backend_refuses_autograd_through_the_sparse_linear(triton_backend, device):
+    sp = dnn.SparseLinear(16, 16, block=16, device=device)
     with pytest.raises(RuntimeError, match="forward-only"):
-        sp(torch.randn(2, 16))
+        sp(torch.randn(2, 16, device=device))
 
 
 def test_backend_names():
@@ -87,15 +126,75 @@ def window_attention_pair(seed=0):
 
 @torch.no_grad()
 @pytest.mark.parametrize("masked", [False, True])
-def test_window_attention_drop_in(masked):
-    ref, ours = window_attention_pair()
+def test_window_attention_drop_in(masked, device):
+    ref, ours = (m.to(device) for m in window_attention_pair())
     blk = timm_swin.SwinTransformerBlock(32, (8, 8), num_heads=2, window_size=4, shift_size=2)
-    mask = blk.attn_mask if masked else None  # (4, 16, 16)
-    x = torch.randn(8, 16, 32)  # 2 images x 4 windows
-    want = ref(x, mask)
-    assert torch.equal(ours(x, mask), want)
-    with dnn.backend("triton"):
-        assert (ours(x, mask) - want).abs().max() <= 1e-4
+    mask = blk.attn_mask.to(device) if masked else None  # (4, 16, 16)
+    x = torch.randn(8, 16, 32, device=device)  # 2 images x 4 windows
+    with matmul_precision("ieee"):
+        want = ref(x, mask)
+        with dnn.backend("torch"):
+            assert torch.equal(ours(x, mask), want)
+        with dnn.backend("triton"):
+            assert_close(ours(x, mask), want)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused-kernel calls, so a test knows the fast path ran (not timm's code)."""
+    import dimap_fast.kernels as k
+
+    calls = []
+    real = k.window_attention
+    monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def grads_of(module, x, *args, d_out_seed=3):
+    """Output and the gradients of the input and of every parameter, after one backward."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = module(x, *args)
+    g = torch.Generator().manual_seed(d_out_seed)
+    out.backward(torch.randn(out.shape, generator=g).to(out.device))
+    return {"output": out, "input": x.grad,
+            **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_window_attention_trains_through_the_fused_path(masked, device, fused_calls):
+    ref, ours = (m.to(device) for m in window_attention_pair())
+    ref.train(), ours.train()  # attn_drop is 0: training keeps the fused path
+    blk = timm_swin.SwinTransformerBlock(32, (8, 8), num_heads=2, window_size=4, shift_size=2)
+    mask = blk.attn_mask.to(device) if masked else None
+    x = torch.randn(8, 16, 32, device=device)
+    with matmul_precision("ieee"):
+        want = grads_of(ref, x, mask)
+        with dnn.backend("triton"):
+            got = grads_of(ours, x, mask)
+    assert fused_calls and set(got) == set(want) and len(want) == 7  # out, in, table, qkv, proj
+    for name in want:
+        assert_rel_close(got[name], want[name], torch.float32, name)
+
+
+def test_swin_block_trains_through_the_fused_path(device, fused_calls):
+    # Shifted, on a resolution that is not a multiple of the window: padding and region mask.
+    torch.manual_seed(0)
+    ref = timm_swin.SwinTransformerBlock(32, (6, 10), num_heads=2, window_size=4, shift_size=2,
+                                         always_partition=True).to(device).train()
+    with torch.no_grad():
+        ref.attn.relative_position_bias_table.normal_()
+        ref.attn.qkv.bias.normal_()
+    ours = copy.deepcopy(ref)
+    dnn.SwinBlock.adopt(ours)
+    x = torch.randn(2, 6, 10, 32, device=device)
+    with matmul_precision("ieee"):
+        want = grads_of(ref, x)
+        with dnn.backend("triton"):
+            got = grads_of(ours, x)
+    assert fused_calls and set(got) == set(want)
+    for name in want:
+        assert_rel_close(got[name], want[name], torch.float32, name)
 
 
 # ---- convert ----
@@ -139,16 +238,17 @@ def test_convert_refusals():
 
 
 @torch.no_grad()
-def test_converted_model_triton_path(triton_backend):
-    # The CUDA code path (sparse linears, fused attention on tokens, shifted and not) under the
-    # interpreter, on a model small enough for it.
-    model = block_prune(small_swin(img_size=16))
-    x = torch.randn(1, 3, 16, 16)
-    with dnn.backend("torch"):
-        want = model(x)
-    dnn.convert(model)
-    assert any(any(b.shift_size) for b in model.modules() if isinstance(b, dnn.SwinBlock))
-    assert (model(x) - want).abs().max() <= 1e-4
+def test_converted_model_triton_path(triton_backend, device):
+    # The CUDA code path (sparse linears, fused attention on tokens, shifted and not); under the
+    # interpreter without a GPU, on a model small enough for it.
+    model = block_prune(small_swin(img_size=16)).to(device)
+    x = torch.randn(1, 3, 16, 16, device=device)
+    with matmul_precision("ieee"):
+        with dnn.backend("torch"):
+            want = model(x)
+        dnn.convert(model)
+        assert any(any(b.shift_size) for b in model.modules() if isinstance(b, dnn.SwinBlock))
+        assert_close(model(x), want)
 
 
 
@@ -170,3 +270,16 @@ def test_kernel_bench_cpu_table_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 0
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--shapes", "48by80"])
+
+
+# ---- shapes the fused kernel does not take ----
+
+@torch.no_grad()
+def test_unsupported_head_dim_falls_back_or_refuses(device):
+    attn = dnn.WindowAttention(2 * 144, num_heads=2, window_size=4).eval().to(device)  # head dim 144
+    x = torch.randn(2, 16, 288, device=device)
+    with dnn.backend("torch"):
+        want = attn(x)
+    assert torch.equal(attn(x), want)  # "auto": timm's path, also on CUDA
+    with dnn.backend("triton"), pytest.raises(DimapError, match="head dim 144 .* limit of 128"):
+        attn(x)

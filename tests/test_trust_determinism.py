@@ -49,11 +49,11 @@ def test_two_plans_give_the_same_masks_and_the_same_file_bytes(tmp_path, method)
 
 
 @pytest.mark.parametrize("method", ["dimap", "global", "uniform"])
-def test_cpu_and_gpu_paths_give_identical_masks_for_fp32(method):
+def test_cpu_and_gpu_paths_give_identical_masks_for_fp32(method, device):
     """backend='numpy' (the CPU path) and backend='triton' (the GPU kernels; the interpreter on a CPU)."""
     state = {k: v for k, v in tied_state().items() if k.startswith("layers.1.")}  # small: the interpreter is slow
     cpu = dimap_fast.plan(state, method=method, backend="numpy")
-    gpu = dimap_fast.plan(state, method=method, backend="triton")
+    gpu = dimap_fast.plan({k: v.to(device) for k, v in state.items()}, method=method, backend="triton")
     for ratio in (0.25, 0.5, 0.9):
         a, b = cpu.masks(ratio), gpu.masks(ratio)
         for name in a:

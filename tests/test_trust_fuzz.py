@@ -72,10 +72,10 @@ def test_masks_equal_the_literal_reference(state, method, rs):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(state=layer_states(dtypes=[torch.float32]), method=st.sampled_from(["dimap", "global", "uniform"]),
        ratio=st.floats(0, 0.999, allow_nan=False))
-def test_gpu_path_equals_cpu_path_for_fp32(state, method, ratio):
-    """backend='triton' (the interpreter here) against backend='numpy', on fp32 with ties and denormals."""
+def test_gpu_path_equals_cpu_path_for_fp32(state, method, ratio, device):
+    """backend='triton' (CUDA, or the interpreter) against backend='numpy', on fp32 with ties and denormals."""
     cpu = dimap_fast.plan(state, method=method, backend="numpy").masks(ratio)
-    gpu = dimap_fast.plan(state, method=method, backend="triton").masks(ratio)
+    gpu = dimap_fast.plan({k: v.to(device) for k, v in state.items()}, method=method, backend="triton").masks(ratio)
     for name in cpu:
         assert torch.equal(cpu[name], gpu[name].cpu()), name
 

@@ -1,7 +1,8 @@
 """Drop-in modules for pruned timm Swins and ``convert``, which swaps them in.
 
 CPU: torch code, results identical to timm's. CUDA (or backend "triton"): the block-sparse linear
-and fused window attention kernels of dimap_fast.kernels, forward only.
+(forward only: training runs F.linear) and the fused window attention (forward and backward) of
+dimap_fast.kernels.
 """
 
 from .backend import BACKENDS, backend, get_backend, set_backend

@@ -41,12 +41,14 @@ class SparseLinear(nn.Linear):
         new.train(linear.training)
         return new
 
-    def packed(self):
-        """The kept tiles of the current weight (kernels.BlockSparseWeight), cached."""
+    def packed(self, dtype: torch.dtype | None = None):
+        """The kept tiles of the current weight (kernels.BlockSparseWeight) in ``dtype`` (default:
+        the weight's), cached: autocast asks for the half-precision tiles on every forward."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, self.block)
+        dtype = dtype or w.dtype
+        key = (w.data_ptr(), w._version, dtype, w.device, self.block)
         if key != self._packed_key:
-            self._packed = kernels().pack_block_sparse(w.detach(), self.block)
+            self._packed = kernels().pack_block_sparse(w.detach().to(dtype), self.block)
             self._packed_key = key
         return self._packed
 
@@ -60,7 +62,13 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x, self.weight, self.bias):
-            return kernels().block_sparse_linear(x, self.packed(), self.bias)
+            # Under autocast F.linear computes in the autocast dtype; so do the tiles and x here.
+            dtype = self.weight.dtype
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x = x.to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return kernels().block_sparse_linear(x, self.packed(dtype), bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

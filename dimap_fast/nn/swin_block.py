@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import kernels, use_triton
+from .backend import kernels
 from .window_attention import WindowAttention
 
 
@@ -30,8 +30,7 @@ class SwinBlock(timm_swin.SwinTransformerBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
-        if (self.training and attn.attn_drop.p > 0) or not use_triton(
-                x, self.norm1.weight, attn.qkv.weight, attn.proj.weight):
+        if (self.training and attn.attn_drop.p > 0) or not attn.fast_path(x, self.norm1.weight):
             return super().forward(x)
         b, h, w, c = x.shape
         qkv = attn.qkv(self.norm1(x))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import kernels, use_triton
+from .backend import attention_unsupported, kernels, use_triton
 
 
 class WindowAttention(timm_swin.WindowAttention):
@@ -25,11 +25,15 @@ class WindowAttention(timm_swin.WindowAttention):
         attn.__class__ = cls
         return attn
 
-    def fast_path(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs the Triton kernel (dropout at train time never does)."""
+    def fast_path(self, x: torch.Tensor, *upstream) -> bool:
+        """Whether this forward runs the Triton kernel (dropout at train time never does);
+        ``upstream``: parameters computed into ``x`` by the caller, whose gradients count too."""
         if self.training and self.attn_drop.p > 0:
             return False
-        return use_triton(x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table)
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        return use_triton(x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table,
+                          *upstream, unsupported=attention_unsupported(head_dim),
+                          differentiable=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fast_path(x):

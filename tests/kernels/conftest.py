@@ -12,7 +12,6 @@ import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 
 
 def _ensure_kernels_importable() -> None:
@@ -37,8 +36,3 @@ def _ensure_kernels_importable() -> None:
 
 
 _ensure_kernels_importable()
-
-
-@pytest.fixture
-def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

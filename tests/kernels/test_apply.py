@@ -94,10 +94,11 @@ def test_pipeline_keeps_exactly_the_selected_counts(dtype, device):
         (dict(keep=torch.ones(1, dtype=torch.int32)), "keep must be int64"),
     ],
 )
-def test_validation(kw, msg):
+def test_validation(kw, msg, device):
     args = dict(w=torch.ones(4), offsets=torch.tensor([0, 4]), cut=torch.ones(1),
                 keep=torch.ones(1, dtype=torch.int64))
     args.update(kw)
+    args = {k: v.to(device) for k, v in args.items()}
     with pytest.raises(ValueError, match=msg):
         apply_cutoffs(**args)
 
@@ -111,9 +112,11 @@ def test_validation(kw, msg):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_property(sizes, dtype, levels, block, seed, data):
-    w = tied_weights(sizes, dtype, levels=levels, seed=seed)
+def test_property(sizes, dtype, levels, block, seed, data, device):
+    w = tied_weights(sizes, dtype, levels=levels, seed=seed, device=device)
     grid = [i / levels for i in range(levels + 2)]
-    cut = torch.tensor([data.draw(st.sampled_from(grid)) for _ in sizes], dtype=torch.float32)
-    keep = torch.tensor([data.draw(st.integers(0, n + 1)) for n in sizes], dtype=torch.int64)
-    check_apply(w, offsets_of(sizes), cut, keep, block_size=block)
+    cut = torch.tensor([data.draw(st.sampled_from(grid)) for _ in sizes], dtype=torch.float32,
+                       device=device)
+    keep = torch.tensor([data.draw(st.integers(0, n + 1)) for n in sizes], dtype=torch.int64,
+                        device=device)
+    check_apply(w, offsets_of(sizes, device), cut, keep, block_size=block)

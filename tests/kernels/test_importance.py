@@ -71,9 +71,9 @@ def test_single_element_layers(device):
         (torch.ones(4), torch.tensor([0]), "length L\\+1"),
     ],
 )
-def test_validation(mags, offsets, msg):
+def test_validation(mags, offsets, msg, device):
     with pytest.raises(ValueError, match=msg):
-        module_scores(mags, offsets)
+        module_scores(mags.to(device), offsets.to(device))
     with pytest.raises(ValueError, match=msg):
         module_scores_reference(mags, offsets)
 
@@ -86,6 +86,6 @@ def test_validation(mags, offsets, msg):
     block=st.sampled_from([4, 8, 32]),
     seed=st.integers(0, 2**16),
 )
-def test_property(sizes, levels, dtype, block, seed):
-    mags = sorted_mags(sizes, dtype, levels=levels, seed=seed)
-    check_scores(mags, offsets_of(sizes), block_size=block)
+def test_property(sizes, levels, dtype, block, seed, device):
+    mags = sorted_mags(sizes, dtype, levels=levels, seed=seed, device=device)
+    check_scores(mags, offsets_of(sizes, device), block_size=block)

@@ -80,10 +80,10 @@ def test_no_ratios(device):
         (torch.ones(4, dtype=torch.float64), torch.tensor([1], dtype=torch.int32), "keep must be"),
     ],
 )
-def test_validation(scores, keep, msg):
+def test_validation(scores, keep, msg, device):
     offsets = torch.tensor([0, 4])
     with pytest.raises(ValueError, match=msg):
-        select_keep_counts(scores, offsets, keep)
+        select_keep_counts(scores.to(device), offsets.to(device), keep.to(device))
     with pytest.raises(ValueError, match=msg):
         select_keep_counts_reference(scores, offsets, keep)
 
@@ -96,8 +96,8 @@ def test_validation(scores, keep, msg):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_property(sizes, levels, zero_tail, seed, data):
-    s = scores_of(sizes, levels=levels, zero_tail=zero_tail, seed=seed)
+def test_property(sizes, levels, zero_tail, seed, data, device):
+    s = scores_of(sizes, device, levels=levels, zero_tail=zero_tail, seed=seed)
     keep = data.draw(st.lists(st.integers(0, s.numel()), min_size=1, max_size=6))
-    check_counts(s, offsets_of(sizes), torch.tensor(keep, dtype=torch.int64),
+    check_counts(s, offsets_of(sizes, device), torch.tensor(keep, dtype=torch.int64, device=device),
                  block_layers=data.draw(st.sampled_from([2, 8])))

@@ -10,16 +10,16 @@ from dimap_fast.kernels.sparse_linear import (
     unpack_block_sparse,
 )
 
-TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+from tolerances import DTYPE_CASES, DTYPE_IDS, assert_close, matmul_precision
 
 
-def tiled_weight(out_f, in_f, block, keep, seed=0, dtype=torch.float32):
+def tiled_weight(out_f, in_f, block, keep, seed=0, dtype=torch.float32, device="cpu"):
     """Random weight whose tile (r, c) is kept where ``keep[r][c]`` (a bool grid) is True."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g)
     keep = torch.as_tensor(keep, dtype=torch.bool)
     full = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
-    return (w * full).to(dtype)
+    return (w * full).to(dtype).to(device)
 
 
 def random_keep(rows, cols, density, seed=0):
@@ -30,10 +30,10 @@ def random_keep(rows, cols, density, seed=0):
 def check(x, w, block, bias=None):
     packed = pack_block_sparse(w, block)
     y = block_sparse_linear(x, packed, bias)
-    ref = block_sparse_linear_reference(x, packed, bias)
-    assert y.shape == ref.shape and y.dtype == x.dtype
-    atol, rtol = TOL[x.dtype]
-    torch.testing.assert_close(y.float(), ref.float(), atol=atol, rtol=rtol)
+    with matmul_precision("ieee"):  # the reference is exact float32, whatever the kernel ran
+        ref = block_sparse_linear_reference(x, packed, bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
+    assert_close(y, ref)
     return y
 
 
@@ -62,46 +62,50 @@ def test_pack_all_zero_and_dense(block):
     assert pack_block_sparse(d, block).density == 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block", [16, 32])
-def test_matches_reference_mixed_rows(dtype, block):
+def test_matches_reference_mixed_rows(dtype, precision, block, device):
     # Tile-rows fully kept, fully pruned and mixed; partial edge tiles on both axes; two row blocks.
     keep = [[1, 1, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
-    w = tiled_weight(4 * block - 5, 3 * block - 7, block, keep, dtype=dtype)
+    w = tiled_weight(4 * block - 5, 3 * block - 7, block, keep, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(70, w.shape[1], generator=g).to(dtype)
-    bias = torch.randn(w.shape[0], generator=g).to(dtype)
-    y = check(x, w, block, bias)
+    x = torch.randn(70, w.shape[1], generator=g).to(device, dtype)
+    bias = torch.randn(w.shape[0], generator=g).to(device, dtype)
+    with matmul_precision(precision):
+        y = check(x, w, block, bias)
     assert torch.equal(y[:, block:2 * block], bias[block:2 * block].expand(70, -1))  # pruned row
 
 
-def test_block_64():
-    w = tiled_weight(130, 100, 64, [[1, 0], [0, 0], [1, 1]])
-    check(torch.randn(9, 100), w, 64, torch.randn(130))
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_block_64(precision, device):
+    w = tiled_weight(130, 100, 64, [[1, 0], [0, 0], [1, 1]], device=device)
+    with matmul_precision(precision):
+        check(torch.randn(9, 100, device=device), w, 64, torch.randn(130, device=device))
 
 
 @pytest.mark.parametrize("density", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_sparsities(density):
-    w = tiled_weight(96, 80, 16, random_keep(6, 5, density, seed=int(density * 8)))
-    y = check(torch.randn(33, 80), w, 16)
+def test_sparsities(density, device):
+    w = tiled_weight(96, 80, 16, random_keep(6, 5, density, seed=int(density * 8)), device=device)
+    y = check(torch.randn(33, 80, device=device), w, 16)
     if density == 0.0:
         assert not y.any()
 
 
-def test_leading_dims_and_strided_input():
-    w = tiled_weight(48, 40, 16, random_keep(3, 3, 0.5))
-    x = torch.randn(2, 3, 80)[..., ::2]  # inner stride 2: the launcher makes it contiguous
-    y = check(x, w, 16, torch.randn(48))
+def test_leading_dims_and_strided_input(device):
+    w = tiled_weight(48, 40, 16, random_keep(3, 3, 0.5), device=device)
+    x = torch.randn(2, 3, 80, device=device)[..., ::2]  # inner stride 2: the launcher copies it
+    y = check(x, w, 16, torch.randn(48, device=device))
     assert y.shape == (2, 3, 48)
-    assert block_sparse_linear(torch.randn(0, 40), pack_block_sparse(w, 16)).shape == (0, 48)
+    empty = block_sparse_linear(torch.randn(0, 40, device=device), pack_block_sparse(w, 16))
+    assert empty.shape == (0, 48)
 
 
-def test_refusals():
-    p = pack_block_sparse(torch.randn(32, 32), 16)
+def test_refusals(device):
+    p = pack_block_sparse(torch.randn(32, 32, device=device), 16)
     with pytest.raises(ValueError, match="features"):
-        block_sparse_linear(torch.randn(4, 31), p)
+        block_sparse_linear(torch.randn(4, 31, device=device), p)
     with pytest.raises(ValueError, match="repack"):
-        block_sparse_linear(torch.randn(4, 32, dtype=torch.float16), p)
+        block_sparse_linear(torch.randn(4, 32, dtype=torch.float16, device=device), p)
     with pytest.raises(ValueError, match="block must be one of"):
         pack_block_sparse(torch.randn(32, 32), 8)
     with pytest.raises(ValueError, match="2-D"):

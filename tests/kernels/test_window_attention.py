@@ -1,8 +1,10 @@
 import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
+from tolerances import DTYPE_CASES, DTYPE_IDS, assert_close, matmul_precision
 
 from dimap_fast.kernels.window_attention import (
+    MAX_HEAD_DIM,
     shifted_window_mask,
     window_attention,
     window_attention_reference,
@@ -20,17 +22,22 @@ CASES = [
     pytest.param((9, 9), 7, True, 2, 16, 1, id="w7-shift-pad"),
     pytest.param((7, 7), 7, False, 2, 32, 2, id="w7-plain"),
     pytest.param((8, 8), 8, False, 1, 48, 1, id="w8-hd48"),
+    # Several query and key tiles per window: the online softmax across key tiles.
+    pytest.param((12, 12), 12, False, 1, 32, 1, id="w12-plain"),
+    pytest.param((24, 12), 12, True, 1, 16, 1, id="w12-shift"),
+    pytest.param((15, 15), 12, True, 1, 16, 1, id="w12-shift-pad"),
+    pytest.param((16, 16), 16, False, 1, 16, 1, id="w16-plain"),
 ]
 
 
-def timm_block(res, window, shifted, heads, head_dim, seed=0):
+def timm_block(res, window, shifted, heads, head_dim, seed=0, device="cpu"):
     torch.manual_seed(seed)
     blk = SwinTransformerBlock(dim=heads * head_dim, input_resolution=res, num_heads=heads,
                                window_size=window, shift_size=window // 2 if shifted else 0)
     with torch.no_grad():  # make the bias table and qkv bias matter
         blk.attn.relative_position_bias_table.normal_()
         blk.attn.qkv.bias.normal_()
-    return blk.eval()
+    return blk.eval().to(device)
 
 
 def attn_args(blk):
@@ -48,62 +55,75 @@ def test_reference_is_timm(res, window, shifted, heads, head_dim, batch):
     torch.testing.assert_close(out, blk._attn(x), atol=1e-6, rtol=0)
 
 
+def exact_reference(qkv, **args):
+    """The reference in ieee float32 from float32 inputs, whatever the kernel ran in."""
+    with matmul_precision("ieee"):
+        return window_attention_reference(
+            qkv.float(), **{k: v.float() if torch.is_tensor(v) else v for k, v in args.items()})
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("res,window,shifted,heads,head_dim,batch", CASES)
-def test_kernel_matches_timm(res, window, shifted, heads, head_dim, batch):
-    blk = timm_block(res, window, shifted, heads, head_dim)
-    x = torch.randn(batch, *res, heads * head_dim)
-    qkv = blk.attn.qkv(x)
-    got = window_attention(qkv, **attn_args(blk))
-    ref = window_attention_reference(qkv, **attn_args(blk))
-    assert got.shape == (batch, *res, heads * head_dim)
-    assert (got - ref).abs().max() <= 1e-4
-    assert (blk.attn.proj(got) - blk._attn(x)).abs().max() <= 1e-4
+def test_kernel_matches_timm(res, window, shifted, heads, head_dim, batch, device):
+    blk = timm_block(res, window, shifted, heads, head_dim, device=device)
+    x = torch.randn(batch, *res, heads * head_dim, device=device)
+    with matmul_precision("ieee"):
+        qkv = blk.attn.qkv(x)
+        got = window_attention(qkv, **attn_args(blk))
+        want = blk._attn(x)
+    assert got.shape == (batch, *res, heads * head_dim) and got.device == x.device
+    assert_close(got, exact_reference(qkv, **attn_args(blk)))
+    with matmul_precision("ieee"):
+        assert_close(blk.attn.proj(got), want)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
-    blk = timm_block((8, 8), 4, True, 2, 16)
-    qkv = blk.attn.qkv(torch.randn(1, 8, 8, 32))
+@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("res,window", [((8, 8), 4), ((14, 14), 12)], ids=["w4", "w12"])
+def test_dtypes_and_precisions(dtype, precision, res, window, device):
+    blk = timm_block(res, window, True, 2, 16, device=device)
+    qkv = blk.attn.qkv(torch.randn(1, *res, 32, device=device)).to(dtype)
     args = attn_args(blk)
-    ref = window_attention_reference(qkv, **args)
-    got = window_attention(qkv.to(dtype), **{**args, "qkv_bias": args["qkv_bias"].to(dtype)})
+    with matmul_precision(precision):
+        got = window_attention(qkv, **{**args, "qkv_bias": args["qkv_bias"].to(dtype)})
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+    assert_close(got, exact_reference(qkv, **args))
 
 
 @torch.no_grad()
-def test_explicit_mask_on_windows():
+@pytest.mark.parametrize("window", [4, 12])
+def test_explicit_mask_on_windows(window, device):
     # timm's own layout: windows (num_windows*B, N, 3C) seen as one-window token maps.
-    blk = timm_block((8, 8), 4, True, 2, 16)
-    mask = shifted_window_mask(8, 8, 4, 2)  # (4, 16, 16)
-    windows = torch.randn(8, 4, 4, 96)
+    res = 2 * window
+    blk = timm_block((res, res), window, True, 2, 16, device=device)
+    mask = shifted_window_mask(res, res, window, window // 2, device=device)  # (4, N, N)
+    windows = torch.randn(8, window, window, 96, device=device)
     args = {**attn_args(blk), "shift_size": 0, "qkv_bias": None}
     got = window_attention(windows, mask=mask, **args)
-    ref = window_attention_reference(windows, mask=mask, **args)
-    assert (got - ref).abs().max() <= 1e-4
+    assert_close(got, exact_reference(windows, mask=mask, **args))
     assert torch.equal(mask, blk.attn_mask)
 
 
 @torch.no_grad()
-def test_strided_token_map_and_scale():
-    blk = timm_block((8, 8), 4, True, 1, 16)
-    qkv = torch.randn(1, 8, 16, 48)[:, :, ::2]  # non-contiguous H/W strides, read in place
+def test_strided_token_map_and_scale(device):
+    blk = timm_block((8, 8), 4, True, 1, 16, device=device)
+    qkv = torch.randn(1, 8, 16, 48, device=device)[:, :, ::2]  # non-contiguous H/W strides
     args = attn_args(blk)
     got = window_attention(qkv, scale=0.3, **args)
-    ref = window_attention_reference(qkv, scale=0.3, **args)
-    assert (got - ref).abs().max() <= 1e-4
+    assert_close(got, exact_reference(qkv, scale=0.3, **args))
 
 
-def test_refusals():
-    table = torch.zeros(169, 2)
-    qkv = torch.zeros(1, 7, 7, 96)
+def test_refusals(device):
+    table = torch.zeros(169, 2, device=device)
+    qkv = torch.zeros(1, 7, 7, 96, device=device)
+    with pytest.raises(ValueError, match=f"limit of {MAX_HEAD_DIM}"):
+        window_attention(torch.zeros(1, 7, 7, 3 * 2 * 144, device=device), table, 2, 7)
     with pytest.raises(ValueError, match="rel_pos_table"):
-        window_attention(qkv, torch.zeros(48, 2), 2, 7)
+        window_attention(qkv, torch.zeros(48, 2, device=device), 2, 7)
     with pytest.raises(ValueError, match="3 \\* num_heads"):
-        window_attention(torch.zeros(1, 7, 7, 95), table, 2, 7)
+        window_attention(torch.zeros(1, 7, 7, 95, device=device), table, 2, 7)
     with pytest.raises(ValueError, match="shift"):
         window_attention(qkv, table, 2, 7, 7)
     with pytest.raises(ValueError, match="divide"):
-        window_attention(torch.zeros(3, 7, 7, 96), table, 2, 7, mask=torch.zeros(2, 49, 49))
+        window_attention(torch.zeros(3, 7, 7, 96, device=device), table, 2, 7,
+                         mask=torch.zeros(2, 49, 49, device=device))
