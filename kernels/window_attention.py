@@ -144,7 +144,8 @@ def window_attention(qkv_tokens: torch.Tensor, rel_pos_table: torch.Tensor, num_
     """Swin (shifted-)window attention of a token map, fused (Triton); returns (B, H, W, C).
 
     ``qkv_tokens`` (B, H, W, 3*C): the qkv Linear applied to the token map, before any roll or
-    partition. ``rel_pos_table``: timm's ``relative_position_bias_table``. ``qkv_bias``: the qkv
+    partition. ``rel_pos_table``: timm's ``relative_position_bias_table``, or a dense (heads, N, N)
+    bias (SwinV2's continuous position bias, computed by torch). ``qkv_bias``: the qkv
     Linear's bias, the q/k/v of the zero padding when H or W is not a multiple of the window.
     ``mask``: None for timm's shifted-window mask (computed in the kernel when a shift is
     nonzero), or an explicit additive (n_mask, N, N) mask used instead. ``scale`` defaults to

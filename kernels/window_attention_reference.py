@@ -52,8 +52,10 @@ def check_inputs(qkv_tokens, rel_pos_table, num_heads, window_size, shift_size, 
         raise ValueError(f"need window >= 1 and 0 <= shift < window, got window {(wh, ww)}, "
                          f"shift {(sh, sw)}")
     t_rows = (2 * wh - 1) * (2 * ww - 1)
-    if rel_pos_table.shape != (t_rows, num_heads):
-        raise ValueError(f"rel_pos_table must be ({t_rows}, {num_heads}) for a {wh}x{ww} window, "
+    n = wh * ww
+    if rel_pos_table.shape not in ((t_rows, num_heads), (num_heads, n, n)):
+        raise ValueError(f"rel_pos_table must be timm's bias table ({t_rows}, {num_heads}) for a "
+                         f"{wh}x{ww} window, or a dense bias ({num_heads}, {n}, {n}); "
                          f"got {tuple(rel_pos_table.shape)}")
     if qkv_bias is not None and qkv_bias.shape != (c3,):
         raise ValueError(f"qkv_bias must be ({c3},), got {tuple(qkv_bias.shape)}")
@@ -91,7 +93,10 @@ def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
 
 
 def dense_position_bias(rel_pos_table: torch.Tensor, window_size) -> torch.Tensor:
-    """(heads, N, N) float32 relative-position bias of a window, from timm's bias table."""
+    """(heads, N, N) float32 relative-position bias of a window, from timm's bias table (a dense
+    (heads, N, N) bias, such as SwinV2's continuous one, is returned as float32)."""
+    if rel_pos_table.dim() == 3:
+        return rel_pos_table.float()
     wh, ww = pair(window_size, "window_size")
     idx = relative_position_index(wh, ww, device=rel_pos_table.device).view(-1)
     n = wh * ww
@@ -153,7 +158,9 @@ def window_attention_reference(qkv_tokens: torch.Tensor, rel_pos_table: torch.Te
     q, k, v = qkv.unbind(0)
     attn = (q * scale) @ k.transpose(-2, -1)
     idx = relative_position_index(wh, ww, device=x.device)
-    attn = attn + rel_pos_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    bias = (rel_pos_table if rel_pos_table.dim() == 3
+            else rel_pos_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1))
+    attn = attn + bias.unsqueeze(0)
     if mask is None and (sh or sw):
         mask = shifted_window_mask(hp, wp, (wh, ww), (sh, sw), device=x.device, dtype=attn.dtype)
     if mask is not None:

@@ -1,0 +1,110 @@
+"""SwinV2 drop-ins: timm's cosine window attention on the fused kernel, forward and backward.
+
+SwinV2 scores a token pair by the cosine of q and k times a learned per-head logit scale
+(clamped at log 100), plus a continuous position bias: an MLP over log-spaced relative
+coordinates, squashed to 16 * sigmoid. Torch computes what is per head or per token (the bias
+MLP, the clamp, q and k normalized with the logit scale folded into q); the fused kernel
+(dimap_fast.kernels.window_attention with scale 1 and the dense bias) does everything per token
+pair. Autograd carries the gradients back through the normalization, the logit scale and the MLP.
+
+``WindowAttentionV2`` keeps timm's ``forward(x, mask)`` on windows; ``SwinV2Block`` runs its
+attention on the token map (shift, padding and the region mask in the kernel). Both only change
+class (``adopt``), so parameters, buffers and the state_dict stay timm's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models import swin_transformer_v2 as timm_v2
+
+from .backend import attention_unsupported, kernels, use_triton
+
+_MAX_LOGIT = math.log(1.0 / 0.01)  # timm's clamp of the logit scale
+
+
+def continuous_position_bias(attn: timm_v2.WindowAttention) -> torch.Tensor:
+    """(heads, N, N): timm's 16 * sigmoid(cpb_mlp(relative coordinates)), gathered per pair."""
+    n = attn.window_size[0] * attn.window_size[1]
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+    bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+    return 16 * torch.sigmoid(bias)
+
+
+def cosine_qkv(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor) -> torch.Tensor:
+    """(..., 3C) with q and k unit-normalized per head and q times the clamped logit scale."""
+    q, k, v = qkv.chunk(3, dim=-1)
+    heads = q.shape[:-1] + (num_heads, -1)
+    scale = torch.clamp(logit_scale, max=_MAX_LOGIT).exp().view(num_heads, 1)
+    # Normalized in float32: F.normalize's eps (1e-12) is zero in float16, so a zero vector (the
+    # k of timm's padding, whose k bias is zero) would give NaN, as timm's own fp16 path does.
+    q = (F.normalize(q.reshape(heads).float(), dim=-1) * scale).flatten(-2)
+    k = F.normalize(k.reshape(heads).float(), dim=-1).flatten(-2)
+    return torch.cat([q.to(v.dtype), k.to(v.dtype), v], dim=-1)
+
+
+class WindowAttentionV2(timm_v2.WindowAttention):
+    """SwinV2 window attention (cosine scores, continuous position bias), fused on the GPU."""
+
+    @classmethod
+    def adopt(cls, attn: timm_v2.WindowAttention) -> "WindowAttentionV2":
+        """Turn a timm SwinV2 WindowAttention into this class in place and return it."""
+        if not isinstance(attn, timm_v2.WindowAttention):
+            raise ValueError(f"expected timm's SwinV2 WindowAttention, got {type(attn).__name__}")
+        attn.__class__ = cls
+        return attn
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The (3C,) bias of the qkv projection (timm keeps q, k, v biases apart), or None."""
+        return None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+
+    def fast_path(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the fused kernel (dropout at train time never does)."""
+        if self.training and self.attn_drop.p > 0:
+            return False
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        return use_triton(x, self.qkv.weight, self.proj.weight, self.logit_scale,
+                          unsupported=attention_unsupported(head_dim), differentiable=True)
+
+    def fused(self, x_tokens: torch.Tensor, window_size, shift_size, mask=None) -> torch.Tensor:
+        """Attention of a (B, H, W, C) token map, projected: the fused path of both drop-ins."""
+        bias = self.qkv_bias()
+        qkv = cosine_qkv(F.linear(x_tokens, self.qkv.weight, bias), self.num_heads,
+                         self.logit_scale)
+        pad_qkv = None if bias is None else cosine_qkv(bias.to(qkv.dtype), self.num_heads,
+                                                       self.logit_scale)
+        out = kernels().window_attention(qkv, continuous_position_bias(self), self.num_heads,
+                                         window_size, shift_size, qkv_bias=pad_qkv, mask=mask,
+                                         scale=1.0)
+        return self.proj_drop(self.proj(out))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fast_path(x):
+            return super().forward(x, mask)
+        b_, n, c = x.shape
+        wh, ww = self.window_size
+        if n != wh * ww:
+            raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
+        # One window per "image": nothing to roll or pad, the mask (if any) is explicit.
+        return self.fused(x.view(b_, wh, ww, c), self.window_size, 0, mask).view(b_, n, -1)
+
+
+class SwinV2Block(timm_v2.SwinTransformerV2Block):
+    """SwinV2 block (post-norm, cosine W-MSA / SW-MSA) whose attention runs on the token map."""
+
+    @classmethod
+    def adopt(cls, block: timm_v2.SwinTransformerV2Block) -> "SwinV2Block":
+        """Turn a timm SwinV2 block into this class in place (it adds no state), its attention
+        into WindowAttentionV2, and return it."""
+        if not isinstance(block, timm_v2.SwinTransformerV2Block):
+            raise ValueError(f"expected timm's SwinTransformerV2Block, got {type(block).__name__}")
+        WindowAttentionV2.adopt(block.attn)
+        block.__class__ = cls
+        return block
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.attn.fast_path(x):
+            return super()._attn(x)
+        return self.attn.fused(x, self.window_size, self.shift_size)

@@ -1,0 +1,81 @@
+"""SwinV2 drop-ins: timm's cosine window attention on the fused kernel, forward and gradients."""
+
+import copy
+
+import pytest
+import torch
+from timm.models import swin_transformer_v2 as timm_v2
+from tolerances import assert_rel_close, matmul_precision
+
+import dimap_fast.nn as dnn
+from dimap_fast.nn.swinv2 import SwinV2Block, WindowAttentionV2
+
+
+def v2_block(res=(6, 10), window=4, shift=2, heads=2, dim=32, seed=0):
+    """A timm SwinV2 block whose bias MLP, logit scale and qkv biases all matter."""
+    torch.manual_seed(seed)
+    blk = timm_v2.SwinTransformerV2Block(dim, res, num_heads=heads, window_size=window,
+                                         shift_size=shift, always_partition=True)
+    with torch.no_grad():
+        blk.attn.logit_scale.uniform_(0.5, 5.0)  # one head above the clamp at log(100)
+        blk.attn.logit_scale[0] = 5.0
+        blk.attn.q_bias.normal_()
+        blk.attn.v_bias.normal_()
+        for p in blk.attn.cpb_mlp.parameters():
+            p.normal_(std=0.5)
+    return blk
+
+
+def grads_of(module, x, *args):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = module(x, *args)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device))
+    return {"output": out, "input": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_window_attention_v2_forward_and_gradients(masked, device):
+    blk = v2_block().to(device).train()
+    ref = blk.attn
+    ours = WindowAttentionV2.adopt(copy.deepcopy(ref))
+    mask = blk.attn_mask if masked else None  # (6 windows of the padded 8x12 grid, 16, 16)
+    x = torch.randn(12, 16, 32, device=device)  # 2 images x 6 windows
+    with matmul_precision("ieee"):
+        want = grads_of(ref, x, mask)
+        with dnn.backend("torch"):
+            assert torch.equal(ours(x, mask), ref(x, mask))  # the torch path is timm's
+        with dnn.backend("triton"):
+            got = grads_of(ours, x, mask)
+    assert set(got) == set(want)
+    assert {"logit_scale", "q_bias", "v_bias", "cpb_mlp.0.weight"} <= set(want)
+    for name in want:
+        assert_rel_close(got[name], want[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("res,window,shift", [((6, 10), 4, 2), ((8, 8), 8, 0), ((12, 12), 12, 6)],
+                         ids=["w4-shift-pad", "w8", "w12-shift"])
+def test_swinv2_block_forward_and_gradients(res, window, shift, device):
+    ref = v2_block(res, window, shift).to(device).train()
+    ours = SwinV2Block.adopt(copy.deepcopy(ref))
+    x = torch.randn(2, *res, 32, device=device)
+    with matmul_precision("ieee"):
+        want = grads_of(ref, x)
+        with dnn.backend("triton"):
+            got = grads_of(ours, x)
+    assert set(got) == set(want)
+    for name in want:
+        assert_rel_close(got[name], want[name], torch.float32, name)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swinv2_block_half_precision(dtype, device):
+    ref = v2_block().to(device).eval()
+    ours = SwinV2Block.adopt(copy.deepcopy(ref))
+    x = torch.randn(2, 6, 10, 32, device=device)
+    with matmul_precision("ieee"):
+        want = ref(x)
+    with dnn.backend("triton"), torch.autocast(device.type, dtype=dtype):
+        got = ours(x)
+    assert_rel_close(got.float(), want, dtype, "output")
