@@ -49,6 +49,7 @@ from .window_attention_reference import (  # noqa: F401  (re-exported: one impor
 # compiles (dimap_fast.hopper_fit): at most 131 KB of shared memory and no spills up to head dim
 # 64 in every dtype. 64-token tiles waste 1.3x per axis on a 7x7 window (49 tokens).
 _GPU_TILES = {16: (64, 8, 2), 32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 4, 2)}
+_HEADS_PER_PROGRAM = 4
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
 
 
@@ -79,9 +80,13 @@ class _Geometry:
         interp = interpreting(_window_attn_fwd)
         if interp:  # the interpreter pays per element: tiny windows get tiny tiles there
             block = min(block, max(16, triton.next_power_of_2(n)))
-        self.grid = (bsz * n_win, num_heads, triton.cdiv(n, block))
+        # Up to 4 heads per program (all of Swin-T/B's first stage): the program then uses whole
+        # 128-byte lines of its tokens' q, k and v (4 heads x 32 channels x 2 bytes), and the
+        # grid stays large enough to fill the GPU at the later stages' 8 to 32 heads.
+        hpp = min(num_heads, _HEADS_PER_PROGRAM)
+        self.grid = (bsz * n_win, triton.cdiv(num_heads, hpp), triton.cdiv(n, block))
         self.runtime = (h, w, n_win, n_win_w, shift[0], shift[1], hp, wp, n_bias, scale)
-        self.shape = (self.c, num_heads, self.hd, win[0], win[1], int(regions), int(has_bias))
+        self.shape = (self.c, num_heads, self.hd, win[0], win[1], int(regions), int(has_bias), hpp)
         self.const = dict(HDP=hdp, BLOCK=block, PREC=_precision(qkv.dtype),
                           UPCAST=qkv.dtype == torch.bfloat16 and interp)
 
@@ -167,7 +172,7 @@ def launch_configs() -> list:
     kernel, dtype (and float32 dot precision) and padded head dim; windows, heads, shifts and
     masks are runtime values."""
     ints = ("H W n_win n_win_w shift_h shift_w Hp Wp n_bias s_qb s_qh s_qw s_ob s_oh s_ow "
-            "C HEADS HD WH WW regions has_bias").split()
+            "C HEADS HD WH WW regions has_bias heads_per_program").split()
     flags = {_window_attn_fwd: "store_lse", _window_attn_bwd_dkdv: "want_dqkv_bias",
              _window_attn_bwd_dq: "want_dbias"}
     out = []

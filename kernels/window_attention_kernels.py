@@ -2,8 +2,8 @@
 
 All three read q, k and v straight from the qkv projection of the un-partitioned token map
 (B, H, W, 3*C), channels laid out as timm's (3, heads, head_dim), and address window tokens by
-index arithmetic (see window_attention.py). A program owns one (image and window, head, block of
-BLOCK tokens) and visits the other side's tokens BLOCK at a time:
+index arithmetic (see window_attention.py). A program owns one (image and window, group of heads,
+block of BLOCK tokens) and visits the other side's tokens BLOCK at a time, for each of a group of heads in turn:
 
 - forward: a query block, keys visited with an online softmax (running maximum and sum in
   float32); it also stores each query's log-sum-exp when a backward will follow;
@@ -67,11 +67,10 @@ def _scores(q, k, bias_rows, tk, q_valid, k_valid, rq, rk, regions, PREC: tl.con
 def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, n_bias, scale,
                      s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
-                     C, HEADS, HD, WH, WW, regions, has_bias, store_lse,
+                     C, HEADS, HD, WH, WW, regions, has_bias, heads_per_program, store_lse,
                      HDP: tl.constexpr, BLOCK: tl.constexpr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)  # image * n_win + window
-    h = tl.program_id(1)
     b = (pid // n_win).to(tl.int64)
     win = pid % n_win
     N = WH * WW
@@ -79,46 +78,48 @@ def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
     wx0 = (win % n_win_w) * WW
     d = tl.arange(0, HDP)
     d_ok = d < HD
-    ch = h * HD + d
-    # regions != 0: timm's shifted-window mask, from a few integer ops per token; a runtime flag
-    # rather than a constexpr, so one compiled kernel serves shifted and unshifted blocks.
     tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
                                                            wx0, H, W, shift_h, shift_w, BLOCK)
-    q = _load_qkv_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr, q_valid,
-                       q_real, ch, d_ok, has_bias)
-    q = (q.to(tl.float32) * scale).to(q.dtype)  # timm scales q in its own dtype; so do we
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_src = qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw
+    # regions != 0: timm's shifted-window mask, from a few integer ops per token; a runtime flag
+    # rather than a constexpr, so one compiled kernel serves shifted and unshifted blocks.
     rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
-    bias_rows = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N + tq * N
-
-    m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK,), tl.float32)
-    acc = tl.zeros((BLOCK, HDP), tl.float32)
-    for k0 in range(0, N, BLOCK):
-        tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
-                                                               shift_h, shift_w, BLOCK)
-        k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
-        k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-        v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
-                           has_bias)
+    h0 = tl.program_id(1) * heads_per_program
+    # Several heads per program: the token arithmetic above is done once, and the heads of a
+    # token sit side by side in memory, so a program reads whole cache lines of its tokens.
+    for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
+        ch = h * HD + d
+        q = _load_qkv_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias)
+        q = (q.to(tl.float32) * scale).to(q.dtype)  # timm scales q in its own dtype; so do we
         if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
-        s = _scores(q, k, bias_rows, tk, q_valid, k_valid, rq, rk, regions, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
-
-    o = acc / l_i[:, None]
-    tl.store(out_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow + ch[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])
-    tok = ((b * H + syq) * W + sxq) * HEADS + h
-    tl.store(lse_ptr + tok, m_i + tl.log(l_i), mask=q_real & (store_lse != 0))
+            q = q.to(tl.float32)
+        bias_rows = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N + tq * N
+        m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK,), tl.float32)
+        acc = tl.zeros((BLOCK, HDP), tl.float32)
+        for k0 in range(0, N, BLOCK):
+            tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
+                                                                   shift_h, shift_w, BLOCK)
+            k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
+            k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
+            v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
+                               has_bias)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
+            s = _scores(q, k, bias_rows, tk, q_valid, k_valid, rq, rk, regions, PREC)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow + ch[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])
+        tok = ((b * H + syq) * W + sxq) * HEADS + h
+        tl.store(lse_ptr + tok, m_i + tl.log(l_i), mask=q_real & (store_lse != 0))
 
 
 @triton.jit
@@ -126,11 +127,11 @@ def _window_attn_bwd_dkdv(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
                           dqkv_ptr, dqkv_bias_ptr,
                           H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, n_bias, scale,
                           s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
-                          C, HEADS, HD, WH, WW, regions, has_bias, want_dqkv_bias,
+                          C, HEADS, HD, WH, WW, regions, has_bias, heads_per_program,
+                          want_dqkv_bias,
                           HDP: tl.constexpr, BLOCK: tl.constexpr,
                           PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
     b = (pid // n_win).to(tl.int64)
     win = pid % n_win
     N = WH * WW
@@ -138,25 +139,80 @@ def _window_attn_bwd_dkdv(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
     wx0 = (win % n_win_w) * WW
     d = tl.arange(0, HDP)
     d_ok = d < HD
-    ch = h * HD + d
     tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
                                                            wx0, H, W, shift_h, shift_w, BLOCK)
     k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
-    k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-    v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok, has_bias)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
-    bias_base = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N
+    pad = (k_valid & ~k_real)[:, None]
+    any_pad = (tl.sum(pad.to(tl.int32), 0) > 0) & (want_dqkv_bias != 0)
+    h0 = tl.program_id(1) * heads_per_program
+    for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
+        ch = h * HD + d
+        k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
+        v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
+                           has_bias)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        bias_base = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N
+        dk = tl.zeros((BLOCK, HDP), tl.float32)
+        dv = tl.zeros((BLOCK, HDP), tl.float32)
+        for q0 in range(0, N, BLOCK):
+            tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(q0, N, WW, wy0, wx0, H, W,
+                                                                   shift_h, shift_w, BLOCK)
+            q = _load_qkv_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr,
+                               q_valid, q_real, ch, d_ok, has_bias)
+            q = (q.to(tl.float32) * scale).to(q.dtype)
+            do = tl.load(do_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow
+                         + ch[None, :], mask=q_real[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            tok = ((b * H + syq) * W + sxq) * HEADS + h
+            lse = tl.load(lse_ptr + tok, mask=q_real, other=0.0)
+            delta = tl.load(delta_ptr + tok, mask=q_real, other=0.0)
+            rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
+            s = _scores(q, k, bias_base + tq * N, tk, q_valid, k_valid, rq, rk, regions, PREC)
+            p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
 
-    dk = tl.zeros((BLOCK, HDP), tl.float32)
-    dv = tl.zeros((BLOCK, HDP), tl.float32)
-    for q0 in range(0, N, BLOCK):
-        tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(q0, N, WW, wy0, wx0, H, W,
-                                                               shift_h, shift_w, BLOCK)
-        q = _load_qkv_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr, q_valid,
-                           q_real, ch, d_ok, has_bias)
+        dst = dqkv_ptr + b * s_qb + syk[:, None] * s_qh + sxk[:, None] * s_qw + ch[None, :]
+        st = k_real[:, None] & d_ok[None, :]
+        tl.store(dst + C, dk.to(dqkv_ptr.dtype.element_ty), mask=st)
+        tl.store(dst + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=st)
+        # Padding keys are the qkv bias: their gradient is the bias's, summed over this block.
+        tl.atomic_add(dqkv_bias_ptr + C + ch, tl.sum(tl.where(pad, dk, 0.0), 0),
+                      mask=d_ok & any_pad)
+        tl.atomic_add(dqkv_bias_ptr + 2 * C + ch, tl.sum(tl.where(pad, dv, 0.0), 0),
+                      mask=d_ok & any_pad)
+
+
+@triton.jit
+def _window_attn_bwd_dq(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr,
+                        dqkv_ptr, dbias_ptr,
+                        H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, n_bias, scale,
+                        s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
+                        C, HEADS, HD, WH, WW, regions, has_bias, heads_per_program, want_dbias,
+                        HDP: tl.constexpr, BLOCK: tl.constexpr,
+                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // n_win).to(tl.int64)
+    win = pid % n_win
+    N = WH * WW
+    wy0 = (win // n_win_w) * WH
+    wx0 = (win % n_win_w) * WW
+    d = tl.arange(0, HDP)
+    d_ok = d < HD
+    tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
+                                                           wx0, H, W, shift_h, shift_w, BLOCK)
+    q_src = qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw
+    rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
+    h0 = tl.program_id(1) * heads_per_program
+    for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
+        ch = h * HD + d
+        q = _load_qkv_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias)
         q = (q.to(tl.float32) * scale).to(q.dtype)
         do = tl.load(do_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow + ch[None, :],
                      mask=q_real[:, None] & d_ok[None, :], other=0.0)
@@ -166,78 +222,25 @@ def _window_attn_bwd_dkdv(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
         tok = ((b * H + syq) * W + sxq) * HEADS + h
         lse = tl.load(lse_ptr + tok, mask=q_real, other=0.0)
         delta = tl.load(delta_ptr + tok, mask=q_real, other=0.0)
-        rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
-        s = _scores(q, k, bias_base + tq * N, tk, q_valid, k_valid, rq, rk, regions, PREC)
-        p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-
-    dst = dqkv_ptr + b * s_qb + syk[:, None] * s_qh + sxk[:, None] * s_qw + ch[None, :]
-    st = k_real[:, None] & d_ok[None, :]
-    tl.store(dst + C, dk.to(dqkv_ptr.dtype.element_ty), mask=st)
-    tl.store(dst + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=st)
-    # Padding keys are the qkv bias: their gradient is the bias's, summed over this block.
-    pad = (k_valid & ~k_real)[:, None]
-    any_pad = (tl.sum(pad.to(tl.int32), 0) > 0) & (want_dqkv_bias != 0)
-    tl.atomic_add(dqkv_bias_ptr + C + ch, tl.sum(tl.where(pad, dk, 0.0), 0), mask=d_ok & any_pad)
-    tl.atomic_add(dqkv_bias_ptr + 2 * C + ch, tl.sum(tl.where(pad, dv, 0.0), 0),
-                  mask=d_ok & any_pad)
-
-
-@triton.jit
-def _window_attn_bwd_dq(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr,
-                        dqkv_ptr, dbias_ptr,
-                        H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, n_bias, scale,
-                        s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
-                        C, HEADS, HD, WH, WW, regions, has_bias, want_dbias,
-                        HDP: tl.constexpr, BLOCK: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    b = (pid // n_win).to(tl.int64)
-    win = pid % n_win
-    N = WH * WW
-    wy0 = (win // n_win_w) * WH
-    wx0 = (win % n_win_w) * WW
-    d = tl.arange(0, HDP)
-    d_ok = d < HD
-    ch = h * HD + d
-    tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
-                                                           wx0, H, W, shift_h, shift_w, BLOCK)
-    q = _load_qkv_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr, q_valid,
-                       q_real, ch, d_ok, has_bias)
-    q = (q.to(tl.float32) * scale).to(q.dtype)
-    do = tl.load(do_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow + ch[None, :],
-                 mask=q_real[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    tok = ((b * H + syq) * W + sxq) * HEADS + h
-    lse = tl.load(lse_ptr + tok, mask=q_real, other=0.0)
-    delta = tl.load(delta_ptr + tok, mask=q_real, other=0.0)
-    rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
-    bias_off = ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N + tq * N
-
-    dq = tl.zeros((BLOCK, HDP), tl.float32)
-    for k0 in range(0, N, BLOCK):
-        tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
-                                                               shift_h, shift_w, BLOCK)
-        k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
-        k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-        v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
-                           has_bias)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
-        s = _scores(q, k, bias_ptr + bias_off, tk, q_valid, k_valid, rq, rk, regions, PREC)
-        p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        # The bias is shared by every window (and image): its gradient sums dS over them.
-        tl.atomic_add(dbias_ptr + bias_off[:, None] + tk[None, :], ds,
-                      mask=q_valid[:, None] & k_valid[None, :] & (want_dbias != 0))
-
-    tl.store(dqkv_ptr + b * s_qb + syq[:, None] * s_qh + sxq[:, None] * s_qw + ch[None, :],
-             (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])
+        bias_off = ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N + tq * N
+        dq = tl.zeros((BLOCK, HDP), tl.float32)
+        for k0 in range(0, N, BLOCK):
+            tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
+                                                                   shift_h, shift_w, BLOCK)
+            k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
+            k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
+            v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
+                               has_bias)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
+            s = _scores(q, k, bias_ptr + bias_off, tk, q_valid, k_valid, rq, rk, regions, PREC)
+            p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            # The bias is shared by every window (and image): its gradient sums dS over them.
+            tl.atomic_add(dbias_ptr + bias_off[:, None] + tk[None, :], ds,
+                          mask=q_valid[:, None] & k_valid[None, :] & (want_dbias != 0))
+        tl.store(dqkv_ptr + b * s_qb + syq[:, None] * s_qh + sxq[:, None] * s_qw + ch[None, :],
+                 (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=q_real[:, None] & d_ok[None, :])

@@ -22,6 +22,7 @@ CASES = [
     pytest.param((9, 9), 7, True, 2, 16, 1, id="w7-shift-pad"),
     pytest.param((7, 7), 7, False, 2, 32, 2, id="w7-plain"),
     pytest.param((8, 8), 8, False, 1, 48, 1, id="w8-hd48"),
+    pytest.param((8, 8), 4, True, 6, 16, 1, id="w4-shift-6heads"),  # head groups of 4 and 2
     # Several query and key tiles per window: the online softmax across key tiles.
     pytest.param((12, 12), 12, False, 1, 32, 1, id="w12-plain"),
     pytest.param((24, 12), 12, True, 1, 16, 1, id="w12-shift"),

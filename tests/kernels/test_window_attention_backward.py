@@ -16,6 +16,7 @@ CASES = [
     pytest.param((6, 10), 4, 2, 1, 16, 1, False, id="w4-shift-pad"),
     pytest.param((9, 9), 7, 3, 2, 16, 1, False, id="w7-shift-pad"),
     pytest.param((7, 7), 7, 0, 1, 32, 2, False, id="w7-plain"),
+    pytest.param((6, 6), 4, 2, 6, 16, 1, False, id="w4-shift-pad-6heads"),  # groups of 4 and 2
     pytest.param((8, 8), 8, 0, 1, 48, 1, False, id="w8-hd48"),
     pytest.param((15, 15), 12, 6, 1, 16, 1, False, id="w12-shift-pad"),
     pytest.param((16, 16), 16, 0, 1, 16, 1, False, id="w16-plain"),
