@@ -77,7 +77,8 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # torchrun sets RANK and WORLD_SIZE for every process, one process (nproc_per_node=1) too
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def setup(device: str = "auto") -> Dist:

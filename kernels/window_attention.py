@@ -45,10 +45,13 @@ from .window_attention_reference import (  # noqa: F401  (re-exported: one impor
     window_attention_reference,
 )
 
-# Padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, chosen from sm_90
-# compiles (dimap_fast.hopper_fit): at most 131 KB of shared memory and no spills up to head dim
-# 64 in every dtype. 64-token tiles waste 1.3x per axis on a 7x7 window (49 tokens).
-_GPU_TILES = {16: (64, 8, 2), 32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 4, 2)}
+# Dot precision -> padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, chosen
+# from sm_90 compiles (dimap_fast.hopper_fit). Tensor-core dots (fp16, bf16, tf32): at most
+# 131 KB of shared memory and no spills up to head dim 64. ieee float32 dots run on the FMA
+# units and ptxas spilled kilobytes per thread at 64-token tiles, so they get smaller tiles and
+# no pipelining. 64-token tiles waste 1.3x per axis on a 7x7 window (49 tokens).
+_GPU_TILES = {"tf32": {16: (64, 8, 2), 32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 4, 2)},
+              "ieee": {16: (32, 4, 1), 32: (32, 4, 1), 64: (16, 4, 1), 128: (16, 4, 1)}}
 _HEADS_PER_PROGRAM = 4
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
 
@@ -76,7 +79,8 @@ class _Geometry:
         self.bsz, self.h, self.w, self.win, self.n_win = bsz, h, w, win, n_win
         n = win[0] * win[1]
         hdp = _head_dim_pad(self.hd)
-        block, self.warps, self.stages = _GPU_TILES[hdp]
+        prec = _precision(qkv.dtype)
+        block, self.warps, self.stages = _GPU_TILES[prec][hdp]
         interp = interpreting(_window_attn_fwd)
         if interp:  # the interpreter pays per element: tiny windows get tiny tiles there
             block = min(block, max(16, triton.next_power_of_2(n)))
@@ -87,7 +91,7 @@ class _Geometry:
         self.grid = (bsz * n_win, triton.cdiv(num_heads, hpp), triton.cdiv(n, block))
         self.runtime = (h, w, n_win, n_win_w, shift[0], shift[1], hp, wp, n_bias, scale)
         self.shape = (self.c, num_heads, self.hd, win[0], win[1], int(regions), int(has_bias), hpp)
-        self.const = dict(HDP=hdp, BLOCK=block, PREC=_precision(qkv.dtype),
+        self.const = dict(HDP=hdp, BLOCK=block, PREC=prec,
                           UPCAST=qkv.dtype == torch.bfloat16 and interp)
 
     def launch(self, kernel, pointers, qkv_strides, out_strides, flag: int):
@@ -183,7 +187,7 @@ def launch_configs() -> list:
                  "dbias_ptr": "*fp32", "scale": "fp32", **{k: "i32" for k in ints}}
         for kernel, flag in flags.items():
             for prec in precs:
-                for hdp, (block, warps, stages) in _GPU_TILES.items():
+                for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
                     label = pointer(dtype)[1:] + (f"/{prec}" if dtype == torch.float32 else "")
                     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
                     out.append(LaunchConfig.of(

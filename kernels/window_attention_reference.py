@@ -35,11 +35,13 @@ def unsupported(head_dim: int) -> str | None:
     return None
 
 
-def check_inputs(qkv_tokens, rel_pos_table, num_heads, window_size, shift_size, qkv_bias, mask):
+def check_inputs(qkv_tokens, rel_pos_table, num_heads, window_size, shift_size, qkv_bias, mask,
+                 dtypes=FLOAT_DTYPES):
     if not isinstance(qkv_tokens, torch.Tensor) or qkv_tokens.dim() != 4:
         raise ValueError("qkv_tokens must be a (B, H, W, 3*C) tensor: the qkv Linear of the token map")
-    if qkv_tokens.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"qkv_tokens must be float32, float16 or bfloat16, got {qkv_tokens.dtype}")
+    if qkv_tokens.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"qkv_tokens must be one of {names}, got {qkv_tokens.dtype}")
     wh, ww = pair(window_size, "window_size")
     sh, sw = pair(shift_size, "shift_size")
     c3 = qkv_tokens.shape[-1]
@@ -135,9 +137,10 @@ def window_attention_reference(qkv_tokens: torch.Tensor, rel_pos_table: torch.Te
                                qkv_bias: torch.Tensor | None = None,
                                mask: torch.Tensor | None = None,
                                scale: float | None = None) -> torch.Tensor:
-    """Plain-torch window_attention: timm's roll / pad / partition / attention / reverse path."""
+    """Plain-torch window_attention: timm's roll / pad / partition / attention / reverse path.
+    Also takes float64, to serve as the high-precision reference of the kernel."""
     (wh, ww), (sh, sw) = check_inputs(qkv_tokens, rel_pos_table, num_heads, window_size,
-                                       shift_size, qkv_bias, mask)
+                                       shift_size, qkv_bias, mask, (*FLOAT_DTYPES, torch.float64))
     bsz, h, w, c3 = qkv_tokens.shape
     c = c3 // 3
     hd = c // num_heads

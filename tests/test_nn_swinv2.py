@@ -79,3 +79,67 @@ def test_swinv2_block_half_precision(dtype, device):
     with dnn.backend("triton"), torch.autocast(device.type, dtype=dtype):
         got = ours(x)
     assert_rel_close(got.float(), want, dtype, "output")
+
+
+def small_swinv2(seed=0):
+    torch.manual_seed(seed)
+    model = timm_v2.SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                      depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, timm_v2.WindowAttention):
+                m.q_bias.normal_()
+                for p in m.cpb_mlp.parameters():
+                    p.normal_(std=0.5)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_convert_swinv2_model(device):
+    model = small_swinv2().to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with matmul_precision("ieee"):
+        want = model(x)
+        keys = list(model.state_dict())
+        dnn.convert(model)
+        blocks = [m for m in model.modules() if isinstance(m, timm_v2.SwinTransformerV2Block)]
+        assert len(blocks) == 4 and all(type(b) is SwinV2Block for b in blocks)
+        assert all(type(b.attn) is WindowAttentionV2 for b in blocks)
+        assert list(model.state_dict()) == keys
+        with dnn.backend("torch"):
+            assert torch.equal(model(x), want)
+        with dnn.backend("triton"):
+            assert_rel_close(model(x), want, torch.float32, "logits")
+
+
+def test_convert_names_what_it_leaves():
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+
+    torch.manual_seed(0)
+    cr = SwinTransformerV2Cr(img_size=(32, 32), patch_size=2, window_size=4, embed_dim=32,
+                             depths=(1, 1), num_heads=(2, 4), num_classes=10)
+    with pytest.warns(UserWarning, match=r"left these attention modules .*WindowMultiHeadAttention"):
+        assert dnn.convert(cr) is cr  # its prunable Linears are still candidates for SparseLinear
+
+
+def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch):
+    import dimap_fast.kernels as k
+    from dimap_fast.nn.backend import dispatch
+
+    ref = small_swinv2()
+    ours = dnn.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(torch.jit.script(ours)(x), want, atol=1e-5, rtol=1e-5)
+        traced = torch.fx.symbolic_trace(ours)
+        assert sum(n.target is dispatch for n in traced.graph.nodes) == 4  # one per block
+        torch.testing.assert_close(traced(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.compile(ours, backend="aot_eager")(x), want, atol=1e-5,
+                                   rtol=1e-5)
+        calls = []
+        real = k.window_attention
+        monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        with dnn.backend("triton"), matmul_precision("ieee"):  # the traced graph picks the kernel
+            assert_rel_close(traced(x), want, torch.float32, "traced logits")
+        assert len(calls) == 4

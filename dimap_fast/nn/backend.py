@@ -6,13 +6,27 @@ shape a kernel does not take (a head dim over its limit) runs torch. ``"torch"``
 ``"triton"``: always the kernels, also on CPU tensors when TRITON_INTERPRET=1 was set before
 triton was imported (how the tests run the GPU code path without a GPU); a shape the kernel does
 not take, or gradients through a forward-only kernel, is then an error.
+
+WindowAttention, SwinBlock and SparseLinear reach their kernels through ``dispatch``, which
+decides on each call, so that a converted model keeps working where timm's does:
+
+- torch.fx: ``dispatch`` is a leaf (each module file declares ``torch.fx.wrap("dispatch")``): a
+  traced graph holds the call, and the backend, device and grad mode of each run pick the path.
+  The call names its module, so trace a model holding the modules, not one module on its own
+  (FX cannot hand the root module itself to a leaf);
+- torch.compile: dynamo traces the decision (guarding on what it read) and the torch path; the
+  Triton path runs eagerly behind a graph break (``torch.compiler.disable``): its launchers are
+  eager code (the packed-weight cache keys on ``data_ptr()``, which dynamo's fake tensors lack),
+  not custom ops. Registering the kernels as ``torch.library.triton_op`` would let inductor see
+  them; until then the graph break keeps compiled models correct and the kernels in use;
+- TorchScript cannot launch Triton: under ``torch.jit.is_scripting()`` each module returns its
+  torch path before ``dispatch``, so the compiler never reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
-
-import importlib
+import types
 
 import torch
 
@@ -58,7 +72,7 @@ def use_triton(x: torch.Tensor, *params, unsupported: str | None = None,
     if mode == "torch":
         return False
     if mode == "auto":
-        return (x.is_cuda and _have_triton() and unsupported is None
+        return (x.is_cuda and kernels().HAVE_TRITON and unsupported is None
                 and (differentiable or not _recording(x, params)))
     if unsupported is not None:
         raise DimapError(f"dimap_fast.nn backend 'triton': {unsupported}")
@@ -68,16 +82,34 @@ def use_triton(x: torch.Tensor, *params, unsupported: str | None = None,
     return True
 
 
-def _have_triton() -> bool:
-    from dimap_fast.kernels import HAVE_TRITON
+def dispatch(module: torch.nn.Module, *args):
+    """``module._triton_path(*args)`` when ``module._use_triton(*args)``, else
+    ``module._torch_path(*args)``: the one branch between the two code paths of every module."""
+    if module._use_triton(*args):
+        return _eager(module, *args)
+    return module._torch_path(*args)
 
-    return HAVE_TRITON
+
+@torch.compiler.disable  # torch.compile: a graph break around the kernels (see above)
+def _eager(module: torch.nn.Module, *args):
+    return module._triton_path(*args)
+
+
+def scriptable_alias(fn, name: str):
+    """timm's method ``fn`` as a method called ``name``, for a subclass whose TorchScript path is
+    timm's code: TorchScript has no super() and compiles a method under its function's
+    ``__name__``, so timm's ``forward`` reached from our ``forward`` must be renamed."""
+    alias = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    alias.__kwdefaults__, alias.__annotations__ = fn.__kwdefaults__, dict(fn.__annotations__)
+    alias.__qualname__ = f"{fn.__qualname__.rpartition('.')[0]}.{name}"
+    return alias
 
 
 def attention_unsupported(head_dim: int) -> str | None:
     """Why the fused window attention cannot run heads of ``head_dim`` channels, or None."""
-    # By module path: the kernels package rebinds the name window_attention to the function.
-    return importlib.import_module("dimap_fast.kernels.window_attention").unsupported(head_dim)
+    from dimap_fast.kernels.window_attention_reference import unsupported
+
+    return unsupported(head_dim)
 
 
 def kernels():

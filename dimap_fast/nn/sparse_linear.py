@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import kernels, use_triton
+from .backend import dispatch, kernels, use_triton
+
+torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 BLOCKS = (16, 32, 64)
 
@@ -61,15 +63,24 @@ class SparseLinear(nn.Linear):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x, self.weight, self.bias):
-            # Under autocast F.linear computes in the autocast dtype; so do the tiles and x here.
-            dtype = self.weight.dtype
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x = x.to(dtype)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return kernels().block_sparse_linear(x, self.packed(dtype), bias)
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return dispatch(self, x)
+
+    def _torch_path(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return use_triton(x, self.weight, self.bias)
+
+    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast F.linear computes in the autocast dtype; so do the tiles and x here.
+        dtype = self.weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return kernels().block_sparse_linear(x, self.packed(dtype), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block={self.block}"

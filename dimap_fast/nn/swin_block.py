@@ -1,9 +1,11 @@
 """``SwinBlock``: timm's SwinTransformerBlock whose attention half runs on the token map.
 
-On the Triton path the block computes the qkv Linear on the (B, H, W, C) tokens, then one fused
-kernel does shift, partition, bias, region mask, softmax, P.V, reverse partition and reverse shift;
-no roll, pad, partition or reverse copies are made. The output projection also runs on tokens
-(a row-wise Linear commutes with the token permutation). On the torch path it is timm's forward.
+Only the attention half (timm's ``_attn``, normed tokens in, attention output out) changes; the
+residuals and the MLP are timm's forward. On the Triton path the block computes the qkv Linear
+on the (B, H, W, C) tokens, then one fused kernel does shift, partition, bias, region mask,
+softmax, P.V, reverse partition and reverse shift; no roll, pad, partition or reverse copies are
+made. The output projection also runs on tokens (a row-wise Linear commutes with the token
+permutation). On the torch path it is timm's ``_attn``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import kernels
+from .backend import dispatch, kernels, scriptable_alias
 from .window_attention import WindowAttention
+
+torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
 class SwinBlock(timm_swin.SwinTransformerBlock):
@@ -28,16 +32,19 @@ class SwinBlock(timm_swin.SwinTransformerBlock):
         block.__class__ = cls
         return block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return dispatch(self, x)
+
+    _torch_path = scriptable_alias(timm_swin.SwinTransformerBlock._attn, "_torch_path")
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.attn._use_triton(x)
+
+    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
-        if (self.training and attn.attn_drop.p > 0) or not attn.fast_path(x, self.norm1.weight):
-            return super().forward(x)
-        b, h, w, c = x.shape
-        qkv = attn.qkv(self.norm1(x))
-        a = kernels().window_attention(qkv, attn.relative_position_bias_table, attn.num_heads,
-                                       self.window_size, self.shift_size,
+        a = kernels().window_attention(attn.qkv(x), attn.relative_position_bias_table,
+                                       attn.num_heads, self.window_size, self.shift_size,
                                        qkv_bias=attn.qkv.bias, scale=attn.scale)
-        x = x + self.drop_path1(attn.proj_drop(attn.proj(a)))
-        x = x.reshape(b, -1, c)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x.reshape(b, h, w, c)
+        return attn.proj_drop(attn.proj(a))

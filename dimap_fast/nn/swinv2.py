@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from timm.models import swin_transformer_v2 as timm_v2
 
-from .backend import attention_unsupported, kernels, use_triton
+from .backend import attention_unsupported, dispatch, kernels, scriptable_alias, use_triton
+
+torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 _MAX_LOGIT = math.log(1.0 / 0.01)  # timm's clamp of the logit scale
 
@@ -60,13 +62,19 @@ class WindowAttentionV2(timm_v2.WindowAttention):
         """The (3C,) bias of the qkv projection (timm keeps q, k, v biases apart), or None."""
         return None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
 
-    def fast_path(self, x: torch.Tensor) -> bool:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x, mask)
+        return dispatch(self, x, mask)
+
+    _torch_path = scriptable_alias(timm_v2.WindowAttention.forward, "_torch_path")  # timm's code
+
+    def _use_triton(self, x: torch.Tensor, mask=None) -> bool:
         """Whether this forward runs the fused kernel (dropout at train time never does)."""
         if self.training and self.attn_drop.p > 0:
             return False
         head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, self.qkv.weight, self.proj.weight, self.logit_scale,
-                          unsupported=attention_unsupported(head_dim), differentiable=True)
+        return use_triton(x, unsupported=attention_unsupported(head_dim), differentiable=True)
 
     def fused(self, x_tokens: torch.Tensor, window_size, shift_size, mask=None) -> torch.Tensor:
         """Attention of a (B, H, W, C) token map, projected: the fused path of both drop-ins."""
@@ -80,9 +88,7 @@ class WindowAttentionV2(timm_v2.WindowAttention):
                                          scale=1.0)
         return self.proj_drop(self.proj(out))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.fast_path(x):
-            return super().forward(x, mask)
+    def _triton_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b_, n, c = x.shape
         wh, ww = self.window_size
         if n != wh * ww:
@@ -105,6 +111,14 @@ class SwinV2Block(timm_v2.SwinTransformerV2Block):
         return block
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.attn.fast_path(x):
-            return super()._attn(x)
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return dispatch(self, x)
+
+    _torch_path = scriptable_alias(timm_v2.SwinTransformerV2Block._attn, "_torch_path")
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.attn._use_triton(x)
+
+    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.fused(x, self.window_size, self.shift_size)

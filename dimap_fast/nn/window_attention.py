@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import attention_unsupported, kernels, use_triton
+from .backend import attention_unsupported, dispatch, kernels, scriptable_alias, use_triton
+
+torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
 class WindowAttention(timm_swin.WindowAttention):
@@ -25,19 +27,21 @@ class WindowAttention(timm_swin.WindowAttention):
         attn.__class__ = cls
         return attn
 
-    def fast_path(self, x: torch.Tensor, *upstream) -> bool:
-        """Whether this forward runs the Triton kernel (dropout at train time never does);
-        ``upstream``: parameters computed into ``x`` by the caller, whose gradients count too."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x, mask)
+        return dispatch(self, x, mask)
+
+    _torch_path = scriptable_alias(timm_swin.WindowAttention.forward, "_torch_path")  # timm's code
+
+    def _use_triton(self, x: torch.Tensor, mask=None) -> bool:
+        """Whether this forward runs the Triton kernel (dropout at train time never does)."""
         if self.training and self.attn_drop.p > 0:
             return False
         head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, self.qkv.weight, self.proj.weight, self.relative_position_bias_table,
-                          *upstream, unsupported=attention_unsupported(head_dim),
-                          differentiable=True)
+        return use_triton(x, unsupported=attention_unsupported(head_dim), differentiable=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.fast_path(x):
-            return super().forward(x, mask)
+    def _triton_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b_, n, _ = x.shape
         wh, ww = self.window_size
         if n != wh * ww:

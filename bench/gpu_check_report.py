@@ -1,0 +1,92 @@
+"""The reports of bench/gpu_check.py: report.json and report.md (written atomically) and the
+one-screen summary it prints at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def write_reports(out: Path, report: dict) -> None:
+    _write_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    _write_atomic(out / "report.md", render_markdown(report))
+
+
+def render_markdown(report: dict) -> str:
+    rows = report["results"]
+    targets = [r for r in rows if r["target"] is not None]
+    met = sum(r["met"] is True for r in targets)
+    lines = [f"# GPU check{' (dry run, CPU interpreter: timings meaningless)' if report['dry_run'] else ''}", "",
+             f"- card: {report['card']}, driver {report['driver'] or '-'}",
+             f"- torch {report['torch']}, triton {report['triton']}, timm {report['timm']}"
+             + (f" (wheels: {', '.join(report['wheels'])})" if report.get("wheels") else ""),
+             f"- started {report['started']}, {report['seconds']:.0f} s",
+             f"- **{met} of {len(targets)} targets met**", "",
+             "| step | status | seconds | error |", "|---|---|---:|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['error'] or ''} |" for s in report["steps"]]
+    for step in dict.fromkeys(r["step"] for r in rows):
+        lines += ["", f"## {step}", "", "| row | value | unit | target | met | note |", "|---|---:|---|---|---|---|"]
+        for r in (r for r in rows if r["step"] == step):
+            source = r.get("source") if "issue" in (r.get("source") or "") else None
+            note = "; ".join(filter(None, [source, r.get("note"), r.get("error") and f"error: {r['error']}"]))
+            note = note.replace("|", "/")
+            mark = {True: "yes", False: "**NO**", None: ""}[r["met"]]
+            lines.append(f"| {r['name']} | {_fmt(r['value'])} | {r['unit']} | {r['target'] or ''} | {mark} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(report: dict, out: Path) -> None:
+    """About 30 lines: steps, then targets; the correctness targets of a step (of a kernel, for
+    ``kernels``) fold into one line when all are met, every speed target has a line."""
+    print("\n" + ("DRY RUN (timings meaningless) " if report["dry_run"] else "") + f"summary, {report['card']}:")
+    for s in report["steps"]:
+        print(f"  {s['name']:<9} {s['status']:<8} {s['seconds']:7.1f} s" + (f"  {s['error']}" if s["error"] else ""))
+    targets = [r for r in report["results"] if r["target"] is not None]
+    groups: dict[str, list[dict]] = {}
+    for r in targets:
+        parts = r["name"].split(".")
+        groups.setdefault(".".join(parts[:2]) if parts[0] == "kernels" else parts[0], []).append(r)
+    for key, rs in groups.items():
+        met = sum(bool(r["met"]) for r in rs)
+        why = {r.get("error") or r.get("note") for r in rs if not r["met"]}
+        if key == "speed" and report["dry_run"]:
+            print(f"  --   speed.*  {len(rs)} rows present; a dry run's timings mean nothing")
+            continue
+        if key != "speed" and len(rs) > 1 and (met == len(rs) or (len(rs) - met > 3 and len(why) == 1)):
+            print(f"  {'ok  ' if met == len(rs) else 'MISS'} {key}.*  {met} of {len(rs)} met"
+                  + (f"; the others: {why.pop()}" if why else "")[:150])
+            continue
+        for r in rs:
+            mark = "ok  " if r["met"] else "MISS"
+            value = f"{_fmt(r['value'])}{'x' if r['unit'] == 'x' and r['value'] is not None else ''}"
+            extra = "" if r["met"] else r.get("error") or r.get("note") or ""
+            print(f"  {mark} {r['name']:<46} {value:>10} {r['target']:<10} {extra}"[:150])
+    met = sum(r["met"] is True for r in targets)
+    timed = sum(r["step"] == "speed" for r in targets)
+    caveat = f" (its {timed} speed targets mean nothing in a dry run)" if report["dry_run"] else ""
+    print(f"{met} of {len(targets)} targets met{caveat}; report: {out / 'report.md'}", flush=True)

@@ -1,0 +1,344 @@
+"""What every gpu_check step shares (rows, deadline, dispatch) and the end-to-end checks:
+tests, plan, convert, finetune. The kernel checks and the timings have files of their own.
+
+A step runs in its own process (``gpu_check.py --step NAME``); under --dry-run the driver has set
+TRITON_INTERPRET=1 and hidden CUDA before anything here imports torch or triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNABLE = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+# ---- plumbing ----
+
+@dataclass
+class Ctx:
+    dry: bool
+    deadline: float
+    work: Path
+    parts: str | None = None
+
+    def left(self) -> float:
+        """Seconds until this step must be done."""
+        return self.deadline - time.time()
+
+
+class Cell:
+    """What a ``Rows.row`` block measures: set ``value`` and optionally ``note``."""
+
+    value = None
+    note = None
+
+
+def error_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class Rows:
+    """Rows appended to the step's JSON-lines file as they are measured: one write per row, so
+    parallel parts can share the file and a step that is killed keeps what it measured."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.failed = False  # a non-optional row raised: the step reports "failed"
+
+    def add(self, name: str, value, unit: str, note: str | None = None, error: str | None = None) -> None:
+        row = {"name": name, "value": value, "unit": unit}
+        if note:
+            row["note"] = note
+        if error:
+            row["error"] = error
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {name} = {shown} {unit}" + (f"  ({note})" if note else "") + (f"  ERROR {error}" if error else ""),
+              flush=True)
+
+    @contextlib.contextmanager
+    def row(self, name: str, unit: str, optional: bool = False):
+        """``with rows.row(name, unit) as c: c.value = ...``: an exception becomes an error row."""
+        cell = Cell()
+        try:
+            yield cell
+        except Exception as exc:  # noqa: BLE001 - any failure of a measurement is that row's result
+            traceback.print_exc()
+            self.add(name, None, unit, cell.note, error_line(exc))
+            if not optional:
+                self.failed = True
+        else:
+            self.add(name, cell.value, unit, cell.note)
+
+
+def run_step(args) -> int:
+    """Entry point of a step's process: 0 all rows measured, 1 a row raised, 3 the step crashed."""
+    ctx = Ctx(bool(args.dry_run), args.deadline or time.time() + 600, Path(args.work or "."), args.parts)
+    rows = Rows(args.rows)
+    if args.step == "kernels":
+        from gpu_check_kernels import step_kernels as fn
+    elif args.step == "speed":
+        from gpu_check_speed import step_speed as fn
+    else:
+        fn = {"tests": step_tests, "plan": step_plan, "convert": step_convert, "finetune": step_finetune}[args.step]
+    print(f"step {args.step}{' (dry run)' if ctx.dry else ''}, {ctx.left():.0f} s", flush=True)
+    try:
+        fn(rows, ctx)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return 3
+    return 1 if rows.failed else 0
+
+
+def run_bounded(cmd, timeout: float, **kw) -> tuple[int | None, str]:
+    """(exit code or None on timeout, stdout + stderr) of ``cmd``; past the timeout it gets
+    SIGTERM (torchrun passes that on to its workers), then SIGKILL."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out + err
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return None, (out or "") + (err or "")
+
+
+def tiny_state(seed: int = 0, dims=(8, 16)) -> dict:
+    """A small state dict with Swin parameter names, with ties and zeros as checkpoints have."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, c in enumerate(dims):
+        for b in range(2):
+            p = f"layers.{i}.blocks.{b}."
+            for name, shape in (("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)), ("mlp.fc1", (4 * c, c)),
+                                ("mlp.fc2", (c, 4 * c))):
+                sd[f"{p}{name}.weight"] = torch.randn(shape, generator=g)
+    sd["layers.0.blocks.0.mlp.fc2.weight"] = torch.round(sd["layers.0.blocks.0.mlp.fc2.weight"] * 2) / 2
+    sd["layers.1.blocks.0.mlp.fc1.weight"][:4] = 0
+    return sd
+
+
+def small_swin(img_size: int = 16, seed: int = 0):
+    """The small Swin of tests/test_nn.py (two stages, window 4), eval mode."""
+    import torch
+    from timm.models import swin_transformer as timm_swin
+
+    torch.manual_seed(seed)
+    model = timm_swin.SwinTransformer(img_size=img_size, patch_size=2, window_size=4, embed_dim=32,
+                                      depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    return model.eval()
+
+
+def block_prune_(model, ratio: float = 0.5, block: int = 32):
+    """Zero the smallest BxB tiles of every prunable Linear, and make the bias tables matter."""
+    import torch
+    from torch import nn
+
+    import dimap_fast.nn as dnn
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and name.endswith(PRUNABLE):
+                dnn.zero_smallest_tiles_(mod.weight, ratio, block)
+            if hasattr(mod, "relative_position_bias_table"):
+                mod.relative_position_bias_table.normal_()
+    return model
+
+
+def timm_swin_model(name: str, seed: int = 0):
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    return timm.create_model(name).eval()
+
+
+# ---- tests: the GPU subset of the test suite ----
+
+_PROGRESS = re.compile(r"^([.FEsxX]+)\s*(\[\s*\d+%\])?$")
+
+
+def step_tests(rows: Rows, ctx: Ctx) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
+    if ctx.dry:  # the interpreter run of these tests is part of `make test` already
+        cmd.insert(3, "--collect-only")
+    else:
+        cmd.insert(3, "--durations=15")  # in the log: what to trim if this step outgrows its budget
+    timeout = max(10.0, ctx.left() - 3)
+    t0 = time.time()
+    rc, out = run_bounded(cmd, timeout, cwd=ROOT)
+    late = rc is None
+    print("\n".join(out.splitlines()[-60:]), flush=True)
+    if ctx.dry:
+        m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
+        with rows.row("tests.collected", "tests") as c:
+            if rc not in (0, 5) or m is None and "no tests collected" not in out:
+                raise RuntimeError(f"pytest --collect-only exit {rc}: {_tail(out)}")
+            c.value = int(m.group(1)) if m else 0
+            c.note = f"pytest --collect-only -m gpu, {time.time() - t0:.0f} s"
+        return
+    summary = [l for l in out.splitlines() if re.search(r"\b(passed|failed|errors?|no tests ran)\b", l)
+               and re.search(r" in [\d.]+s", l)]
+    if late:
+        prog = "".join(m.group(1) for m in map(_PROGRESS.match, out.splitlines()) if m)
+        rows.add("tests.failed", prog.count("F") + prog.count("E"), "tests",
+                 f"{prog.count('.')} passed before the timeout", f"pytest timed out after {timeout:.0f} s")
+        rows.failed = True
+        return
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped")}
+    for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary[-1] if summary else ""):
+        counts[kind.rstrip("s") if kind.startswith("error") else kind] += int(n)
+    failed_names = [l.split()[1] for l in out.splitlines() if l.startswith(("FAILED ", "ERROR "))][:5]
+    with rows.row("tests.failed", "tests") as c:
+        if rc not in (0, 1):
+            raise RuntimeError(f"pytest exit {rc}: {_tail(out)}")
+        c.value = counts["failed"] + counts["error"]
+        c.note = (f"{counts['passed']} passed, {counts['skipped']} skipped, {time.time() - t0:.0f} s"
+                  + (f"; failed: {', '.join(failed_names)}" if failed_names else ""))
+    rows.add("tests.passed", counts["passed"], "tests")
+
+
+def _tail(text: str) -> str:
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1][:200] if lines else "(no output)"
+
+
+# ---- plan: CUDA masks against the numpy plan ----
+
+def step_plan(rows: Rows, ctx: Ctx) -> None:
+    import torch
+
+    import dimap_fast
+
+    if ctx.dry:  # small Swin-named state dicts; the Triton path runs under the interpreter
+        models = {"swin_t": lambda: tiny_state(0), "swin_b": lambda: tiny_state(1)}
+    else:
+        models = {"swin_t": lambda: timm_swin_model("swin_tiny_patch4_window7_224").state_dict(),
+                  "swin_b": lambda: timm_swin_model("swin_base_patch4_window7_224").state_dict()}
+    for short, make in models.items():
+        plans = {}
+        for r in ("0.35", "0.55"):
+            with rows.row(f"plan.{short}.r{r}", "mask entries differing") as c:
+                if not plans:
+                    sd = make()
+                    if ctx.dry:
+                        plans["dev"] = dimap_fast.plan(sd, backend="triton")
+                    else:
+                        plans["dev"] = dimap_fast.plan({k: v.cuda() for k, v in sd.items()})
+                        if plans["dev"].backend != "triton":
+                            raise RuntimeError(f"plan chose backend {plans['dev'].backend!r} for CUDA weights")
+                    plans["cpu"] = dimap_fast.plan(sd, backend="numpy")
+                a, b = plans["dev"].masks(float(r)), plans["cpu"].masks(float(r))
+                if set(a) != set(b):
+                    raise RuntimeError(f"mask names differ: {sorted(set(a) ^ set(b))[:3]}")
+                c.value = sum(int((a[k].cpu() != b[k]).sum()) for k in b)
+                total = sum(m.numel() for m in b.values())
+                kept = sum(int(m.sum()) for m in b.values())
+                c.note = (f"{len(b)} layers, {total} weights, {1 - kept / total:.1%} removed; "
+                          f"{plans['dev'].backend} on {next(iter(a.values())).device}")
+        del plans
+        if not ctx.dry:
+            torch.cuda.empty_cache()
+
+
+# ---- convert: a block-pruned swin_tiny through dimap_fast.nn against timm ----
+
+def step_convert(rows: Rows, ctx: Ctx) -> None:
+    import torch
+
+    import dimap_fast.nn as dnn
+
+    if ctx.dry:
+        model, block, dev = block_prune_(small_swin(16), 0.5, 16), 16, "cpu"
+        x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    else:
+        model, block, dev = block_prune_(timm_swin_model("swin_tiny_patch4_window7_224"), 0.5, 32), 32, "cuda"
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.set_float32_matmul_precision("highest")
+        ref32 = copy.deepcopy(model).to(dev)(x.to(dev)).double()
+    for variant, dtype, precision in (("fp32_ieee", torch.float32, "highest"), ("fp32_tf32", torch.float32, "high"),
+                                      ("fp16", torch.float16, "highest")):
+        with rows.row(f"convert.swin_t.{variant}", "max abs err / max |logit|") as c:
+            torch.set_float32_matmul_precision(precision)
+            dense = copy.deepcopy(model).to(dev, dtype)
+            conv = dnn.convert(copy.deepcopy(dense))
+            n_sparse = sum(isinstance(m, dnn.SparseLinear) for m in conv.modules())
+            n_blocks = sum(isinstance(m, dnn.SwinBlock) for m in conv.modules())
+            with torch.inference_mode(), dnn.backend("triton"):  # the kernels, never a silent torch path
+                want = dense(x.to(dev, dtype)).double()
+                got = conv(x.to(dev, dtype)).double()
+            scale = float(want.abs().max())
+            c.value = float((got - want).abs().max()) / scale if bool(torch.isfinite(got).all()) else float("nan")
+            own = float((want - ref32).abs().max()) / float(ref32.abs().max())
+            c.note = (f"{n_sparse} SparseLinear (block {block} tiles zeroed), {n_blocks} SwinBlock; "
+                      f"timm itself in this dtype vs fp32 highest: {own:.2e}")
+            del dense, conv
+    torch.set_float32_matmul_precision("highest")
+
+
+# ---- finetune: torchrun, one process, stop after epoch 1, resume ----
+
+def step_finetune(rows: Rows, ctx: Ctx) -> None:
+    import torch
+
+    from dimap_fast.finetune import MODEL_FILE, load_train_state, STATE_FILE
+    from dimap_fast.io import load_pruned
+
+    run = ctx.work / "finetune_run"
+    shutil.rmtree(run, ignore_errors=True)
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            "-m", "dimap_fast.cli", "finetune"]
+    dev = ["--device", "cpu"] if ctx.dry else []
+    first = base + ["--data", "digits", "--ratio", "0.5", "--epochs", "2", "--stop-after", "1", "--out", str(run),
+                    "--no-progress", *dev]
+    if ctx.dry:
+        first += ["--max-train-samples", "64", "--max-val-samples", "32", "--batch-size", "16"]
+    resume = base + ["--resume", "--out", str(run), "--no-progress", *dev]
+    env = dict(os.environ, OMP_NUM_THREADS="1") if ctx.dry else dict(os.environ)
+    for name, cmd, share in (("finetune.first_exit", first, 0.5), ("finetune.resume_exit", resume, 1.0)):
+        with rows.row(name, "exit code") as c:
+            timeout = max(10.0, (ctx.left() - 5) * share)
+            rc, out = run_bounded(cmd, timeout, cwd=ROOT, env=env)
+            print(f"$ {' '.join(cmd[1:])}\n" + "\n".join(out.splitlines()[-25:]), flush=True)
+            if rc is None:
+                raise RuntimeError(f"torchrun timed out after {timeout:.0f} s")
+            c.value = rc
+            where = re.search(r"(\d+ process\(es\) on \S+?);", out)
+            epochs = re.findall(r"^epoch (\d+/\d+)", out, re.M)
+            c.note = "; ".join(filter(None, [where and where.group(1), epochs and f"ran epoch {', '.join(epochs)}",
+                                             rc and _tail(out)]))
+    with rows.row("finetune.pruned_nonzero", "weights") as c:
+        state, masks, meta = load_pruned(run / MODEL_FILE)
+        if not masks:
+            raise RuntimeError(f"{run / MODEL_FILE} holds no masks")
+        c.value = sum(int(torch.count_nonzero(state[n][~m])) for n, m in masks.items())
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        c.note = f"{len(masks)} masked layers, {1 - kept / total:.1%} removed, val top-1 {meta.get('val_top1', '-')}"
+    with rows.row("finetune.last_epoch", "epoch") as c:
+        c.value = int(meta["epoch"])
+        c.note = f"train state at epoch {load_train_state(run / STATE_FILE).epoch}"
