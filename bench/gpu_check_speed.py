@@ -21,6 +21,7 @@ import statistics
 import time
 import traceback
 
+import gpu_check_attention as attn
 from gpu_check_steps import Ctx, Rows, block_prune_, small_swin, timm_swin_model, tiny_state
 
 BATCH = 128
@@ -82,7 +83,13 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     jobs += [(True, "linear", lambda g=g: s.linear(g, "fp16", [(64, 0.75)])) for g in ("s1_mlp", "s3_mlp")]
     jobs += [(True, "model", lambda m=m, d=d: s.model(m, d)) for m, d in (("swin_b", "fp16"), ("swin_t", "fp16"),
                                                                            ("swin_b", "fp32"), ("swin_t", "fp32"))]
+    jobs += [(True, "attn_train", lambda: attn.attention_train(rows, ctx, s.timer, "swin_b.s1", "fp16")),
+             (True, "v2_attn", lambda: attn.v2_attention(rows, ctx, s.timer, "swinv2_b.s1")),
+             (True, "model_attn", lambda: attn.swin_b_inference(rows, ctx, s.timer)),
+             (True, "train", lambda: attn.swin_b_training(rows, ctx, s.timer))]
     jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32")) for st in ATTN]
+    jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d))
+             for st, d in (("swin_b384.s1", "fp16"), ("swin_b.s1", "bf16"), ("swin_b.s1", "fp32"))]
     rest16 = [(b, t) for b in (32, 64) for t in (0.5, 0.75) if (b, t) != (64, 0.75)]
     jobs += [(False, "linear16", lambda g=g: s.linear(g, "fp16", ([] if g.endswith("mlp") else [(64, 0.75)]) + rest16))
              for g in LINEAR]
