@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,30 @@ except ImportError:  # the plain-torch references must stay importable without t
 
     triton = _StubTriton()
     tl = _StubLanguage()
+
+
+def _squeeze_interpreter_scalars() -> None:
+    """Let ``range()`` take loaded scalars under the interpreter of older Triton (3.6, the GPU
+    machines' image): it turns a scalar into an int with ``int(array)`` on a 1-element 1-D array,
+    which current numpy refuses; Triton 3.8 squeezes the array first, as this does."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_scalars", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patched
+
+
+if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _squeeze_interpreter_scalars()
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -101,7 +101,7 @@ def test_torchscript():
     assert type(ours.layers[0].blocks[0]) is dnn.SwinBlock
 
 
-def test_fx_trace_forward_backward_and_run_time_backend(kernel_calls):
+def test_fx_trace_forward_backward_and_run_time_backend(kernel_calls, device):
     ref, ours = pair()
     ref.train(), ours.train()  # before tracing: FX bakes in drop path's train/eval branch
     traced = torch.fx.symbolic_trace(ours)
@@ -111,20 +111,20 @@ def test_fx_trace_forward_backward_and_run_time_backend(kernel_calls):
     same_grads(seeded_grads(traced, x), seeded_grads(ref, x))
     assert not any(kernel_calls.values())
     # Traced under "auto", run under "triton": the backend is read when the graph runs.
-    small_ref, small = pair(img_size=16)
-    triton_forward_matches(torch.fx.symbolic_trace(small), small_ref, torch.randn(1, 3, 16, 16),
-                           kernel_calls)
+    small_ref, small = (m.to(device) for m in pair(img_size=16))
+    triton_forward_matches(torch.fx.symbolic_trace(small), small_ref,
+                           torch.randn(1, 3, 16, 16, device=device), kernel_calls)
 
 
-def test_torch_compile(kernel_calls):
-    # CPU here: quick backends (inductor gives the same logits too, after a minute of compiling).
+def test_torch_compile(kernel_calls, device):
+    # A quick backend (inductor gives the same logits too, after a minute of compiling on a CPU).
     torch._dynamo.reset()
     breaks = torch._dynamo.utils.counters["graph_break"]
     breaks.clear()
-    ref, ours = pair(img_size=16)
-    x = torch.randn(1, 3, 16, 16)
+    ref, ours = (m.to(device) for m in pair(img_size=16))
+    x = torch.randn(1, 3, 16, 16, device=device)
     compiled = torch.compile(ours, backend="aot_eager")
-    with torch.no_grad():
+    with torch.no_grad(), dnn.backend("torch"), matmul_precision("ieee"):
         torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=0)
     # The backend decision and the torch path trace as one graph: no graph break.
     assert not breaks

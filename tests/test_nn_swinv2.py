@@ -122,14 +122,14 @@ def test_convert_names_what_it_leaves():
         assert dnn.convert(cr) is cr  # its prunable Linears are still candidates for SparseLinear
 
 
-def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch):
+def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch, device):
     import dimap_fast.kernels as k
     from dimap_fast.nn.backend import dispatch
 
-    ref = small_swinv2()
+    ref = small_swinv2().to(device)
     ours = dnn.convert(copy.deepcopy(ref))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad(), dnn.backend("torch"), matmul_precision("ieee"):
         want = ref(x)
         torch.testing.assert_close(torch.jit.script(ours)(x), want, atol=1e-5, rtol=1e-5)
         traced = torch.fx.symbolic_trace(ours)
@@ -137,9 +137,9 @@ def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch):
         torch.testing.assert_close(traced(x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.compile(ours, backend="aot_eager")(x), want, atol=1e-5,
                                    rtol=1e-5)
-        calls = []
-        real = k.window_attention
-        monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-        with dnn.backend("triton"), matmul_precision("ieee"):  # the traced graph picks the kernel
-            assert_rel_close(traced(x), want, torch.float32, "traced logits")
-        assert len(calls) == 4
+    calls = []
+    real = k.window_attention
+    monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad(), dnn.backend("triton"), matmul_precision("ieee"):
+        assert_rel_close(traced(x), want, torch.float32, "traced logits")  # the graph picks it
+    assert len(calls) == 4
