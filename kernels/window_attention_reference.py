@@ -27,8 +27,12 @@ def pair(v, name: str) -> tuple[int, int]:
     return a, b
 
 
-def unsupported(head_dim: int) -> str | None:
-    """Why the fused kernel cannot run attention heads of ``head_dim`` channels, or None."""
+def unsupported(head_dim: int, dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused kernel cannot run attention heads of ``head_dim`` channels (of ``dtype``
+    activations), or None."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        return (f"{dtype} activations: the fused kernel takes float32, float16 and bfloat16; run "
+                "this attention through timm's path (dimap_fast.nn backend 'torch')")
     if head_dim > MAX_HEAD_DIM:
         return (f"head dim {head_dim} is above the fused kernel's limit of {MAX_HEAD_DIM}: run "
                 "this attention through timm's path (dimap_fast.nn backend 'torch')")

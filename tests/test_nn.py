@@ -283,3 +283,21 @@ def test_unsupported_head_dim_falls_back_or_refuses(device):
     assert torch.equal(attn(x), want)  # "auto": timm's path, also on CUDA
     with dnn.backend("triton"), pytest.raises(DimapError, match="head dim 144 .* limit of 128"):
         attn(x)
+
+
+@torch.no_grad()
+def test_float64_falls_back_or_refuses(device):
+    lin = nn.Linear(32, 64, dtype=torch.float64).to(device)
+    dnn.zero_smallest_tiles_(lin.weight, 0.5, 16)
+    sp = dnn.SparseLinear.from_linear(lin, block=16)
+    attn = dnn.WindowAttention(32, num_heads=2, window_size=4).to(device, torch.float64).eval()
+    x_lin = torch.randn(3, 32, device=device, dtype=torch.float64)
+    x_attn = torch.randn(2, 16, 32, device=device, dtype=torch.float64)
+    with dnn.backend("torch"):
+        want_lin, want_attn = sp(x_lin), attn(x_attn)
+    assert torch.equal(sp(x_lin), want_lin) and torch.equal(attn(x_attn), want_attn)  # auto
+    with dnn.backend("triton"):
+        with pytest.raises(DimapError, match="float64 inputs: the block-sparse kernel"):
+            sp(x_lin)
+        with pytest.raises(DimapError, match="float64 activations: the fused kernel"):
+            attn(x_attn)

@@ -105,11 +105,15 @@ def scriptable_alias(fn, name: str):
     return alias
 
 
-def attention_unsupported(head_dim: int) -> str | None:
-    """Why the fused window attention cannot run heads of ``head_dim`` channels, or None."""
+def attention_unsupported(head_dim: int, x: torch.Tensor) -> str | None:
+    """Why the fused window attention cannot run heads of ``head_dim`` channels on ``x``, or
+    None. Under autocast the qkv Linear hands the kernel the autocast dtype, whatever x's."""
     from dimap_fast.kernels.window_attention_reference import unsupported
 
-    return unsupported(head_dim)
+    dtype = x.dtype
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return unsupported(head_dim, dtype)
 
 
 def kernels():

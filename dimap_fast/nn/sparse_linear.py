@@ -17,6 +17,7 @@ from .backend import dispatch, kernels, use_triton
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 BLOCKS = (16, 32, 64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SparseLinear(nn.Linear):
@@ -71,7 +72,11 @@ class SparseLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        return use_triton(x, self.weight, self.bias)
+        dtype = (torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda")
+                 and torch.is_autocast_enabled(x.device.type) else x.dtype)
+        unsupported = None if dtype in _KERNEL_DTYPES else (
+            f"{dtype} inputs: the block-sparse kernel takes float32, float16 and bfloat16")
+        return use_triton(x, self.weight, self.bias, unsupported=unsupported)
 
     def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast F.linear computes in the autocast dtype; so do the tiles and x here.

@@ -74,7 +74,7 @@ class WindowAttentionV2(timm_v2.WindowAttention):
         if self.training and self.attn_drop.p > 0:
             return False
         head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, unsupported=attention_unsupported(head_dim), differentiable=True)
+        return use_triton(x, unsupported=attention_unsupported(head_dim, x), differentiable=True)
 
     def fused(self, x_tokens: torch.Tensor, window_size, shift_size, mask=None) -> torch.Tensor:
         """Attention of a (B, H, W, C) token map, projected: the fused path of both drop-ins."""

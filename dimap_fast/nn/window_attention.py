@@ -39,7 +39,7 @@ class WindowAttention(timm_swin.WindowAttention):
         if self.training and self.attn_drop.p > 0:
             return False
         head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, unsupported=attention_unsupported(head_dim), differentiable=True)
+        return use_triton(x, unsupported=attention_unsupported(head_dim, x), differentiable=True)
 
     def _triton_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b_, n, _ = x.shape
