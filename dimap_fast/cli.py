@@ -16,10 +16,12 @@ examples:
   dimap-fast demo                                     prune a small Swin trained on digits
   dimap-fast prune swin_tiny_patch4_window7_224 --ratio 0.5 --out tiny50.safetensors
   dimap-fast prune ckpt.pth --model swin_base_patch4_window7_224 --ratio 0.35 --out b35.safetensors
+  dimap-fast prune swin_tiny_patch4_window7_224 --flops-reduction 0.5 --out tiny_half_flops.safetensors
   dimap-fast report tiny50.safetensors --model swin_tiny_patch4_window7_224
   dimap-fast report tiny50.safetensors --json
   dimap-fast sweep swin_tiny_patch4_window7_224 swin_small_patch4_window7_224 \\
       --ratios 0.15,0.35,0.55 --methods dimap,uniform --out-dir sweeps/
+  dimap-fast sweep swin_tiny_patch4_window7_224 --flops-reductions 0.3,0.5 --out-dir sweeps/
   dimap-fast finetune --data digits --ratio 0.7 --out runs/d70
   dimap-fast eval runs/d70/model.safetensors
 """
@@ -37,6 +39,22 @@ def _ratios(text: str) -> list[float]:
     if not parts:
         raise argparse.ArgumentTypeError("give ratios as a comma-separated list, e.g. 0.15,0.35,0.55")
     return [_ratio(p.strip()) for p in parts]
+
+
+def _reduction(text: str) -> float:
+    from .budget import check_reduction
+
+    try:
+        return check_reduction(float(text))
+    except ValueError as exc:  # DimapError is one too
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, DimapError) else f"a FLOPs reduction must be a number in [0, 1), got {text!r}")
+
+
+def _reductions(text: str) -> list[float]:
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give FLOPs reductions as a comma-separated list, e.g. 0.3,0.5")
+    return [_reduction(p.strip()) for p in parts]
 
 
 def _methods(text: str) -> list[str]:
@@ -74,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune one model and write it as .safetensors with its masks",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="timm model name (random init) or checkpoint (.safetensors, .pth, .pt)")
-    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each module's weights to remove, in [0, 1)")
+    cut = p.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--ratio", type=_ratio, help="fraction of each module's weights to remove, in [0, 1)")
+    cut.add_argument("--flops-reduction", type=_reduction, metavar="R",
+                     help="fraction of the dense FLOPs to remove, in [0, 1): prunes at the smallest ratio that does "
+                          "(channel: the FLOPs of the shrunk model); needs the architecture")
     p.add_argument("--method", choices=METHODS, default="dimap", help="dimap (default), global or uniform")
     p.add_argument("--out", required=True, help="output .safetensors (pruned weights and masks)")
     _pattern_args(p)
@@ -94,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="prune several models at several ratios, one output per pair")
     s.add_argument("sources", nargs="+", help="timm model names or checkpoints")
-    s.add_argument("--ratios", type=_ratios, required=True, help="comma-separated, e.g. 0.15,0.35,0.55")
+    cut = s.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--ratios", type=_ratios, help="comma-separated, e.g. 0.15,0.35,0.55")
+    cut.add_argument("--flops-reductions", type=_reductions, metavar="R1,R2",
+                     help="comma-separated fractions of the dense FLOPs to remove, e.g. 0.3,0.5: one output per "
+                          "reduction, at the smallest ratio that reaches it")
     s.add_argument("--methods", type=_methods, default=["dimap"], help="comma-separated (default dimap)")
     s.add_argument("--out-dir", required=True, help="folder for the outputs and summary.csv")
     _pattern_args(s)
@@ -154,6 +180,7 @@ def _on_sigterm(handler):
 
 
 def cmd_prune(args) -> int:
+    from .budget import check_budget_pattern, flops_metadata
     from .errors import check_model_name
     from .io import check_architecture, check_output, save_pruned
     from .masks import prune_state
@@ -163,25 +190,44 @@ def cmd_prune(args) -> int:
     out = check_output(args.out, [args.source])
     if out.exists() and not args.overwrite:
         raise DimapError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    by_flops = args.flops_reduction is not None
+    if by_flops:
+        check_budget_pattern(args.pattern)  # before loading anything
     if args.shrink:
         return _prune_and_shrink(args, out)
     if args.model:
         check_model_name(args.model)  # before reading a large checkpoint
-    src = load_source(args.source, arch=args.model, pretrained=args.pretrained)
+    src = load_source(args.source, arch=args.model, pretrained=args.pretrained, need_model=by_flops)
+    if by_flops and src.model is None:
+        raise DimapError(f"--flops-reduction counts FLOPs by running the architecture, and {args.source} names none: "
+                         "pass --model NAME")
     if src.path is not None and src.arch and src.model is None:  # a checkpoint of another architecture is refused
         check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
-    p = plan(src.state_dict, method=args.method, progress=True, pattern=args.pattern, block_size=args.block_size)
-    masks = p.masks(args.ratio)
+    # the model holds the checkpoint's values, so both plans give the same masks; only a model can be run
+    p = plan(src.model if by_flops else src.state_dict, method=args.method, progress=True, pattern=args.pattern,
+             block_size=args.block_size)
+    ratio = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
+    masks = p.masks(ratio)
     state = prune_state(src.state_dict, masks)
-    meta = {"method": args.method, "ratio": repr(args.ratio), "source": args.source, "timm_model": src.arch or "",
+    meta = {"method": args.method, "ratio": repr(ratio), "source": args.source, "timm_model": src.arch or "",
             "pattern": args.pattern, "block_size": str(args.block_size)}
+    if by_flops:
+        meta.update(flops_metadata(p, args.flops_reduction, ratio))
     for key in ("model_config",):
         if key in src.metadata:
             meta[key] = src.metadata[key]
     save_pruned(out, state, masks, meta)
-    print(format_sparsity(p.sparsity(args.ratio)))
+    print(format_sparsity(p.sparsity(ratio)))
+    if by_flops:
+        print(format_budget(p, args.flops_reduction, ratio, shrunk=args.shrink))
     print(f"wrote {out}")
     return 0
+
+
+def format_budget(p, target: float, ratio: float, shrunk: bool) -> str:
+    """The ratio a FLOPs reduction chose and what it removes."""
+    where = " once shrunk (--shrink)" if p.pattern == "channel" and not shrunk else ""
+    return f"ratio {ratio!r} removes {p.flops_reduction(ratio):.2%} of the FLOPs{where} (asked for {target:.2%})"
 
 
 def _prune_and_shrink(args, out) -> int:
@@ -197,11 +243,15 @@ def _prune_and_shrink(args, out) -> int:
     if src.model is None:
         raise DimapError(f"{args.source} names no architecture: pass --model NAME to shrink it")
     p = plan(src.model, method=args.method, progress=True, pattern="channel")
-    p.prune_(args.ratio)
+    by_flops = args.flops_reduction is not None
+    ratio = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
+    p.prune_(ratio)
     model = shrink(src.model)
     config = json.loads(src.metadata["model_config"]) if "model_config" in src.metadata else None
     save_shrunk(model, out, arch=src.arch if config is None else None, config=config)
-    print(format_sparsity(p.sparsity(args.ratio)))
+    print(format_sparsity(p.sparsity(ratio)))
+    if by_flops:
+        print(format_budget(p, args.flops_reduction, ratio, shrunk=True))
     sizes = block_sizes(model)
     print(f"{len(sizes)} blocks; heads {[v['heads'] for v in sizes.values()]}")
     print(f"wrote {out} ({sum(t.numel() for t in model.parameters()):,} parameters)")
@@ -252,7 +302,7 @@ def cmd_sweep(args) -> int:
     from .sweep import sweep
 
     sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only,
-          pattern=args.pattern, block_size=args.block_size)
+          pattern=args.pattern, block_size=args.block_size, flops_reductions=args.flops_reductions)
     return 0
 
 

@@ -3,13 +3,15 @@
 As in the paper, a zeroed prunable weight counts as removed, both from the parameters and from
 the FLOPs of the layer that holds it. FLOPs follow Swin's convention (one multiply-add = one FLOP)
 and are measured by running one image through the model with hooks: every Linear and Conv2d, plus
-the two attention matmuls of each window-attention layer (never pruned, so the same in both
-columns). Zeros elsewhere (biases that start at zero, say) are not counted as pruning.
+the two attention matmuls of each window-attention layer, as wide as its q, k and v (never pruned,
+so the same in both columns; a shrunk model's fewer heads make them smaller). Zeros elsewhere
+(biases that start at zero, say) are not counted as pruning.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -62,53 +64,100 @@ def _input_shape(model, input_size):
     return (1, chans, int(size[0]), int(size[1]))
 
 
+@dataclass(frozen=True)
+class Workload:
+    """How much of each layer one forward pass runs, whatever its weights hold."""
+
+    positions: dict[str, int]  # Linear / Conv2d name -> output positions (tokens, pixels) over all its calls
+    attention: dict[str, tuple[int, int]]  # window attention name -> (query-key pairs over its calls, q/k/v width)
+
+
+ATTENTION_CLASSES = ("WindowAttention", "WindowAttentionV2", "WindowMultiHeadAttention")
+
+
+def workload(model: torch.nn.Module, shape) -> Workload:
+    """One forward pass of an input of ``shape`` with hooks.
+
+    It runs on the meta device when the model allows it: shapes are all the hooks read, and the meta
+    pass does no arithmetic (Swin-B: a fraction of a second instead of seconds on a CPU). Code that
+    needs values (``.item()``, a data-dependent shape) cannot run there: then the model runs for real.
+    """
+    try:
+        return _run(model, shape, meta=True)
+    except Exception:  # noqa: BLE001 - a failure on meta only means the real pass is needed
+        pass
+    try:
+        return _run(model, shape, meta=False)
+    except Exception as exc:
+        raise DimapError(f"cannot run the model on an input of shape {tuple(shape)}: {exc}; pass input_size=") from None
+
+
 @torch.no_grad()
-def count_flops(model: torch.nn.Module, shape, prunable_names=frozenset()) -> tuple[int, int]:
-    """(dense, pruned) multiply-adds of one forward pass of an input of ``shape``."""
+def _run(model: torch.nn.Module, shape, meta: bool) -> Workload:
     names = {id(m): n for n, m in model.named_modules()}
-    totals = [0, 0]
+    positions: dict[str, int] = {}
+    attention: dict[str, tuple[int, int]] = {}
     hooks = []
 
     def linear_hook(mod, inputs, output):
-        tokens = output.numel() // mod.out_features
-        _add(totals, tokens, mod.weight, names[id(mod)] + ".weight" in prunable_names)
+        name = names[id(mod)]
+        positions[name] = positions.get(name, 0) + output.numel() // mod.out_features
 
     def conv_hook(mod, inputs, output):
-        positions = output.numel() // mod.out_channels
-        _add(totals, positions, mod.weight, names[id(mod)] + ".weight" in prunable_names)
+        name = names[id(mod)]
+        positions[name] = positions.get(name, 0) + output.numel() // mod.out_channels
 
     def attention_hook(mod, inputs, output):
         x = inputs[0]  # (windows * batch, tokens, channels)
-        macs = 2 * x.shape[0] * x.shape[1] * x.shape[1] * x.shape[2]
-        totals[0] += macs
-        totals[1] += macs
+        # q, k and v are as wide as qkv makes them: a shrunk model's fewer heads do fewer matmuls
+        qkv = getattr(mod, "qkv", None)
+        width = qkv.out_features // 3 if isinstance(qkv, torch.nn.Linear) else x.shape[2]
+        pairs, _ = attention.get(names[id(mod)], (0, width))
+        attention[names[id(mod)]] = (pairs + x.shape[0] * x.shape[1] * x.shape[1], width)
 
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_hook(linear_hook))
         elif isinstance(mod, torch.nn.Conv2d):
             hooks.append(mod.register_forward_hook(conv_hook))
-        elif type(mod).__name__ in ("WindowAttention", "WindowMultiHeadAttention"):
+        elif type(mod).__name__ in ATTENTION_CLASSES:
             hooks.append(mod.register_forward_hook(attention_hook))
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(shape, device=device, dtype=dtype))
-    except Exception as exc:
-        raise DimapError(f"cannot run the model on an input of shape {tuple(shape)}: {exc}; pass input_size=") from None
+        if meta:
+            from torch.func import functional_call
+
+            state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+            functional_call(model, state, (torch.zeros(shape, device="meta", dtype=first.dtype),))
+        else:
+            model(torch.zeros(shape, device=first.device, dtype=first.dtype))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return totals[0], totals[1]
+    return Workload(positions, attention)
 
 
-def _add(totals, positions, weight, prunable):
-    per_out = weight.numel()
-    totals[0] += positions * per_out
-    totals[1] += positions * (int(torch.count_nonzero(weight)) if prunable else per_out)
+def count_flops(model: torch.nn.Module, shape, prunable_names=frozenset()) -> tuple[int, int]:
+    """(dense, pruned) multiply-adds of one forward pass of an input of ``shape``."""
+    return tally(model, workload(model, shape), prunable_names)
+
+
+def tally(model: torch.nn.Module, work: Workload, prunable_names=frozenset()) -> tuple[int, int]:
+    """(dense, pruned) multiply-adds of ``work`` with the model's weights as they are now."""
+    modules = dict(model.named_modules())
+    dense = pruned = 0
+    for name, positions in work.positions.items():
+        weight = modules[name].weight
+        dense += positions * weight.numel()
+        kept = int(torch.count_nonzero(weight)) if name + ".weight" in prunable_names else weight.numel()
+        pruned += positions * kept
+    for pairs, width in work.attention.values():
+        dense += 2 * pairs * width  # q @ k^T and attn @ v, never pruned: in both columns
+        pruned += 2 * pairs * width
+    return dense, pruned
 
 
 def format_report(rep: dict, layers: bool = False) -> str:

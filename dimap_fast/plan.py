@@ -9,7 +9,8 @@ Methods (the prunable set is the same for all three):
 - ``global``: one magnitude threshold over all prunable weights; they lose round(ratio x total).
 - ``uniform``: each layer loses round(ratio x layer size) by magnitude.
 Patterns (``pattern=``) change the unit from a weight to a tile, a neuron or head, or a 2:4 group:
-see ``dimap_fast.patterns``.
+see ``dimap_fast.patterns``. A plan of a model (not of a state dict) also prunes to a FLOPs budget:
+``ratio_for_flops(reduction)``, see ``dimap_fast.budget``.
 
 Tie rule: units are kept in the order (key descending, layer in natural name order, rank in the
 layer), where the key is the score (dimap) or the magnitude (global, uniform) and the rank orders
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .budget import FlopsBudget, Kept, check_budget_pattern, check_reduction
 from .errors import METHODS, DimapError, check_choice, check_ratio
+from .flops import _input_shape
 from .modules import Layer, named_tensors, prunable_layers, prune_count
 from .patterns import UnitLayer, check_pattern, two_four_mask, unit_layers
 from .scores import Group, build_states
@@ -52,13 +55,18 @@ class Plan:
     """The ratio-independent part of a pruning run over one model's prunable weights."""
 
     def __init__(self, layers: list[Layer], method: str, backend: str, progress: bool = False,
-                 pattern: str = "unstructured", block_size: int = 32, tensors: dict | None = None):
+                 pattern: str = "unstructured", block_size: int = 32, tensors: dict | None = None,
+                 model: torch.nn.Module | None = None):
         self.layers = layers
         self.method = method
         self.backend = backend
         self.pattern = pattern
         self.block_size = block_size
         self._counts_cache: dict[float, np.ndarray] = {}
+        self._model = model  # run (on the meta device) to count FLOPs; a state dict has nothing to run
+        self._versions = _versions(layers)  # FLOPs read the weights later: they must still be these
+        self._kept: Kept | None = None
+        self._budgets: dict[tuple, FlopsBudget] = {}
         if pattern == "2:4":
             self.units: list[UnitLayer] = []
             self.modules = list(dict.fromkeys(layer.module for layer in layers))
@@ -189,6 +197,37 @@ class Plan:
             layer.tensor.mul_(masks[layer.name])
         return masks
 
+    def ratio_for_flops(self, reduction: float, input_size=None) -> float:
+        """The smallest ratio whose pruned model removes at least ``reduction`` of the dense FLOPs.
+
+        FLOPs as ``report`` counts them at ``input_size`` (default the model's); for the channel
+        pattern, those of the model ``shrink`` builds. A reduction the pattern cannot reach is
+        refused with the largest one it can.
+        """
+        target = check_reduction(reduction)
+        return self._budget(input_size).smallest_ratio(target, self.keep_counts)
+
+    def flops_reduction(self, ratio: float, input_size=None) -> float:
+        """The share of the dense FLOPs that pruning at ``ratio`` removes, counted as ``ratio_for_flops`` counts."""
+        counts = self.keep_counts(ratio)
+        return self._budget(input_size).reduction(counts)
+
+    def _budget(self, input_size) -> FlopsBudget:
+        check_budget_pattern(self.pattern)
+        if self._model is None:
+            raise DimapError("this plan was made from a state dict, which cannot be run to count FLOPs: "
+                             "plan the model itself, dimap_fast.plan(model), to prune to a FLOPs reduction")
+        shape = _input_shape(self._model, input_size)
+        budget = self._budgets.get(shape)
+        if budget is None:
+            if self._kept is None:
+                if self.pattern != "unstructured" and _versions(self.layers) != self._versions:
+                    raise DimapError("the prunable weights changed after planning (prune_, an optimizer step): "
+                                     "plan the model again before asking for FLOPs")
+                self._kept = Kept(self)
+            budget = self._budgets[shape] = FlopsBudget(self, self._kept, self._model, shape)
+        return budget
+
     def sparsity(self, ratio: float) -> dict[str, dict[str, float]]:
         """Fraction of units removed, per module and per unit layer: {"modules": ..., "layers": ...}."""
         counts = self.keep_counts(ratio)
@@ -280,6 +319,10 @@ def _layer_mask_torch(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
     return mask
 
 
+def _versions(layers: list[Layer]) -> list[int]:
+    return [layer.tensor._version for layer in layers]  # bumped by every in-place write
+
+
 def _workers(jobs: int) -> int:
     return max(1, min(jobs, torch.get_num_threads(), os.cpu_count() or 1))
 
@@ -300,7 +343,8 @@ def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=Non
     kernels for CUDA weights and numpy otherwise; "triton" forces the kernels (CPU tensors need
     TRITON_INTERPRET=1), "numpy" forces the CPU path. pattern: "unstructured" (the paper),
     "block" (block_size x block_size tiles), "channel" (neurons and heads) or "2:4".
-    Structured patterns score their few units on the CPU whatever the device.
+    Structured patterns score their few units on the CPU whatever the device. A plan of a model
+    keeps a reference to it, to count FLOPs for ``ratio_for_flops``.
     """
     check_choice("method", method, METHODS)
     check_choice("backend", backend, ("auto", "numpy", "triton"))
@@ -326,7 +370,8 @@ def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=Non
         raise DimapError(f"backend='triton' scores the unstructured pattern; pattern {pattern!r} runs on backend='numpy'")
     if backend == "triton" and not on_cuda and not _interpreting():
         raise DimapError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import; use backend='numpy'")
-    return Plan(layers, method, backend, progress, pattern, block_size, tensors)
+    model = model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None
+    return Plan(layers, method, backend, progress, pattern, block_size, tensors, model)
 
 
 def compute_masks(model_or_state_dict, ratio: float, method: str = "dimap", module_map=None, **kwargs) -> dict[str, torch.Tensor]:

@@ -1,5 +1,10 @@
 """Batch pruning: several models x methods x ratios, one output file per triple.
 
+Instead of ratios a sweep can take FLOPs reductions (``flops_reductions``): each output is then
+pruned at the smallest ratio that removes that share of the FLOPs (``Plan.ratio_for_flops``), is
+named after the reduction, and records the ratio chosen; the models are planned from their
+architecture, which checkpoints must name (``--model`` or their metadata).
+
 One model and one plan are alive at a time, so memory stays that of the largest model plus its
 plan. Everything a sweep can check without pruning (names, files, headers, architectures, the
 outputs already there) is checked before the first file is written.
@@ -17,6 +22,7 @@ import io
 import time
 from pathlib import Path
 
+from .budget import check_budget_pattern, check_reduction, flops_metadata
 from .errors import METHODS, DimapError, check_choice, check_model_name, check_ratio
 from .io import (check_architecture, check_output, checkpoint_path, looks_like_path, remove_stale_temps,
                  safetensors_header, save_pruned, write_text_atomic)
@@ -24,23 +30,31 @@ from .io import (check_architecture, check_output, checkpoint_path, looks_like_p
 SUMMARY = "summary.csv"
 
 
-def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: str = "unstructured", block_size: int = 32) -> str:
+def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: str = "unstructured", block_size: int = 32,
+                by_flops: bool = False) -> str:
+    """``ratio`` is the FLOPs reduction when ``by_flops``: the name must be known before the ratio is."""
     kind = "masks" if masks_only else "pruned"
     tag = {"unstructured": "", "block": f"__block{block_size}", "channel": "__channel", "2:4": "__2of4"}[pattern]
-    return f"{stem}__{method}{tag}__r{ratio:g}.{kind}.safetensors"
+    cut = f"flops{ratio:g}" if by_flops else f"r{ratio:g}"
+    return f"{stem}__{method}{tag}__{cut}.{kind}.safetensors"
 
 
 def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, progress=True,
-          pattern: str = "unstructured", block_size: int = 32) -> list[dict]:
-    """Prune every source at every ratio with every method; returns the summary rows."""
+          pattern: str = "unstructured", block_size: int = 32, flops_reductions=None) -> list[dict]:
+    """Prune every source at every ratio (or FLOPs reduction) with every method; returns the summary rows."""
     from tqdm import tqdm
 
     from .masks import prune_state
     from .plan import plan
     from .sources import load_source
 
-    jobs = _check(sources, ratios, methods, Path(out_dir), arch, masks_only, pattern, block_size)
+    by_flops = flops_reductions is not None
+    if by_flops and ratios is not None:
+        raise DimapError("give ratios or FLOPs reductions, not both")
+    jobs = _check(sources, flops_reductions if by_flops else ratios, methods, Path(out_dir), arch, masks_only, pattern,
+                  block_size, by_flops)
     out_dir = Path(out_dir)
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -50,31 +64,46 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     rows = []
     bar = tqdm(total=len(jobs), desc="sweep", unit="file", disable=not progress)
     src = p = None
+    chosen: dict[float, float] = {}  # FLOPs reduction -> ratio, for the current plan
     try:
-        for i, (spec, method, ratio, out) in enumerate(jobs):
+        for i, (spec, method, value, out) in enumerate(jobs):
             if i and spec != jobs[i - 1][0]:
                 src = p = None  # one model in memory at a time
             elif i and method != jobs[i - 1][1]:
                 p = None
-            if _complete(out, method, ratio, pattern, block_size):
-                rows.append(_kept_row(previous.get(out.name), spec, method, ratio, out))
+            meta = _existing_meta(out)
+            if meta is not None and _matches(meta, method, value, pattern, block_size, by_flops):
+                rows.append(_kept_row(previous.get(out.name), spec, method, value, out, meta if by_flops else None))
                 bar.update(1)
                 continue
             start = time.perf_counter()
             if src is None:
-                src = load_source(spec, arch=arch)
+                src = load_source(spec, arch=arch, need_model=by_flops)
+                if by_flops and src.model is None:
+                    raise DimapError(_no_architecture(spec))
                 if src.path is not None and src.arch and src.model is None:
                     check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
             if p is None:
-                p = plan(src.state_dict, method=method, pattern=pattern, block_size=block_size)
+                p = plan(src.model if by_flops else src.state_dict, method=method, pattern=pattern, block_size=block_size)
+                # every reduction of this model is searched now: one out of reach stops the sweep before its files
+                chosen = {v: p.ratio_for_flops(v) for v in dict.fromkeys(j[2] for j in jobs if j[0] == spec)} if by_flops else {}
+            ratio = chosen[value] if by_flops else value
             masks = p.masks(ratio)
             meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
                     "pattern": pattern, "block_size": str(block_size)}
+            if by_flops:
+                meta.update(flops_metadata(p, value, ratio))
             state = {} if masks_only else prune_state(src.state_dict, masks)
             save_pruned(out, state, masks, meta)
-            rows.append(_row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s"))
+            row = _row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s")
+            rows.append(_with_target(row, value, p.flops_reduction(ratio)) if by_flops else row)
             _write_csv(out_dir / SUMMARY, rows)
             bar.update(1)
+    except DimapError:
+        bar.leave = False  # the refusal is the one line left on the terminal
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # refused before its first file: the sweep leaves nothing behind
+        raise
     finally:
         bar.close()
     _write_csv(out_dir / SUMMARY, rows)
@@ -82,25 +111,43 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     return rows
 
 
+def _no_architecture(spec: str) -> str:
+    return f"--flops-reductions count FLOPs by running the architecture, and {spec} names none: pass --model NAME"
+
+
+def _with_target(row: dict, target: float, achieved) -> dict:
+    """A FLOPs sweep's row: the reduction asked for, then the ratio chosen and the reduction it gives."""
+    achieved = _float(achieved)
+    out = {"source": row["source"], "method": row["method"], "flops_target": target, "ratio": row["ratio"],
+           "flops_reduction": round(achieved, 6) if achieved != "" else ""}
+    out.update((k, v) for k, v in row.items() if k not in out)
+    return out
+
+
 def _stem(spec: str) -> str:
     return Path(spec).name.split(".")[0] if looks_like_path(spec) else spec
 
 
-def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_size) -> list[tuple]:
-    """Refuse bad input before any work or any file; returns (spec, method, ratio, output) per job."""
+def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_size, by_flops=False) -> list[tuple]:
+    """Refuse bad input before any work or any file; returns (spec, method, ratio, output) per job.
+
+    With ``by_flops`` the ratios are FLOPs reductions, and every source must name its architecture.
+    """
     from .patterns import check_pattern
 
     check_pattern(pattern, block_size)
+    if by_flops:
+        check_budget_pattern(pattern)
     if isinstance(sources, str) or not sources:
         raise DimapError("give the sources as a list of timm model names or checkpoint files")
     for spec in sources:
         if not isinstance(spec, str) or not spec:
             raise DimapError(f"a source is a timm model name or a checkpoint file, got {spec!r}")
     if not ratios:
-        raise DimapError("give at least one ratio, e.g. 0.15,0.35,0.55")
+        raise DimapError("give at least one FLOPs reduction, e.g. 0.3,0.5" if by_flops else "give at least one ratio, e.g. 0.15,0.35,0.55")
     if not methods:
         raise DimapError(f"give at least one method: {', '.join(METHODS)}")
-    ratios = list(dict.fromkeys(check_ratio(r) for r in ratios))
+    ratios = list(dict.fromkeys((check_reduction if by_flops else check_ratio)(r) for r in ratios))
     methods = list(dict.fromkeys(methods))
     for m in methods:
         check_choice("method", m, METHODS)
@@ -113,6 +160,7 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
     stems: dict[str, str] = {}
     for spec in dict.fromkeys(sources):
         if looks_like_path(spec):
+            meta = {}
             if Path(spec).suffix == ".safetensors":  # header only: cheap, and it catches damage and misfits now
                 shapes, meta = safetensors_header(spec)
                 if (arch or meta.get("timm_model")) and meta.get("format") != "dimap-fast/shrunk-1":
@@ -120,6 +168,8 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
                                        arch or meta["timm_model"], spec)
             else:
                 checkpoint_path(spec)  # exists, readable, a known type; the rest is checked when it is loaded
+            if by_flops and not (arch or meta.get("timm_model") or meta.get("model_config")):
+                raise DimapError(_no_architecture(spec))
         else:
             check_model_name(spec)
         stem = _stem(spec)
@@ -130,14 +180,15 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
     for spec in stems.values():
         for method in methods:
             for ratio in ratios:
-                out = out_dir / output_name(_stem(spec), method, ratio, masks_only, pattern, block_size)
+                out = out_dir / output_name(_stem(spec), method, ratio, masks_only, pattern, block_size, by_flops)
                 if out_dir.is_dir():  # otherwise it is made later, and nothing in it can be an input
                     check_output(out, [spec] if looks_like_path(spec) else [])
                 if out.name in names and names[out.name] != ratio:
-                    raise DimapError(f"ratios {names[out.name]!r} and {ratio!r} give the same output {out.name}: "
+                    kind = "FLOPs reductions" if by_flops else "ratios"
+                    raise DimapError(f"{kind} {names[out.name]!r} and {ratio!r} give the same output {out.name}: "
                                      "drop one or make them differ in the first 6 digits")
                 names[out.name] = ratio
-                _check_existing(out, method, ratio, pattern, block_size)
+                _check_existing(out, method, ratio, pattern, block_size, by_flops)
                 jobs.append((spec, method, ratio, out))
     return jobs
 
@@ -152,23 +203,20 @@ def _existing_meta(out: Path) -> dict | None:
         return None  # damaged (never by us: we rename complete files only); written again
 
 
-def _check_existing(out: Path, method, ratio, pattern, block_size) -> None:
+def _check_existing(out: Path, method, ratio, pattern, block_size, by_flops=False) -> None:
     meta = _existing_meta(out)
-    if meta is not None and not _matches(meta, method, ratio, pattern, block_size):
+    if meta is not None and not _matches(meta, method, ratio, pattern, block_size, by_flops):
         raise DimapError(
             f"{out} exists but was not written by this sweep (method {meta.get('method')!r}, ratio {meta.get('ratio')!r}): "
             "move it away or choose another --out-dir"
         )
 
 
-def _matches(meta, method, ratio, pattern, block_size) -> bool:
-    return (meta.get("format") == "dimap-fast/1" and meta.get("method") == method and meta.get("ratio") == repr(ratio)
+def _matches(meta, method, ratio, pattern, block_size, by_flops=False) -> bool:
+    """``ratio`` is the FLOPs reduction when ``by_flops``: the file records it beside the ratio chosen."""
+    asked = meta.get("flops_reduction_target") if by_flops else meta.get("ratio")
+    return (meta.get("format") == "dimap-fast/1" and meta.get("method") == method and asked == repr(ratio)
             and meta.get("pattern", "unstructured") == pattern and meta.get("block_size", str(block_size)) == str(block_size))
-
-
-def _complete(out: Path, method, ratio, pattern, block_size) -> bool:
-    meta = _existing_meta(out)
-    return meta is not None and _matches(meta, method, ratio, pattern, block_size)
 
 
 def _read_summary(path: Path) -> dict[str, dict]:
@@ -181,18 +229,33 @@ def _read_summary(path: Path) -> dict[str, dict]:
     return {Path(r["output"]).name: r for r in rows if r.get("output")}
 
 
-def _kept_row(old, spec, method, ratio, out):
-    row = {"source": spec, "method": method, "ratio": ratio}
-    if old is not None and old.get("method") == method and old.get("ratio") and float(old["ratio"]) == ratio:
-        for key, value in old.items():
-            if key.endswith("-M") and value not in (None, ""):
+def _kept_row(old, spec, method, ratio, out, flops_meta=None):
+    """The row of an output that exists; its module columns come back from the old summary.csv.
+
+    In a FLOPs sweep ``ratio`` is the reduction asked for and ``flops_meta`` the file's metadata,
+    which holds the ratio chosen and the reduction reached.
+    """
+    row, key = {"source": spec, "method": method, "ratio": ratio}, "ratio"
+    if flops_meta is not None:
+        row = _with_target({**row, "ratio": _float(flops_meta.get("ratio"))}, ratio, flops_meta.get("flops_reduction"))
+        key = "flops_target"
+    if old is not None and old.get("method") == method and _float(old.get(key)) == ratio:
+        for name, value in old.items():
+            if name.endswith("-M") and value not in (None, ""):
                 try:
-                    row[key] = float(value)
+                    row[name] = float(value)
                 except ValueError:
                     pass
     row["output"] = str(out)
     row["note"] = "kept (exists)"
     return row
+
+
+def _float(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return ""
 
 
 def _row(spec, method, ratio, sparsity, out, note):
@@ -219,9 +282,20 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def format_rows(rows: list[dict]) -> str:
     modules = [k for r in rows for k in r if k.endswith("-M")]
     modules = list(dict.fromkeys(modules))
-    head = f"{'source':<36}{'method':<9}{'ratio':>6}" + "".join(f"{m:>8}" for m in modules) + "  note"
+    by_flops = any("flops_target" in r for r in rows)
+    cut = f"{'target':>7}{'ratio':>10}{'FLOPs':>8}" if by_flops else f"{'ratio':>6}"
+    head = f"{'source':<36}{'method':<9}{cut}" + "".join(f"{m:>8}" for m in modules) + "  note"
     lines = [head]
     for r in rows:
         cells = "".join(f"{r[m]:>8.1%}" if m in r else f"{'-':>8}" for m in modules)
-        lines.append(f"{r['source'][-36:]:<36}{r['method']:<9}{r['ratio']:>6g}{cells}  {r['note']}")
+        if by_flops:
+            cut = f"{r['flops_target']:>7.1%}{_cell(r['ratio'], '.6f', 10)}{_cell(r['flops_reduction'], '.1%', 8)}"
+        else:
+            cut = f"{r['ratio']:>6g}"
+        lines.append(f"{r['source'][-36:]:<36}{r['method']:<9}{cut}{cells}  {r['note']}")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str, width: int) -> str:
+    value = _float(value)
+    return f"{value:>{width}{spec}}" if value != "" else f"{'-':>{width}}"

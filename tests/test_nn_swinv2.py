@@ -7,6 +7,7 @@ import torch
 from timm.models import swin_transformer_v2 as timm_v2
 from tolerances import REL_TOLERANCES, assert_rel_close, matmul_precision
 
+import dimap_fast
 import dimap_fast.nn as dnn
 from dimap_fast.nn.swinv2 import SwinV2Block, WindowAttentionV2
 
@@ -127,6 +128,7 @@ def small_swinv2(seed=0):
 def test_convert_swinv2_model(device):
     model = small_swinv2().to(device)
     x = torch.randn(2, 3, 32, 32, device=device)
+    flops = dimap_fast.report(model)["flops"]
     with matmul_precision("ieee"):
         want = model(x)
         keys = list(model.state_dict())
@@ -139,6 +141,7 @@ def test_convert_swinv2_model(device):
             assert torch.equal(model(x), want)
         with dnn.backend("triton"):
             assert_rel_close(model(x), want, torch.float32, "logits")
+    assert dimap_fast.report(model)["flops"] == flops  # the drop-ins' attention is counted too
 
 
 def test_convert_names_what_it_leaves():
