@@ -44,6 +44,27 @@ def _load_qkv_tile(src_ptr, bias_ptr, tok_valid, tok_real, ch, d_ok, has_bias):
 
 
 @triton.jit
+def _q_tile(src_ptr, bias_ptr, valid, real, ch, d_ok, has_bias, scale, UPCAST: tl.constexpr):
+    """The scaled q of a token tile (timm scales q in its own dtype before the product)."""
+    q = _load_qkv_tile(src_ptr, bias_ptr, valid, real, ch, d_ok, has_bias)
+    q = (q.to(tl.float32) * scale).to(q.dtype)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _kv_tile(src_ptr, bias_ptr, valid, real, ch, d_ok, C, has_bias, UPCAST: tl.constexpr):
+    """The k and v of a token tile."""
+    k = _load_qkv_tile(src_ptr + C, bias_ptr + C, valid, real, ch, d_ok, has_bias)
+    v = _load_qkv_tile(src_ptr + 2 * C, bias_ptr + 2 * C, valid, real, ch, d_ok, has_bias)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _region(y, x, Hp, Wp, WH, WW, shift_h, shift_w):
     """timm's shifted-window region of grid positions: rows [0, Hp-WH), [Hp-WH, Hp-shift),
     [Hp-shift, Hp) (likewise columns); one region along an axis that is not shifted."""
@@ -89,10 +110,7 @@ def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
     # token sit side by side in memory, so a program reads whole cache lines of its tokens.
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
-        q = _load_qkv_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias)
-        q = (q.to(tl.float32) * scale).to(q.dtype)  # timm scales q in its own dtype; so do we
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _q_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias, scale, UPCAST)
         bias_rows = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N + tq * N
         m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK,), tl.float32)
@@ -100,13 +118,8 @@ def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
         for k0 in range(0, N, BLOCK):
             tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
                                                                    shift_h, shift_w, BLOCK)
-            k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
-            k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-            v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
-                               has_bias)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _kv_tile(qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw, qkv_bias_ptr, k_valid,
+                            k_real, ch, d_ok, C, has_bias, UPCAST)
             rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
             s = _scores(q, k, bias_rows, tk, q_valid, k_valid, rq, rk, regions, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -148,25 +161,18 @@ def _window_attn_bwd_dkdv(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
     h0 = tl.program_id(1) * heads_per_program
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
-        k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-        v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
-                           has_bias)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _kv_tile(k_src, qkv_bias_ptr, k_valid, k_real, ch, d_ok, C, has_bias, UPCAST)
         bias_base = bias_ptr + ((pid % n_bias) * HEADS + h).to(tl.int64) * N * N
         dk = tl.zeros((BLOCK, HDP), tl.float32)
         dv = tl.zeros((BLOCK, HDP), tl.float32)
         for q0 in range(0, N, BLOCK):
             tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(q0, N, WW, wy0, wx0, H, W,
                                                                    shift_h, shift_w, BLOCK)
-            q = _load_qkv_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr,
-                               q_valid, q_real, ch, d_ok, has_bias)
-            q = (q.to(tl.float32) * scale).to(q.dtype)
+            q = _q_tile(qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw, qkv_bias_ptr, q_valid,
+                        q_real, ch, d_ok, has_bias, scale, UPCAST)
             do = tl.load(do_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow
                          + ch[None, :], mask=q_real[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
-                q = q.to(tl.float32)
                 do = do.to(tl.float32)
             tok = ((b * H + syq) * W + sxq) * HEADS + h
             lse = tl.load(lse_ptr + tok, mask=q_real, other=0.0)
@@ -212,12 +218,10 @@ def _window_attn_bwd_dq(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_
     h0 = tl.program_id(1) * heads_per_program
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
-        q = _load_qkv_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias)
-        q = (q.to(tl.float32) * scale).to(q.dtype)
+        q = _q_tile(q_src, qkv_bias_ptr, q_valid, q_real, ch, d_ok, has_bias, scale, UPCAST)
         do = tl.load(do_ptr + b * s_ob + syq[:, None] * s_oh + sxq[:, None] * s_ow + ch[None, :],
                      mask=q_real[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
-            q = q.to(tl.float32)
             do = do.to(tl.float32)
         tok = ((b * H + syq) * W + sxq) * HEADS + h
         lse = tl.load(lse_ptr + tok, mask=q_real, other=0.0)
@@ -227,13 +231,8 @@ def _window_attn_bwd_dq(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_
         for k0 in range(0, N, BLOCK):
             tk, k_valid, yk, xk, k_real, syk, sxk = _window_tokens(k0, N, WW, wy0, wx0, H, W,
                                                                    shift_h, shift_w, BLOCK)
-            k_src = qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw
-            k = _load_qkv_tile(k_src + C, qkv_bias_ptr + C, k_valid, k_real, ch, d_ok, has_bias)
-            v = _load_qkv_tile(k_src + 2 * C, qkv_bias_ptr + 2 * C, k_valid, k_real, ch, d_ok,
-                               has_bias)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _kv_tile(qkv_ptr + b * s_qb + syk * s_qh + sxk * s_qw, qkv_bias_ptr, k_valid,
+                            k_real, ch, d_ok, C, has_bias, UPCAST)
             rk = _region(yk, xk, Hp, Wp, WH, WW, shift_h, shift_w)
             s = _scores(q, k, bias_ptr + bias_off, tk, q_valid, k_valid, rq, rk, regions, PREC)
             p = tl.where(q_real[:, None], tl.exp(s - lse[:, None]), 0.0)
