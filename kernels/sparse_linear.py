@@ -9,8 +9,9 @@ pruned; the kept tiles are stored tile-row by tile-row (CSR over tiles):
 - ``col_idx[t]`` is its tile-column c;
 - the tiles of tile-row r are ``row_ptr[r]:row_ptr[r+1]``.
 
-One launch: a program owns BM rows of x and one output tile-row, and accumulates in float32
-over that row's kept tiles only; a tile-row with no kept tile writes just the bias.
+One launch: a program owns BM rows of x and ROWS consecutive output tile-rows, and for each
+accumulates in float32 over that row's kept tiles only, in a software-pipelined loop; a tile-row
+with no kept tile writes just the bias.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ from ._common import (
 )
 
 BLOCKS = (16, 32, 64)
-_INTERP_BM = 64  # the interpreter pays per program far more than per element: few, big programs
-_TUNE_CONFIGS = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))  # BM, warps, stages
+# BM rows of x, ROWS tile-rows per program, warps, stages. ROWS=1 stays in the list: with few
+# tile-rows (small N) or few row blocks, more programs beat more work per program. Each stage
+# holds a BMxB x tile and a BxB weight tile: BM=256 gets 2 stages, as 3 of fp32 B=64 would need
+# 240 KiB of shared memory (sm_90 allows 227).
+_TUNE_CONFIGS = ((64, 1, 4, 3), (128, 1, 4, 3), (128, 2, 4, 4), (128, 4, 8, 3), (256, 2, 8, 2))
+# The interpreter pays per program far more than per element: few, big programs.
+_INTERP_CONFIG = (64, 2, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -128,43 +134,53 @@ def unpack_block_sparse(packed: BlockSparseWeight) -> torch.Tensor:
 @triton.jit
 def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
                 stride_xm, stride_ym,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
-    # Tile-rows vary fastest so that programs running together share the same rows of x in L2.
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, ROWS: tl.constexpr,
+                STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # A program owns BM rows of x and ROWS consecutive tile-rows, done one after the other: the
+    # tile-rows have different kept columns, so there is no x tile to share in registers, but the
+    # x tiles the first one reads are still in L2 for the next. Tile-row groups vary fastest so
+    # that programs running together also share those rows of x.
     pid = tl.program_id(0)
-    r = pid % R
-    pm = pid // R
+    groups = tl.cdiv(R, ROWS)
+    pm = pid // groups
     rm = (pm * BM + tl.arange(0, BM)).to(tl.int64)
     rb = tl.arange(0, B)
     m_ok = rm < M
-    acc = tl.zeros((BM, B), dtype=tl.float32)
-    t0 = tl.load(row_ptr + r)
-    t1 = tl.load(row_ptr + r + 1)
-    for t in range(t0, t1):
-        c = tl.load(col_ptr + t)
-        k = c * B + rb
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :],
-                     mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
-        wt = tl.load(tiles_ptr + t * (B * B) + rb[:, None] * B + rb[None, :])
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PREC)
-    n = r * B + rb
-    n_ok = n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_tile = rb[:, None] * B + rb[None, :]
+    for i in range(ROWS):
+        r = (pid % groups) * ROWS + i
+        # Past the last tile-row (R not a multiple of ROWS): an empty loop and a masked store.
+        t0 = tl.load(row_ptr + r, mask=r < R, other=0)
+        t1 = tl.load(row_ptr + r + 1, mask=r < R, other=0)
+        acc = tl.zeros((BM, B), dtype=tl.float32)
+        # The column index is loaded one iteration ahead, so the x tile's address never waits
+        # on a load issued in its own iteration and the pipeliner can run the x loads ahead.
+        c = tl.load(col_ptr + t0, mask=t0 < t1, other=0)
+        for t in tl.range(t0, t1, num_stages=STAGES):
+            c_next = tl.load(col_ptr + t + 1, mask=t + 1 < t1, other=0)
+            k = c * B + rb
+            xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+            wt = tl.load(tiles_ptr + t * (B * B) + w_tile)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PREC)
+            c = c_next
+        n = r * B + rb
+        n_ok = n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 if HAVE_TRITON:
     # Autotuned twin for the GPU; the interpreter keeps the plain kernel (tuning would run every
     # config in Python).
     _bsr_linear_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BM": bm}, num_warps=w, num_stages=s) for bm, w, s in _TUNE_CONFIGS
-        ],
+        configs=[triton.Config({"BM": bm, "ROWS": rows, "STAGES": s}, num_warps=w, num_stages=s)
+                 for bm, rows, w, s in _TUNE_CONFIGS],
         key=["M", "N", "K", "B"],
     )(_bsr_linear)
 else:
@@ -206,22 +222,35 @@ def block_sparse_linear(x: torch.Tensor, packed: BlockSparseWeight,
         x2 = x2.contiguous()
     m, n, k = x2.shape[0], packed.out_features, packed.in_features
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    r = packed.grid[0]
     if m == 0:
         return y.view(*lead, n)
+    _launch(x2, packed, bias, y)
+    return y.view(*lead, n)
+
+
+def _launch(x2: torch.Tensor, packed: BlockSparseWeight, bias: torch.Tensor | None,
+            y: torch.Tensor, config: tuple | None = None) -> None:
+    """y = x2 W^T + b for a 2-D x2 with unit inner stride; ``config`` (BM, ROWS, warps, stages)
+    forces one launch config (tests check each), else autotuning picks on a GPU."""
+    (m, k), n, r = x2.shape, packed.out_features, packed.grid[0]
     b_arg = bias if bias is not None else y  # never read without HAS_BIAS
     args = (x2, packed.tiles, packed.row_ptr, packed.col_idx, b_arg, y, m, n, k, r,
             x2.stride(0), y.stride(0))
-    with device_guard(x.device):
-        if interpreting(_bsr_linear) or _bsr_linear_tuned is None:
-            grid = (r * triton.cdiv(m, _INTERP_BM),)
-            _bsr_linear[grid](*args, HAS_BIAS=bias is not None, BM=_INTERP_BM, B=packed.block,
-                              PREC=_precision(x.dtype), UPCAST=_upcast(_bsr_linear, x.dtype))
+    consts = dict(HAS_BIAS=bias is not None, B=packed.block, PREC=_precision(x2.dtype),
+                  UPCAST=_upcast(_bsr_linear, x2.dtype))
+    if config is None and (interpreting(_bsr_linear) or _bsr_linear_tuned is None):
+        config = _INTERP_CONFIG
+    with device_guard(x2.device):
+        if config is None:
+            def grid(meta):
+                return (triton.cdiv(m, meta["BM"]) * triton.cdiv(r, meta["ROWS"]),)
+
+            _bsr_linear_tuned[grid](*args, **consts)
         else:
-            grid = lambda meta: (r * triton.cdiv(m, meta["BM"]),)  # noqa: E731
-            _bsr_linear_tuned[grid](*args, HAS_BIAS=bias is not None, B=packed.block,
-                                    PREC=_precision(x.dtype), UPCAST=_upcast(_bsr_linear, x.dtype))
-    return y.view(*lead, n)
+            bm, rows, warps, stages = config
+            grid = (triton.cdiv(m, bm) * triton.cdiv(r, rows),)
+            _bsr_linear[grid](*args, BM=bm, ROWS=rows, STAGES=stages, num_warps=warps,
+                              num_stages=stages, **consts)
 
 
 def block_sparse_linear_reference(x: torch.Tensor, packed: BlockSparseWeight,
@@ -242,12 +271,13 @@ def launch_configs() -> list[LaunchConfig]:
                      bias_ptr=t, y_ptr=t, M="i32", N="i32", K="i32", R="i32", stride_xm="i32",
                      stride_ym="i32")
         precisions = ("ieee", "tf32") if dtype == torch.float32 else (_precision(dtype),)
-        for prec, has_bias, block, (bm, warps, stages) in itertools.product(
+        for prec, has_bias, block, (bm, rows, warps, stages) in itertools.product(
                 precisions, (False, True), BLOCKS, _TUNE_CONFIGS):
             kind = f"{t[1:]}-{prec}" if dtype == torch.float32 else t[1:]
             name = (f"sparse_linear {kind}{' bias' if has_bias else ''} B={block} BM={bm} "
-                    f"w{warps} s{stages}")
+                    f"ROWS={rows} w{warps} s{stages}")
             # UPCAST is the interpreter's bfloat16 workaround: a GPU never takes it.
-            constexprs = dict(HAS_BIAS=has_bias, BM=bm, B=block, PREC=prec, UPCAST=False)
+            constexprs = dict(HAS_BIAS=has_bias, BM=bm, B=block, ROWS=rows, STAGES=stages,
+                              PREC=prec, UPCAST=False)
             out.append(LaunchConfig.of(_bsr_linear, name, types, constexprs, warps, stages))
     return out

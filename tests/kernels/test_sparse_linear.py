@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from dimap_fast.kernels import sparse_linear
 from dimap_fast.kernels.sparse_linear import (
     BlockSparseWeight,
     block_sparse_linear,
@@ -35,6 +36,23 @@ def check(x, w, block, bias=None):
     assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
     assert_close(y, ref)
     return y
+
+
+def check_config(x, w, block, bias, config):
+    """One forced launch config (BM, ROWS, warps, stages) against the float32 reference."""
+    packed = pack_block_sparse(w, block)
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    sparse_linear._launch(x, packed, bias, y, config)
+    with matmul_precision("ieee"):
+        ref = block_sparse_linear_reference(x, packed, bias)
+    assert_close(y, ref)
+    return y
+
+
+# 7 tile-rows, so no ROWS of 2, 3 or 4 divides them: each row keeps other columns than its
+# neighbours, the empty ones (1, 4, 6) fall first, mid and last in a program's group, and the
+# last kept tile is the last of col_idx (the one-ahead column load runs past it).
+ROW_PATTERN = [[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 0], [0, 0, 1], [0, 0, 0]]
 
 
 def test_pack_unpack_roundtrip_and_format():
@@ -74,6 +92,30 @@ def test_matches_reference_mixed_rows(dtype, precision, block, device):
     with matmul_precision(precision):
         y = check(x, w, block, bias)
     assert torch.equal(y[:, block:2 * block], bias[block:2 * block].expand(70, -1))  # pruned row
+
+
+@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_several_tile_rows_per_program(rows, block, dtype, precision, device):
+    # Partial edge tiles on both axes; 70 rows of x make three row blocks of 32, the last partial.
+    w = tiled_weight(7 * block - 3, 3 * block - 5, block, ROW_PATTERN, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(70, w.shape[1], generator=g).to(device, dtype)
+    bias = torch.randn(w.shape[0], generator=g).to(device, dtype)
+    with matmul_precision(precision):
+        y = check_config(x, w, block, bias, (32, rows, 4, 3))
+    for r in (1, 4, 6):  # the pruned tile-rows: exactly the bias
+        cols = slice(r * block, min((r + 1) * block, w.shape[0]))
+        assert torch.equal(y[:, cols], bias[cols].expand(70, -1))
+
+
+@pytest.mark.parametrize("config", sparse_linear._TUNE_CONFIGS, ids=str)
+def test_every_tuned_config(config, device):
+    # 300 rows: a partial row block for every BM of the list.
+    w = tiled_weight(7 * 32 - 3, 3 * 32 - 5, 32, ROW_PATTERN, dtype=torch.float16, device=device)
+    x = torch.randn(300, w.shape[1], device=device).half()
+    check_config(x, w, 32, torch.randn(w.shape[0], device=device).half(), config)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
