@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -187,6 +188,10 @@ def step_tests(rows: Rows, ctx: Ctx) -> None:
         cmd.insert(3, "--collect-only")
     else:
         cmd.insert(3, "--durations=15")  # in the log: what to trim if this step outgrows its budget
+        if importlib.util.find_spec("xdist") is not None:
+            # Triton compiles each kernel variant on first use, one at a time per process: spread
+            # the tests over the GPU machine's cores (they share the one GPU).
+            cmd[3:3] = ["-n", "8"]
     timeout = max(10.0, ctx.left() - 3)
     t0 = time.time()
     rc, out = run_bounded(cmd, timeout, cwd=ROOT)
