@@ -277,7 +277,7 @@ def _alive(pid: int) -> bool:
 
 def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as safetensors: a temporary file beside ``out``, fsync, then rename."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     seen = set()
@@ -290,10 +290,18 @@ def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
         seen.add(key)
         clean[k] = v
     remove_stale_temps(out.parent, [out.name])
+    # Serialized in memory and written by us: safetensors' own file writer makes a temporary file
+    # of its own (.tmpXXXXXX) beside the target, which a kill -9 mid-write left there for good.
+    data = save(clean, metadata={k: str(v) for k, v in (metadata or {}).items()})
     with atomic_path(out) as tmp:
-        save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        _write_bytes(tmp, data)
         _sort_header(tmp)
     return out
+
+
+def _write_bytes(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _sort_header(path) -> None:

@@ -190,21 +190,21 @@ def test_damaged_existing_output_is_written_again_not_kept(setup, tmp_path, caps
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")], ids=["interrupt", "disk full"])
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, failure):
-    import safetensors.torch
     import torch
 
+    import dimap_fast.io
     from dimap_fast import DimapError
     from dimap_fast.io import save_atomic
 
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"the old file")
 
-    def half_write(tensors, path, metadata=None):
+    def half_write(path, data):
         with open(path, "wb") as f:
-            f.write(b"half a fi")
+            f.write(data[: len(data) // 2])
         raise failure
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    monkeypatch.setattr(dimap_fast.io, "_write_bytes", half_write)
     expected = KeyboardInterrupt if failure is KeyboardInterrupt else DimapError
     with pytest.raises(expected) as info:
         save_atomic(out, {"w": torch.ones(2)})
@@ -230,3 +230,44 @@ def test_interrupt_right_after_the_temporary_file_appears_leaves_nothing(tmp_pat
             pass
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+BIG = 1536  # ~140 MB per output: its write lasts long enough to be caught in the middle
+
+
+def _in_progress(out: Path) -> list[os.DirEntry]:
+    """Files in ``out`` that are neither an output nor summary.csv and already hold bytes."""
+    with os.scandir(out) as entries:
+        return [e for e in entries if not (e.name == "summary.csv" or e.name.endswith(".safetensors")
+                                           and not e.name.startswith(".")) and e.stat().st_size > 0]
+
+
+def test_kill_mid_write_then_rerun_leaves_only_the_outputs(tmp_path):
+    """SIGKILL while a checkpoint's bytes are being written; a rerun leaves the folder holding
+    nothing but the outputs and summary.csv (safetensors' own writer used to leave a full-size
+    .tmpXXXXXX of its own there)."""
+    src = tmp_path / "big.safetensors"
+    shapes = {k: (s[0] // N * BIG, s[1] // N * BIG) for k, s in SHAPES.items()}
+    save_file(make_state(shapes, seed=3), str(src))
+    out = tmp_path / "out"
+    args = ["sweep", str(src), "--ratios", "0.3,0.5", "--methods", "dimap", "--out-dir", str(out)]
+    caught = []
+    for _ in range(5):  # a write is caught in the middle by polling; retry if one slipped by
+        proc = subprocess.Popen([sys.executable, "-m", "dimap_fast.cli", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline and not caught:
+            caught = out.is_dir() and _in_progress(out)
+            if caught:
+                proc.kill()
+            time.sleep(0.0005)
+        proc.wait(timeout=60)
+        if caught:
+            break
+        for p in out.glob("*"):
+            p.unlink()
+    assert caught, "no write was ever caught in the middle: make the outputs larger"
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["summary.csv"] + [p.name for p in out.glob("*.safetensors") if not p.name.startswith(".")])
+    assert len(list(out.glob("*.safetensors"))) == 2
