@@ -108,6 +108,7 @@ TARGETS = [
     *[Target(f"speed.block_attn.{s}.fp16.fused_vs_eager", ">=", 3.5 if s == "swin_b.s1" else 2.5, "x",
              "issues 5, 13" if s == "swin_b.s1" else "issue 5") for s in ATTN_STAGES],
     Target("speed.block_attn.swin_b.s1.fp16.fused_vs_sdpa", ">=", 1.5, "x", "issue 13"),
+    Target("speed.attn_memory_floor.swin_b.s1.fp16", "<=", 2.0, "x", "issue 13 (time / memory floor)"),
     Target("speed.attn_train.swin_b.s1.fp16.fused_vs_eager", ">=", 2.0, "x", "issue 13"),
     Target("speed.v2_attn.swinv2_b.s1.fp16.fused_vs_eager", ">=", 5.0, "x", "issue 13"),
     Target("speed.model_attn.swin_b.fp16", ">=", 1.25, "x", "issue 13"),

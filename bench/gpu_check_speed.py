@@ -199,6 +199,8 @@ class Speed:
             t_sdpa = self.timer.ms(lambda: sdpa._attn(x))
             t_fused = self.timer.ms(fused)
             t_kernel = self.timer.ms(kernel)
+            if stage == "swin_b.s1" and dt == "fp16":
+                self._memory_floor(t_kernel, qkv, kernel)
             self.fused_ms[stage, dt] = t_fused
             shape = f"batch {x.shape[0]}, {x.shape[1]}x{x.shape[2]}x{x.shape[3]}, {a.num_heads} heads"
             c.value = t_eager / t_fused
@@ -210,6 +212,24 @@ class Speed:
         else:
             self.rows.add(f"{key}.fused_vs_sdpa", None, "x", error=f"see {key}.fused_vs_eager")
         self._free()
+
+    def _memory_floor(self, t_kernel: float, qkv, kernel) -> None:
+        """The kernel's time over its memory floor: qkv read once and the output written once,
+        at the bandwidth a device-to-device copy reaches on this card (measured here)."""
+        import torch
+
+        with self.rows.row("speed.attn_memory_floor.swin_b.s1.fp16", "x") as c:
+            n = (1 << 20) if self.dry else (1 << 30)  # 1 GiB: far past the L2
+            src = torch.empty(n, dtype=torch.uint8, device=self.dev)
+            dst = torch.empty_like(src)
+            t_copy = self.timer.ms(lambda: dst.copy_(src))
+            bandwidth = 2 * n / t_copy  # bytes per ms: a copy reads and writes every byte
+            moved = qkv.numel() * qkv.element_size() * 4 // 3  # qkv in, C of its 3C channels out
+            floor = moved / bandwidth
+            c.value = t_kernel / floor
+            c.note = (f"kernel {t_kernel:.3f} ms, floor {floor:.3f} ms ({moved / 2**20:.0f} MiB at "
+                      f"{bandwidth / 1e9:.2f} TB/s, copy-measured)")
+            del src, dst
 
     def compiled(self, stage: str) -> None:
         import torch
