@@ -92,6 +92,12 @@ def tokens(stage, dtype, grad=False):
 def test_gpu_attention(benchmark, mode, stage, dtype, variant):
     fn, module = attention_fn(stage, variant, DTYPES[dtype])
     x = tokens(stage, DTYPES[dtype], grad=mode == "fwd_bwd")
+    benchmark.pedantic(step(fn, module, x, mode), rounds=20, iterations=1, warmup_rounds=3)
+    record(f"gpu/attn/{mode}/{stage}/{dtype}/{variant}", benchmark)
+
+
+def step(fn, module, x, mode):
+    """One synchronized forward ("fwd", inference mode) or forward + backward of ``fn`` on x."""
     if mode == "fwd":
         def run():
             with torch.inference_mode():
@@ -102,8 +108,7 @@ def test_gpu_attention(benchmark, mode, stage, dtype, variant):
         def run():
             module.zero_grad(set_to_none=True)
             fn(x).backward(g)
-    benchmark.pedantic(cuda_timed(run), rounds=20, iterations=1, warmup_rounds=3)
-    record(f"gpu/attn/{mode}/{stage}/{dtype}/{variant}", benchmark)
+    return cuda_timed(run)
 
 
 @needs_cuda
@@ -114,17 +119,7 @@ def test_gpu_block(benchmark, mode, stage, variant):
     timm_blk, ours = block_pair(stage, "cuda", torch.float16)
     blk = ours if variant == "fused" else timm_blk
     x = tokens(stage, torch.float16, grad=mode == "fwd_bwd")
-    if mode == "fwd":
-        def run():
-            with torch.inference_mode():
-                return blk(x)
-    else:
-        g = torch.randn(x.shape, device="cuda", dtype=x.dtype)
-
-        def run():
-            blk.zero_grad(set_to_none=True)
-            blk(x).backward(g)
-    benchmark.pedantic(cuda_timed(run), rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(step(blk, blk, x, mode), rounds=20, iterations=1, warmup_rounds=3)
     record(f"gpu/block/{mode}/{stage}/{variant}", benchmark)
 
 
