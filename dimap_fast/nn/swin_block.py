@@ -13,34 +13,17 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import dispatch, kernels, scriptable_alias
+from .backend import kernels, scriptable_alias
+from .fused_block import FusedAttentionBlock
 from .window_attention import WindowAttention
 
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
-
-class SwinBlock(timm_swin.SwinTransformerBlock):
+class SwinBlock(FusedAttentionBlock, timm_swin.SwinTransformerBlock):
     """Swin Transformer block (W-MSA or SW-MSA, then MLP) with a fused attention fast path."""
 
-    @classmethod
-    def adopt(cls, block: timm_swin.SwinTransformerBlock) -> "SwinBlock":
-        """Turn a timm block into this class in place (it adds no state), its attention into
-        dimap_fast.nn.WindowAttention, and return it."""
-        if not isinstance(block, timm_swin.SwinTransformerBlock):
-            raise ValueError(f"expected timm's SwinTransformerBlock, got {type(block).__name__}")
-        WindowAttention.adopt(block.attn)
-        block.__class__ = cls
-        return block
-
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._torch_path(x)
-        return dispatch(self, x)
-
+    timm_block = timm_swin.SwinTransformerBlock
+    attention = WindowAttention
     _torch_path = scriptable_alias(timm_swin.SwinTransformerBlock._attn, "_torch_path")
-
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        return self.attn._use_triton(x)
 
     def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.models import swin_transformer_v2 as timm_v2
 
 from .backend import attention_unsupported, dispatch, kernels, scriptable_alias, use_triton
+from .fused_block import FusedAttentionBlock
 
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
@@ -97,28 +98,12 @@ class WindowAttentionV2(timm_v2.WindowAttention):
         return self.fused(x.view(b_, wh, ww, c), self.window_size, 0, mask).view(b_, n, -1)
 
 
-class SwinV2Block(timm_v2.SwinTransformerV2Block):
+class SwinV2Block(FusedAttentionBlock, timm_v2.SwinTransformerV2Block):
     """SwinV2 block (post-norm, cosine W-MSA / SW-MSA) whose attention runs on the token map."""
 
-    @classmethod
-    def adopt(cls, block: timm_v2.SwinTransformerV2Block) -> "SwinV2Block":
-        """Turn a timm SwinV2 block into this class in place (it adds no state), its attention
-        into WindowAttentionV2, and return it."""
-        if not isinstance(block, timm_v2.SwinTransformerV2Block):
-            raise ValueError(f"expected timm's SwinTransformerV2Block, got {type(block).__name__}")
-        WindowAttentionV2.adopt(block.attn)
-        block.__class__ = cls
-        return block
-
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._torch_path(x)
-        return dispatch(self, x)
-
+    timm_block = timm_v2.SwinTransformerV2Block
+    attention = WindowAttentionV2
     _torch_path = scriptable_alias(timm_v2.SwinTransformerV2Block._attn, "_torch_path")
-
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        return self.attn._use_triton(x)
 
     def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.fused(x, self.window_size, self.shift_size)

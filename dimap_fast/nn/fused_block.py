@@ -1,0 +1,37 @@
+"""What the Swin v1 and v2 drop-in blocks share: adopting timm's block in place, and an
+attention half (timm's ``_attn``) that dispatches between timm's code and the fused kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import dispatch
+
+torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+
+
+class FusedAttentionBlock:
+    """Mixin before a timm block class; a subclass names ``timm_block`` (the timm class it
+    adopts), ``attention`` (the drop-in its ``attn`` becomes), ``_torch_path`` (timm's ``_attn``,
+    via ``scriptable_alias``) and ``_triton_path``."""
+
+    timm_block: type
+    attention: type
+
+    @classmethod
+    def adopt(cls, block):
+        """Turn a timm block into this class in place (it adds no state), its attention into the
+        drop-in attention, and return it."""
+        if not isinstance(block, cls.timm_block):
+            raise ValueError(f"expected timm's {cls.timm_block.__name__}, got {type(block).__name__}")
+        cls.attention.adopt(block.attn)
+        block.__class__ = cls
+        return block
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return dispatch(self, x)
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        return self.attn._use_triton(x)
