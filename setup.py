@@ -25,7 +25,8 @@ setup(
         "scikit-learn>=1.3",  # the demo's data: the handwritten digits that ship inside it
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7", "transformers>=4.40"],
+        "hf": ["transformers>=4.40"],  # prune Hugging Face Swin / Swinv2 models
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["dimap-fast=dimap_fast.cli:main"]},
