@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 
@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships inside the package: a top-level "kernels" would clash with PyPI's package of that name
-    packages=["dimap_fast", "dimap_fast.nn", "dimap_fast.kernels"],
+    packages=[*find_packages(include=["dimap_fast", "dimap_fast.*"]), "dimap_fast.kernels"],
     package_dir={"dimap_fast": "dimap_fast", "dimap_fast.kernels": "kernels"},
     package_data={"dimap_fast": ["assets/*.safetensors"]},
     install_requires=[

@@ -1,10 +1,11 @@
 """DIMAP against its baselines on real data: accuracy one-shot and after a short fine-tune.
 
 The small Swin of the demo (0.3M parameters, scikit-learn's digits at 32x32) is trained with the
-demo's recipe (scripts/make_demo_model.py: 20 epochs, AdamW 3e-3, batch 32) once per seed; seed s
-also draws the train/val split, so the spread covers data as well as initialisation. Each model is
-then pruned by every method at every ratio and evaluated as it is (one-shot) and after
-``dimap-fast finetune``'s digits recipe (3 epochs, masks held; the same code path as the command).
+demo's recipe (``DEMO_RECIPE``: 20 epochs, AdamW 3e-3, batch 32) once per seed; seed s also draws
+the train/val split, so the spread covers data as well as initialisation. Each model is then pruned
+by every method at every ratio and evaluated as it is (one-shot) and after ``dimap-fast finetune``'s
+digits recipe (3 epochs, masks held). Training and fine-tuning both run ``dimap_fast.train.train``,
+the loop the command runs.
 
 Methods: dimap, global, uniform (unstructured, the paper's Table 3 baselines), block16 (dimap
 scores over 16x16 tiles) and channel (dimap over MLP neurons and attention heads).
@@ -33,15 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dimap_fast.data import digits_datasets  # noqa: E402
-from dimap_fast.finetune import DIGITS_RECIPE, Data, evaluate_topk, finetune  # noqa: E402
+from dimap_fast.masks import removed_fraction  # noqa: E402
 from dimap_fast.plan import plan  # noqa: E402
-from dimap_fast.train import build_swin, small_swin_config, train  # noqa: E402
+from dimap_fast.train import (  # noqa: E402
+    DEMO_RECIPE, DIGITS_RECIPE, Data, build_swin, digits_datasets, evaluate, small_swin_config, train,
+)
 
 METHODS = {
     "dimap": {"method": "dimap"},
@@ -51,7 +52,6 @@ METHODS = {
     "channel": {"method": "dimap", "pattern": "channel"},
 }
 RATIOS = (0.15, 0.35, 0.5, 0.55, 0.7, 0.8, 0.9)
-DENSE_RECIPE = {"epochs": 20, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 1.0, "batch_size": 32}
 KEPT_RATIOS = (0.5, 0.8)
 
 
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--ft-epochs", type=int, default=DIGITS_RECIPE.epochs, help="fine-tune epochs (default 3)")
     p.add_argument("--ft-lr", type=float, default=DIGITS_RECIPE.lr, help="fine-tune peak LR (default 5e-4)")
-    p.add_argument("--dense-epochs", type=int, default=DENSE_RECIPE["epochs"], help="training epochs of the dense models")
+    p.add_argument("--dense-epochs", type=int, default=DEMO_RECIPE.epochs, help="training epochs of the dense models")
     p.add_argument("--out-dir", type=Path, default=None, help="default docs/accuracy (out/accuracy-quick with --quick)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "out" / "accuracy-cache", help="trained dense models")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: this machine shares its cores)")
@@ -91,17 +91,16 @@ def dense_model(seed: int, data, epochs: int, cache_dir: Path) -> tuple[torch.nn
     from safetensors.torch import load_file, save_file
 
     config = small_swin_config()
-    path = cache_dir / f"digits_swin_seed{seed}_e{epochs}.safetensors"
+    path = _cache_path(cache_dir, seed, epochs)
     model = build_swin(config)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval(), 0.0
     torch.manual_seed(seed)
     model = build_swin(config)
-    loader = DataLoader(data.train, batch_size=DENSE_RECIPE["batch_size"], shuffle=True)
     started = time.perf_counter()
-    recipe = {k: v for k, v in DENSE_RECIPE.items() if k != "batch_size"}
-    train(model, loader, **{**recipe, "epochs": epochs}, seed=seed, progress=False)
+    recipe = replace(DEMO_RECIPE, epochs=epochs, warmup_epochs=min(DEMO_RECIPE.warmup_epochs, epochs))
+    train(model, Data(data.train, None, 10), recipe, seed=seed, progress=False, log=None)
     seconds = time.perf_counter() - started
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
@@ -113,11 +112,6 @@ def masked_copy(model, masks):
     from dimap_fast.demo import pruned_copy
 
     return pruned_copy(model, masks)
-
-
-def removed_fraction(masks) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return sum(int((~m).sum()) for m in masks.values()) / total
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -137,7 +131,7 @@ def run(args) -> dict:
         model, seconds = dense_model(seed, data, args.dense_epochs, args.cache_dir)
         if seconds:
             train_seconds.append(seconds)
-        dense = evaluate_topk(model, val_set)["top1"]
+        dense = evaluate(model, val_set)["top1"]
         tuned = _finetune(model, {}, ft_data, recipe, seed)
         rows.append(_row(seed, "dense", 0.0, 0.0, dense, tuned))
         _say(started, f"seed {seed}: dense {dense:.2%}, dense after the same fine-tune {tuned:.2%}"
@@ -147,7 +141,7 @@ def run(args) -> dict:
             for ratio in args.ratios:
                 masks = p.masks(ratio)
                 pruned = masked_copy(model, masks)
-                one_shot = evaluate_topk(pruned, val_set)["top1"]
+                one_shot = evaluate(pruned, val_set)["top1"]
                 tuned = _finetune(pruned, masks, ft_data, recipe, seed)
                 rows.append(_row(seed, method, ratio, removed_fraction(masks), one_shot, tuned))
                 _say(started, f"seed {seed} {method:<8} {ratio:.2f}: one-shot {one_shot:.2%}  fine-tuned {tuned:.2%}")
@@ -162,7 +156,7 @@ def kept_per_layer(seeds, epochs: int, cache_dir: Path) -> tuple[dict, list]:
 
     kept, names = {r: [] for r in KEPT_RATIOS}, []
     for seed in seeds:
-        path = cache_dir / f"digits_swin_seed{seed}_e{epochs}.safetensors"
+        path = _cache_path(cache_dir, seed, epochs)
         if not path.is_file():
             continue
         model = build_swin(small_swin_config())
@@ -183,9 +177,14 @@ def _limit(dataset, n):
     return Subset(dataset, range(n))
 
 
+def _cache_path(cache_dir: Path, seed: int, epochs: int) -> Path:
+    # "loop2": trained by the shared loop (timm's AdamW and schedule); older cached models came from another
+    return cache_dir / f"digits_swin_seed{seed}_e{epochs}_loop2.safetensors"
+
+
 def _finetune(model, masks, data, recipe, seed) -> float:
     model = copy.deepcopy(model)
-    result = finetune(model, data, recipe, masks, seed=seed, progress=False, eval_every_epoch=False, log=None)
+    result = train(model, data, recipe, masks, seed=seed, progress=False, eval_every_epoch=False, log=None)
     return result["val"]["top1"]
 
 
@@ -372,7 +371,7 @@ def write_markdown(path: Path, info: dict, rows, stats, methods, ratios) -> None
         "",
         f"**Setup.** The demo's small Swin (303,532 parameters; embed 48, depths 2-2, window 4, 32x32 input) "
         f"trained on scikit-learn's digits ({dense_epochs} epochs, "
-        f"AdamW {DENSE_RECIPE['lr']:g}, batch {DENSE_RECIPE['batch_size']}) once per seed; seed s draws the "
+        f"AdamW {DEMO_RECIPE.lr:g}, batch {DEMO_RECIPE.batch_size}) once per seed; seed s draws the "
         f"stratified 1347/450 train/val split, the initialisation and the shuffling. {seeds} seeds: dense val "
         f"top-1 {per_seed} % (mean {dense['one_shot'][0]:.2f} ± {dense['one_shot'][1]:.2f}). Every model is pruned by "
         "each method at each ratio (the fraction removed from each of QKV-M, PRJ-M, MLP-M), evaluated as it is "

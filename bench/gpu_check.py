@@ -118,6 +118,10 @@ TARGETS = [
     Target("speed.linear.s3_mlp.fp16.b64.t75", ">=", 1.5, "x", "issue 14"),
     Target("speed.model.swin_b.fp16", ">=", 1.4, "x", "issues 5, 14"),
     *[Target(f"speed.model.{m}", ">=", 1.0, "x", "issue 14") for m in ("swin_t.fp16", "swin_t.fp32", "swin_b.fp32")],
+    # issue 14's end-to-end rows (bench/end_to_end.py's models, fp16, batch 128, over dense on SDPA)
+    Target("speed.e2e.swin_b.fp16.shrunk50", ">=", 1.7, "x", "issue 14 (shrunk at 50% FLOPs reduction)"),
+    *[Target(f"speed.e2e.{m}.fp16.block{r}", ">=", 1.0, "x", "issue 14 (converted never slower than dense)")
+      for m in ("swin_b", "swin_t") for r in (50, 75)],
 ]
 
 STEPS = ("tests", "kernels", "plan", "convert", "finetune", "speed")

@@ -33,8 +33,35 @@ def _fmt(v) -> str:
 
 
 def write_reports(out: Path, report: dict) -> None:
+    _breakeven_plot(out, report)
     _write_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     _write_atomic(out / "report.md", render_markdown(report))
+
+
+def _breakeven_plot(out: Path, report: dict) -> None:
+    """Draw the speed step's break-even curves (rows carrying ``points``) as breakeven_gpu.png;
+    report["breakeven_plot"] says where, or why not (the rows hold the numbers either way)."""
+    rows = [r for r in report["results"] if r.get("points")]
+    if not rows:
+        return
+    panels, marks = {}, {}
+    for r in rows:  # speed.breakeven.<group>.<dtype>.b<B>.<candidate> or ....<dtype>.two_four
+        parts = r["name"].split(".")
+        points = {float(s): v for s, v in r["points"].items()}
+        panel = f"{parts[3]} ({report['card']})"
+        panels.setdefault(panel, {})
+        if parts[-1] == "two_four":
+            marks.setdefault(panel, {})["2:4 (50% of weights)"] = next(iter(points.items()))
+        else:
+            panels[panel][f"{parts[-1].replace('torch_bsr', 'torch BSR')} B={parts[4][1:]}"] = points
+    try:
+        from breakeven import plot  # bench/breakeven.py; needs matplotlib
+
+        plot(panels, out / "breakeven_gpu.png", f"Swin-B stage-3 MLP ({rows[0]['name'].split('.')[2]}): "
+             "speed-up over dense F.linear", marks)
+        report["breakeven_plot"] = "breakeven_gpu.png"
+    except Exception as exc:  # noqa: BLE001 - no matplotlib on the GPU machine: the rows still say it all
+        report["breakeven_plot"] = f"not drawn ({type(exc).__name__}: {str(exc)[:100]})"
 
 
 def render_markdown(report: dict) -> str:
@@ -46,7 +73,8 @@ def render_markdown(report: dict) -> str:
              f"- torch {report['torch']}, triton {report['triton']}, timm {report['timm']}"
              + (f" (wheels: {', '.join(report['wheels'])})" if report.get("wheels") else ""),
              f"- started {report['started']}, {report['seconds']:.0f} s",
-             f"- **{met} of {len(targets)} targets met**", "",
+             f"- **{met} of {len(targets)} targets met**",
+             *([f"- break-even plot: {report['breakeven_plot']}"] if report.get("breakeven_plot") else []), "",
              "| step | status | seconds | error |", "|---|---|---:|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['error'] or ''} |" for s in report["steps"]]
     for step in dict.fromkeys(r["step"] for r in rows):

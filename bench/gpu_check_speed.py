@@ -1,6 +1,14 @@
 """gpu_check step ``speed``: plan + masks, fused window attention, block-sparse linear and whole
 models, each beside what it replaces. Ratios are "how many times faster" (> 1 = ours is faster).
 
+Issue 14's rows: ``speed.e2e.{swin_b,swin_t}.fp16.*`` (batch 128) time the models of
+bench/end_to_end.py, as bench/test_bench_end_to_end.py does on the CPU: shrunk at 30%/50% FLOPs
+reduction and block DIMAP at 50%/75% converted on the GPU (convert's per-layer choice, where it
+has one, measured there), over dense on timm's SDPA path. ``speed.breakeven.s3_mlp.{fp16,bf16}.*``
+sweep tile sparsity per block size for the block-sparse kernel and torch BSR, plus 2:4 at 50%
+(bench/breakeven.py): each row's value is its break-even sparsity (None: never), its ``points``
+the curve that gpu_check_report draws as breakeven_gpu.png in the report folder.
+
 Timing: ``triton.testing.do_bench(..., return_mode="median")`` (CUDA events, L2 flushed before
 every rep) with at least ~12 reps after warm-up; the plan, whose work syncs with the host, is
 timed on the wall clock (median of 10). Jobs run targets first; an info job is skipped once the
@@ -87,6 +95,9 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
              (True, "v2_attn", lambda: attn.v2_attention(rows, ctx, s.timer, "swinv2_b.s1")),
              (True, "model_attn", lambda: attn.swin_b_inference(rows, ctx, s.timer)),
              (True, "train", lambda: attn.swin_b_training(rows, ctx, s.timer))]
+    # issue 14's end-to-end rows last among the targets: building the pruned models plans on the host
+    jobs += [(True, "e2e", lambda m=m: s.end_to_end(m)) for m in ("swin_b", "swin_t")]
+    jobs += [(False, "breakeven", lambda: s.breakeven("fp16"))]  # issue 14's plot: first of the info jobs
     jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32")) for st in ATTN]
     jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d))
              for st, d in (("swin_b384.s1", "fp16"), ("swin_b.s1", "bf16"), ("swin_b.s1", "fp32"))]
@@ -94,6 +105,7 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     jobs += [(False, "linear16", lambda g=g: s.linear(g, "fp16", ([] if g.endswith("mlp") else [(64, 0.75)]) + rest16))
              for g in LINEAR]
     jobs += [(False, "linear32", lambda g=g: s.linear(g, "fp32", [(32, 0.75), (64, 0.75)])) for g in LINEAR]
+    jobs += [(False, "breakeven_bf16", lambda: s.breakeven("bf16"))]
     jobs += [(False, "compile", lambda st=st: s.compiled(st)) for st in ATTN]
     seen = set()
     for target, kind, job in jobs:
@@ -119,7 +131,8 @@ class Speed:
         self.timer = Timer(ctx)
         self.fused_ms = {}  # (stage, dtype) -> fused ms, for the torch.compile rows
         self.dry_models = {}  # dtype -> (value, note): a dry run times its one small model once
-        self.dtypes = {"fp16": torch.float16, "fp32": torch.float32}
+        self.dtypes = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+        self.dry_e2e = None  # a dry run builds its one small Swin's variants once, for both models
 
     def _backend(self):
         import contextlib
@@ -324,6 +337,111 @@ class Speed:
             self.dry_models[dt] = c.value, c.note
             del dense, conv
         self._free()
+
+    # ---- issue 14's end-to-end rows and break-even sweep ----
+
+    def end_to_end(self, short: str) -> None:
+        """fp16 images/s of shrunk (-30%, -50% FLOPs) and block-DIMAP converted (50%, 75%) models
+        over dense on timm's SDPA path (bench/end_to_end.py builds them, as the CPU bench does)."""
+        import torch
+
+        from end_to_end import VARIANTS, build_variants, timm_model
+
+        keys = {"shrunk -30%": "shrunk30", "shrunk -50%": "shrunk50", "block 50%": "block50", "block 75%": "block75"}
+        prefix = f"speed.e2e.{short}.fp16"
+        try:
+            if self.dry:  # one small Swin (block 16 fits its 32/64 widths) stands in for both models
+                with self._backend():
+                    self.dry_e2e = self.dry_e2e or build_variants(small_swin(16), block=16, batch=2,
+                                                                  dtype=torch.float16)
+                built, x = self.dry_e2e, torch.randn(2, 3, 16, 16)
+            else:
+                built = build_variants(timm_model(short), batch=BATCH, device=self.dev, dtype=torch.float16)
+                x = torch.randn(BATCH, 3, 224, 224)
+            models = {v: var.model for v, var in built.items()}
+            x = x.to(self.dev, torch.float16)
+            with torch.inference_mode(), self._backend():
+                t_dense = self.timer.ms(lambda: models["dense"](x))
+        except Exception as exc:  # noqa: BLE001 - no dense time: every row of this model says why
+            traceback.print_exc()
+            from gpu_check_steps import error_line
+
+            for v in keys.values():
+                self.rows.add(f"{prefix}.{v}", None, "x", error=error_line(exc))
+            self.rows.failed = True
+            return
+        n = x.shape[0]
+        for v in VARIANTS[1:]:
+            with self.rows.row(f"{prefix}.{keys[v]}", "x") as c, torch.inference_mode(), self._backend():
+                t = self.timer.ms(lambda m=models[v]: m(x))
+                var, dense = built[v], built["dense"]
+                c.value = t_dense / t
+                c.note = (f"{var.how}: {n / t * 1e3:.0f} img/s, dense (SDPA) {n / t_dense * 1e3:.0f} img/s; "
+                          f"{var.gflops:.3g} of {dense.gflops:.3g} GFLOPs, {var.mparams:.1f} of {dense.mparams:.1f} M "
+                          f"params; batch {n}" + (f"; {var.note}" if var.note else ""))
+        del models, built
+        self._free()
+
+    def breakeven(self, dt: str) -> None:
+        """Speed-up over F.linear vs tile sparsity on Swin-B's stage-3 MLP, per block size, for the
+        block-sparse kernel and torch BSR (and 2:4 at 50%): one row per curve, its value the
+        break-even sparsity, its points in the row (gpu_check_report draws breakeven_gpu.png)."""
+        import torch
+
+        import breakeven as be
+        from gpu_check_steps import error_line
+
+        tokens, shapes = (TINY_LINEAR if self.dry else LINEAR)["s3_mlp"]
+        m, dtype = (tokens if self.dry else BATCH * tokens), self.dtypes[dt]
+        grid = (0.0, 0.5, 0.9) if self.dry else tuple(sorted(set(be.SPARSITIES + (0.75,))))
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(m, k, generator=g).to(self.dev, dtype) for k, _ in shapes]
+        prefix = f"speed.breakeven.s3_mlp.{dt}"
+        shape_txt = f"{m} rows, {' + '.join(f'{k}->{n}' for k, n in shapes)}"
+        with torch.inference_mode(), self._backend():
+            t_dense = self.timer.ms(be.dense_fn(be.tiled_weights(0.0, 16, dtype, self.dev, shapes), xs))
+            for block in be.BLOCKS:
+                for cand in ("ours", "torch_bsr"):
+                    name, points = f"{prefix}.b{block}.{cand}", {}
+                    try:
+                        how = (be.pick_bsr_way(block, dtype, self.dev, xs, self.timer.sync, shapes)
+                               if cand == "torch_bsr" else "Triton kernel")
+                        for s in grid:
+                            layers = be.tiled_weights(s, block, dtype, self.dev, shapes)
+                            fn = (be.ours_fn(layers, block, xs) if cand == "ours"
+                                  else be.bsr_fn(layers, block, how, xs))
+                            points[s] = t_dense / self.timer.ms(fn)
+                    except Exception as exc:  # noqa: BLE001 - an info row: the error is its result
+                        traceback.print_exc()
+                        self.rows.add(name, None, "tile sparsity", f"{cand}; {shape_txt}", error_line(exc))
+                        continue
+                    even = be.break_even(points)
+                    curve = ", ".join(f"{s:.0%} {v:.2f}x" for s, v in points.items())
+                    _add_row(self.rows, name, even, "tile sparsity",
+                             f"{how}; break-even {be.fmt_break_even(even)}; speed-up {curve}; F.linear "
+                             f"{t_dense:.3f} ms; {shape_txt}", {f"{s:g}": v for s, v in points.items()})
+            try:
+                sparse, dense = be.two_four_fn(dtype, self.dev, xs, shapes)
+                value, note = self.timer.ms(dense) / self.timer.ms(sparse), f"to_sparse_semi_structured; {shape_txt}"
+                _add_row(self.rows, f"{prefix}.two_four", value, "x", note, {"0.5": value})
+            except Exception as exc:  # noqa: BLE001 - needs sm80+ and torch's fp16/bf16 2:4 kernels
+                self.rows.add(f"{prefix}.two_four", None, "x", f"2:4 at 50%; {shape_txt}", error_line(exc))
+        del xs
+        self._free()
+
+
+def _add_row(rows: Rows, name: str, value, unit: str, note: str, points: dict) -> None:
+    """``rows.add`` plus the curve's points ({sparsity: speed-up}), which the report draws."""
+    import json
+    import os
+
+    row = {"name": name, "value": value, "unit": unit, "note": note, "points": points}
+    fd = os.open(rows.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)
+    print(f"  {name} = {value} {unit}  ({note})", flush=True)
 
 
 def _torch_bsr(w, bias, block: int, x):

@@ -310,8 +310,8 @@ def step_convert(rows: Rows, ctx: Ctx) -> None:
 def step_finetune(rows: Rows, ctx: Ctx) -> None:
     import torch
 
-    from dimap_fast.finetune import MODEL_FILE, load_train_state, STATE_FILE
-    from dimap_fast.io import load_pruned
+    from dimap_fast.train import MODEL_FILE, STATE_FILE, load_train_state
+    from dimap_fast.checkpoint import load_pruned
 
     run = ctx.work / "finetune_run"
     shutil.rmtree(run, ignore_errors=True)

@@ -1,15 +1,20 @@
 """dimap-fast: DIMAP pruning (He & Zhou, ICLR 2024) for timm's Swin family."""
 
+from .choice import FlopsReduction, Method, Pattern
 from .errors import DimapError
 from .flops import report
 from .masks import MaskHandle, apply_masks, make_permanent
 from .modules import SWIN_MODULES
 from .nn import convert
 from .plan import Cutoff, Plan, compute_masks, plan
-from .shrink import load_shrunk, save_shrunk, shrink
+from .prune import Pruning, prune_
+from .checkpoint import save_shrunk
+from .loading import load_shrunk
+from .shrink import shrink
 
 __all__ = [
     "DimapError", "SWIN_MODULES", "Cutoff", "Plan", "MaskHandle",
+    "Pattern", "Method", "FlopsReduction", "Pruning", "prune_",
     "apply_masks", "compute_masks", "make_permanent", "plan", "report",
     "shrink", "save_shrunk", "load_shrunk", "convert",
 ]

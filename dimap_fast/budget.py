@@ -20,27 +20,22 @@ import math
 import numpy as np
 import torch
 
+from .choice import Pattern, check_reduction  # noqa: F401 - check_reduction: the CLI imports it from here
 from .errors import DimapError
-from .flops import tally, workload
+from .flops import attention_share, tally, workload
 from .modules import prune_count
 
 MLP_ALIGN = 8  # shrink()'s default: its MLP widths are multiples of 8 (zero-output neurons fill up)
 LAST_RATIO = math.nextafter(1.0, 0.0)  # the largest ratio: every module loses all its units
 
 
-def check_reduction(reduction) -> float:
-    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) and not hasattr(reduction, "__float__"):
-        raise DimapError(f"a FLOPs reduction must be a number in [0, 1), got {reduction!r}")
-    value = float(reduction)
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise DimapError(f"a FLOPs reduction must be in [0, 1), got {reduction!r}: it is the fraction of the dense FLOPs to remove")
-    return value
-
-
-def check_budget_pattern(pattern: str) -> None:
-    if pattern == "2:4":
-        raise DimapError("pattern '2:4' removes half of every prunable weight, a fixed share of the FLOPs: "
-                         "prune it at ratio 0.5 instead of asking for a FLOPs reduction")
+def check_budget_pattern(pattern) -> None:
+    """Refuse a FLOPs budget for a pattern (a Pattern or its name) that removes a fixed share."""
+    value = Pattern.parse(pattern)
+    if value.fraction is not None:
+        share = "half" if value.fraction == 0.5 else f"{value.fraction:g}"
+        raise DimapError(f"pattern {value.name!r} removes {share} of every prunable weight, a fixed share of the FLOPs: "
+                         f"prune it at ratio {value.fraction:g} instead of asking for a FLOPs reduction")
 
 
 def flops_metadata(plan, target: float, ratio: float) -> dict[str, str]:
@@ -53,14 +48,14 @@ class Kept:
     block) or the width shrink() builds (channel). Read from the plan's weights once."""
 
     def __init__(self, plan):
-        self.pattern = plan.pattern
-        if plan.pattern == "unstructured":
+        self.pattern = plan.pattern.kind
+        if self.pattern == "unstructured":
             # kept weights are the top-c magnitudes and zeros sort last: min(c, nonzeros) stay nonzero
             self.full = np.array([u.numel for u in plan.units], dtype=np.int64)
             self.nonzeros = np.array([_nonzeros(plan._scorer, i, u.numel) for i, u in enumerate(plan.units)], dtype=np.int64)
             return
         weights = {layer.name: layer.tensor for layer in plan.layers}
-        if plan.pattern == "block":
+        if self.pattern == "block":
             self.full = np.array([weights[u.name].numel() for u in plan.units], dtype=np.int64)
             per_unit = [_tile_nonzeros(weights[u.name], plan.block_size) for u in plan.units]
         else:
@@ -129,7 +124,7 @@ class FlopsBudget:
         self.dense = tally(model, work)[0]
         self.pattern = plan.pattern
         self._kept = kept
-        if plan.pattern == "channel":
+        if plan.pattern.kind == "channel":
             self._cost = _unit_costs(plan, model, work)
         else:  # a weight costs the positions its layer sees
             self._cost = np.array([work.positions.get(_module_name(u.name), 0) for u in plan.units], dtype=np.int64)
@@ -164,9 +159,9 @@ class FlopsBudget:
             shown = math.floor(best * 1e4) / 1e4
             shown = shown - 1e-4 if shown > best else shown
             why = ("every block keeps one head and one MLP neuron, rounded up to 8, and layers outside the blocks are never pruned"
-                   if self.pattern == "channel" else
+                   if self.pattern.kind == "channel" else
                    "layers outside the prunable modules and the attention matmuls are never pruned")
-            raise DimapError(f"a FLOPs reduction of {target:g} is out of reach: pattern {self.pattern!r} removes at most "
+            raise DimapError(f"a FLOPs reduction of {target:g} is out of reach: pattern {str(self.pattern)!r} removes at most "
                              f"{shown:.4f} of the FLOPs ({why}); ask for {shown:.4f} or less")
         lo, hi = 0.0, LAST_RATIO
         while True:
@@ -201,7 +196,8 @@ def _unit_costs(plan, model: torch.nn.Module, work) -> np.ndarray:
                              "timm's SwinTransformer (v1) attention only: use pattern 'unstructured' or 'block' here")
         qkv, proj = weights[f"{prefix}.attn.qkv.weight"], weights[f"{prefix}.attn.proj.weight"]
         hd = qkv.shape[0] // (3 * u.numel)
-        pairs = work.attention.get(f"{prefix}.attn", (0, 0))[0]
+        # q @ k^T and attn @ v are as wide as the heads: each head does an equal share
+        matmuls = attention_share(work, f"{prefix}.attn", [(f"{prefix}.attn.qkv", qkv.numel()), (f"{prefix}.attn.proj", proj.numel())])
         costs.append(pos(f"{prefix}.attn.qkv", 0) * 3 * hd * qkv.shape[1] + pos(f"{prefix}.attn.proj", 0) * hd * proj.shape[0]
-                     + 2 * pairs * hd)
+                     + matmuls // u.numel)
     return np.array(costs, dtype=np.int64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .flops import format_report, report
-from .io import save_pruned
+from .checkpoint import save_pruned
 from .plan import plan
 
 METHODS = ("dimap", "global", "uniform")
@@ -30,17 +30,13 @@ def pruned_copy(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch
 
 
 def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
-    from torch.utils.data import DataLoader
-
-    from .data import digits_datasets
-    from .train import evaluate, load_demo_model
+    from .train import digits_datasets, evaluate, load_demo_model
 
     model, meta = load_demo_model()
     config = meta["config"]
     data = meta.get("data", {})
     _, val = digits_datasets(image_size=int(data.get("image_size", config.get("img_size", 32))), seed=int(data.get("seed", 0)))
-    loader = DataLoader(val, batch_size=256)
-    dense = evaluate(model, loader)
+    dense = evaluate(model, val)["top1"]
     print(f"small Swin on scikit-learn digits: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(val)} validation images, dense accuracy {dense:.2%}\n")
 
@@ -48,7 +44,7 @@ def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
     plans = {m: plan(model, method=m) for m in METHODS}
     for m, p in plans.items():
         for r in ratios:
-            results[(m, r)] = evaluate(pruned_copy(model, p.masks(r)), loader)
+            results[(m, r)] = evaluate(pruned_copy(model, p.masks(r)), val)["top1"]
     print("top-1 accuracy after one-shot pruning (no fine-tuning)")
     print(f"{'method':<10}" + "".join(f"{f'{r:.0%} pruned':>14}" for r in ratios))
     for m in METHODS:

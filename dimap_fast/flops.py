@@ -1,11 +1,17 @@
 """Parameters and FLOPs, dense and pruned, per module and per layer.
 
-As in the paper, a zeroed prunable weight counts as removed, both from the parameters and from
-the FLOPs of the layer that holds it. FLOPs follow Swin's convention (one multiply-add = one FLOP)
-and are measured by running one image through the model with hooks: every Linear and Conv2d, plus
-the two attention matmuls of each window-attention layer, as wide as its q, k and v (never pruned,
-so the same in both columns; a shrunk model's fewer heads make them smaller). Zeros elsewhere
-(biases that start at zero, say) are not counted as pruning.
+Dense FLOPs are torch's own count (``torch.utils.flop_counter``): every matmul, convolution and
+attention one forward pass runs, whatever the architecture, halved to the convention of the Swin
+paper, timm and fvcore (one multiply-add = one FLOP). Neither counts softmax, norms, activations or
+the adds of biases and residuals. The pass runs on the meta device when the model allows it: the
+counter reads shapes only, so Swin-B costs a fraction of a second instead of seconds on a CPU.
+
+Our correction, as in the paper: a zeroed prunable weight is removed from the FLOPs of the layer that
+holds it. A layer (a module with a weight matrix and no children: Linear, Conv2d, ...) does its dense
+FLOPs / its weight count per weight (the positions, tokens or pixels, it sees over all its calls),
+so pruned = dense - sum over prunable layers of positions x zeroed weights. Zeros elsewhere (biases
+that start at zero, say) are not pruning. A shrunk model's narrower layers and fewer heads simply
+count as they are.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ import json
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
 
 from .errors import DimapError
 from .modules import prunable_layers
 
 
-def report(model, input_size=None, module_map=None) -> dict:
+def report(model, input_size=None, module_map=None, example_input=None) -> dict:
     """Sparsity per module and per layer; parameters and FLOPs of the whole model, dense and pruned.
 
-    input_size: an int or (H, W); default the model's own (224 for the ImageNet Swins). Given a
+    input_size: an int or (H, W); default the model's own (224 for the ImageNet Swins). A model
+    that takes no image passes ``example_input``, a tensor of the input's shape and dtype. Given a
     state dict instead of a model, FLOPs are None (there is nothing to run).
     """
     layers = prunable_layers(model, module_map)
@@ -39,7 +48,8 @@ def report(model, input_size=None, module_map=None) -> dict:
         m["sparsity"] = m["zeros"] / m["weights"]
     if isinstance(model, torch.nn.Module):
         params = sum(p.numel() for p in model.parameters())
-        dense, pruned = count_flops(model, _input_shape(model, input_size), {layer.name for layer in layers})
+        inputs = example_input if example_input is not None else _input_shape(model, input_size)
+        dense, pruned = count_flops(model, inputs, {layer.name for layer in layers})
         flops = {"dense": dense, "pruned": pruned, "reduction": 1 - pruned / dense if dense else 0.0}
     else:
         params = sum(t.numel() for t in model.values() if t.is_floating_point())
@@ -53,111 +63,143 @@ def report(model, input_size=None, module_map=None) -> dict:
 
 
 def _input_shape(model, input_size):
-    chans = getattr(getattr(model, "patch_embed", None), "proj", None)
-    chans = chans.in_channels if isinstance(chans, torch.nn.Conv2d) else 3
+    """(1, C, H, W): timm's PatchEmbed or a Hugging Face config say which, else 3 x 224 x 224."""
+    embed = getattr(model, "patch_embed", None)
+    config = getattr(model, "config", None)
+    chans = getattr(getattr(embed, "proj", None), "in_channels", None) or getattr(config, "num_channels", None) or 3
     if input_size is None:
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (224, 224)
-    elif isinstance(input_size, int):
-        size = (input_size, input_size)
+        size = getattr(embed, "img_size", None) or getattr(config, "image_size", None) or (224, 224)
     else:
-        size = tuple(input_size)
-    return (1, chans, int(size[0]), int(size[1]))
+        size = input_size
+    if isinstance(size, int):
+        size = (size, size)
+    return (1, int(chans), int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
 class Workload:
-    """How much of each layer one forward pass runs, whatever its weights hold."""
+    """What one forward pass runs, whatever the weights hold (multiply-adds)."""
 
-    positions: dict[str, int]  # Linear / Conv2d name -> output positions (tokens, pixels) over all its calls
-    attention: dict[str, tuple[int, int]]  # window attention name -> (query-key pairs over its calls, q/k/v width)
-
-
-ATTENTION_CLASSES = ("WindowAttention", "WindowAttentionV2", "WindowMultiHeadAttention")
+    total: int  # the whole pass
+    positions: dict[str, int]  # layer name -> multiply-adds per weight (output positions over all its calls)
+    modules: dict[str, int]  # module name -> multiply-adds over all its calls, its children's included
 
 
-def workload(model: torch.nn.Module, shape) -> Workload:
-    """One forward pass of an input of ``shape`` with hooks.
+def workload(model: torch.nn.Module, inputs) -> Workload:
+    """One forward pass of ``inputs`` (a shape, or an example tensor) under torch's flop counter.
 
-    It runs on the meta device when the model allows it: shapes are all the hooks read, and the meta
-    pass does no arithmetic (Swin-B: a fraction of a second instead of seconds on a CPU). Code that
-    needs values (``.item()``, a data-dependent shape) cannot run there: then the model runs for real.
+    It runs on the meta device when the model allows it. Code that needs values (``.item()``, a
+    data-dependent shape) cannot run there: then the model runs for real.
     """
     try:
-        return _run(model, shape, meta=True)
+        return _run(model, inputs, meta=True)
     except Exception:  # noqa: BLE001 - a failure on meta only means the real pass is needed
         pass
     try:
-        return _run(model, shape, meta=False)
+        return _run(model, inputs, meta=False)
     except Exception as exc:
-        raise DimapError(f"cannot run the model on an input of shape {tuple(shape)}: {exc}; pass input_size=") from None
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        raise DimapError(f"cannot run the model on an input of shape {shape}: {exc}; pass input_size= "
+                         "(or example_input= for a model that takes no image)") from None
+
+
+def _cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one SDPA picks for real CPU tensors
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FORMULAS = {**flop_registry, **({_CPU_SDPA: shape_wrapper(_cpu_flash_attention)} if _CPU_SDPA is not None else {})}
+
+
+class _Counter(TorchDispatchMode):
+    """torch's FLOP formulas (flop_counter's registry), summed.
+
+    FlopCounterMode applies the same formulas but also tracks the module hierarchy, op by op; our
+    hooks below do that once per module call instead, which keeps Swin-B's meta pass near its bare cost.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = _FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 @torch.no_grad()
-def _run(model: torch.nn.Module, shape, meta: bool) -> Workload:
-    names = {id(m): n for n, m in model.named_modules()}
-    positions: dict[str, int] = {}
-    attention: dict[str, tuple[int, int]] = {}
+def _run(model: torch.nn.Module, inputs, meta: bool) -> Workload:
+    counter = _Counter()
+    named = list(model.named_modules())
+    names = {id(m): n for n, m in named}
+    seen: dict[str, int] = {}
+    starts: dict[int, list[int]] = {}
     hooks = []
 
-    def linear_hook(mod, inputs, output):
+    def before(mod, args):
+        starts.setdefault(id(mod), []).append(counter.total)
+
+    def after(mod, args, output):
         name = names[id(mod)]
-        positions[name] = positions.get(name, 0) + output.numel() // mod.out_features
+        seen[name] = seen.get(name, 0) + counter.total - starts[id(mod)].pop()
 
-    def conv_hook(mod, inputs, output):
-        name = names[id(mod)]
-        positions[name] = positions.get(name, 0) + output.numel() // mod.out_channels
-
-    def attention_hook(mod, inputs, output):
-        x = inputs[0]  # (windows * batch, tokens, channels)
-        # q, k and v are as wide as qkv makes them: a shrunk model's fewer heads do fewer matmuls
-        qkv = getattr(mod, "qkv", None)
-        width = qkv.out_features // 3 if isinstance(qkv, torch.nn.Linear) else x.shape[2]
-        pairs, _ = attention.get(names[id(mod)], (0, width))
-        attention[names[id(mod)]] = (pairs + x.shape[0] * x.shape[1] * x.shape[1], width)
-
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(linear_hook))
-        elif isinstance(mod, torch.nn.Conv2d):
-            hooks.append(mod.register_forward_hook(conv_hook))
-        elif type(mod).__name__ in ATTENTION_CLASSES:
-            hooks.append(mod.register_forward_hook(attention_hook))
+    for _, mod in named:
+        hooks += [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
     first = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
-        if meta:
-            from torch.func import functional_call
+        with counter:
+            if meta:
+                from torch.func import functional_call
 
-            state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
-            functional_call(model, state, (torch.zeros(shape, device="meta", dtype=first.dtype),))
-        else:
-            model(torch.zeros(shape, device=first.device, dtype=first.dtype))
+                state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+                functional_call(model, state, (_example(inputs, torch.device("meta"), first.dtype),))
+            else:
+                model(_example(inputs, first.device, first.dtype))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return Workload(positions, attention)
+    macs = {name: flops // 2 for name, flops in seen.items()}  # torch counts a multiply-add as 2
+    positions = {}
+    for name, mod in named:
+        weight = getattr(mod, "weight", None)
+        if macs.get(name) and isinstance(weight, torch.Tensor) and weight.dim() >= 2 and next(mod.children(), None) is None:
+            positions[name] = macs[name] // weight.numel()
+    return Workload(counter.total // 2, positions, macs)
 
 
-def count_flops(model: torch.nn.Module, shape, prunable_names=frozenset()) -> tuple[int, int]:
-    """(dense, pruned) multiply-adds of one forward pass of an input of ``shape``."""
-    return tally(model, workload(model, shape), prunable_names)
+def _example(inputs, device, dtype) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return torch.zeros_like(inputs, device=device) if inputs.is_floating_point() else inputs.to(device)
+    return torch.zeros(tuple(inputs), device=device, dtype=dtype)
+
+
+def count_flops(model: torch.nn.Module, inputs, prunable_names=frozenset()) -> tuple[int, int]:
+    """(dense, pruned) multiply-adds of one forward pass of ``inputs`` (a shape or an example tensor)."""
+    return tally(model, workload(model, inputs), prunable_names)
 
 
 def tally(model: torch.nn.Module, work: Workload, prunable_names=frozenset()) -> tuple[int, int]:
     """(dense, pruned) multiply-adds of ``work`` with the model's weights as they are now."""
     modules = dict(model.named_modules())
-    dense = pruned = 0
+    removed = 0
     for name, positions in work.positions.items():
-        weight = modules[name].weight
-        dense += positions * weight.numel()
-        kept = int(torch.count_nonzero(weight)) if name + ".weight" in prunable_names else weight.numel()
-        pruned += positions * kept
-    for pairs, width in work.attention.values():
-        dense += 2 * pairs * width  # q @ k^T and attn @ v, never pruned: in both columns
-        pruned += 2 * pairs * width
-    return dense, pruned
+        if name + ".weight" in prunable_names:
+            weight = modules[name].weight
+            removed += positions * (weight.numel() - int(torch.count_nonzero(weight)))
+    return work.total, work.total - removed
+
+
+def attention_share(work: Workload, module: str, layers) -> int:
+    """The multiply-adds of ``module`` that none of ``layers`` (its weight layers) does: its attention matmuls."""
+    return work.modules.get(module, 0) - sum(work.positions.get(name, 0) * numel for name, numel in layers)
 
 
 def format_report(rep: dict, layers: bool = False) -> str:

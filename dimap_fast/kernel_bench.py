@@ -1,5 +1,5 @@
-"""``dimap-fast bench``: time the block-sparse linear (and, on CUDA, the fused window attention)
-over a grid of shapes and sparsities; print a table, optionally plot it.
+"""What ``dimap-fast bench`` measures (its flags are ``cli.bench``): the block-sparse linear (and, on
+CUDA, the fused window attention) over a grid of shapes and sparsities; a table, optionally a plot.
 
 Without CUDA the CPU code paths are timed: SparseLinear on CPU is F.linear on the zero-filled
 weight, so its speed-up is ~1 by design (it only promises never to be slower); the table header
@@ -8,74 +8,16 @@ says so. On CUDA the Triton kernels run in float16.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
+
+from .errors import DimapError
 
 CPU_TOKENS = 8 * 196  # 8 images of Swin's 14x14 stage-3 token map
 CUDA_TOKENS = 128 * 196
 # Swin stages for the window-attention rows: (name, resolution, channels, heads).
 ATTN_STAGES = (("swin_t.s1", 56, 96, 3), ("swin_t.s3", 14, 384, 12), ("swin_b.s1", 56, 128, 4),
                ("swin_b.s3", 14, 512, 16))
-
-
-def _shapes(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            a, b = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {part!r} must be INxOUT, e.g. 384x1536") from None
-        if a < 1 or b < 1:
-            raise argparse.ArgumentTypeError(f"shape {part!r} must have positive sizes")
-        out.append((a, b))
-    if not out:
-        raise argparse.ArgumentTypeError("give shapes as INxOUT,..., e.g. 384x1536,768x3072")
-    return out
-
-
-def _sparsities(text: str) -> list[float]:
-    try:
-        vals = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsities must be numbers, got {text!r}") from None
-    if not vals or not all(0.0 <= v <= 1.0 for v in vals):
-        raise argparse.ArgumentTypeError("sparsities must be fractions in [0, 1], e.g. 0.25,0.5,0.75")
-    return vals
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``bench`` subcommand on an argparse subparsers object; return its parser."""
-    p = subparsers.add_parser(
-        "bench", help="time the block-sparse linear (and fused window attention on CUDA)",
-        description="Dense vs block-sparse linear over shapes and tile sparsities; on CUDA also "
-                    "the fused window attention vs timm's roll/partition path.")
-    p.add_argument("--shapes", type=_shapes, default=_shapes("384x1536,768x3072"),
-                   help="Linear sizes INxOUT, comma-separated (default 384x1536,768x3072)")
-    p.add_argument("--sparsities", type=_sparsities, default=[0.25, 0.5, 0.75],
-                   help="fractions of BxB tiles zeroed (default 0.25,0.5,0.75)")
-    p.add_argument("--block", type=int, choices=(16, 32, 64), default=32, help="tile side (default 32)")
-    p.add_argument("--batch-tokens", type=_positive, default=None,
-                   help=f"rows of x (default {CPU_TOKENS} on CPU, {CUDA_TOKENS} on CUDA); the "
-                        "window-attention rows use batch-tokens // 196 images")
-    p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
-                   help="also draw speed-up vs sparsity to this PNG (needs matplotlib)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when present, else CPU")
-    return p
 
 
 def _timer(device):
@@ -148,14 +90,17 @@ def attention_rows(images, device, dtype, reps):
 
 
 def run_kernel_bench(args) -> int:
-    """Run the ``bench`` subcommand; returns the exit code."""
+    """Run the ``bench`` subcommand on its parsed flags (``cli.bench``); returns the exit code."""
     import torch
 
     want = args.device
     if want == "cuda" and not torch.cuda.is_available():
-        print("dimap-fast bench: error: --device cuda but no CUDA device is visible "
-              "(use --device cpu or auto)", file=sys.stderr)
-        return 2
+        raise DimapError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+    if args.plot is not None:
+        try:  # before any timing: a missing plotter is known in a second, not after the table
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise DimapError("--plot needs matplotlib: pip install matplotlib, or drop --plot") from None
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available())
                           else "cpu")
     on_gpu = device.type == "cuda"
@@ -186,12 +131,7 @@ def run_kernel_bench(args) -> int:
             print(f"{name:>12} {ref:>10.3f} {fused:>10.3f} {ref / fused:>8.2f}x")
 
     if args.plot is not None:
-        try:
-            _plot(args.plot, rows, head)
-        except ImportError:
-            print("dimap-fast bench: error: --plot needs matplotlib (pip install matplotlib)",
-                  file=sys.stderr)
-            return 2
+        _plot(args.plot, rows, head)
         print(f"\nplot written to {args.plot}")
     return 0
 

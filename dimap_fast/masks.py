@@ -1,10 +1,11 @@
-"""Zero pruned weights in place and keep them zero through training.
+"""The one guard that keeps pruned weights at zero: ``apply_masks``, the trainer and fine-tuning use it.
 
-``apply_masks`` zeroes the weights, then guards them two ways: a gradient hook zeroes their
-gradients (so clipping and loss scaling see the pruned model), and a global optimizer step hook
-re-zeroes them after every step of any torch optimizer (weight decay and stale momentum would
-otherwise revive them). ``handle.remove()`` or ``make_permanent(model)`` drops the guards and
-leaves plain dense tensors that happen to hold zeros: nothing in the state dict changes.
+A ``MaskHandle`` zeroes the masked weights, then holds them at zero two ways: a gradient hook
+zeroes their gradients (so AdamW's moments, clipping and loss scaling see only kept weights), and
+a global optimizer step hook re-zeroes them after every step of any torch optimizer (weight decay
+and momentum left from before the masks would otherwise revive them). ``check()`` proves it held
+(``MaskLeakError`` if not); ``remove()`` drops both guards and leaves plain dense tensors that
+happen to hold zeros: nothing in the state dict changes.
 """
 
 from __future__ import annotations
@@ -20,21 +21,47 @@ _GUARDS: "weakref.WeakSet[MaskHandle]" = weakref.WeakSet()
 _STEP_HOOK = None
 
 
-class MaskHandle:
-    """The guards one ``apply_masks`` call put on a model; ``remove()`` makes pruning permanent."""
+class MaskLeakError(RuntimeError):
+    """A pruned weight is no longer exactly zero: a bug, never bad input."""
 
-    def __init__(self, pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]):
-        self.pairs = pairs
-        self._grad_hooks = [p.register_hook(_zero_grad_hook(m)) for p, m in pairs if p.requires_grad]
+
+class MaskHandle:
+    """Masks (True = kept) bound to a model's parameters and held at zero until ``remove()``.
+
+    Also a context manager: ``with MaskHandle(model, masks) as guard:`` removes it on the way out.
+    """
+
+    def __init__(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor], device=None):
+        self.items = bind_masks(model, masks, device)
+        self.zero_()
+        self._grad_hooks = [p.register_hook(_masked_grad(keep)) for _, p, keep in self.items if p.requires_grad]
         _GUARDS.add(self)
         _ensure_step_hook()
 
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The masks on the CPU, by parameter name (what a checkpoint stores)."""
+        return {name: keep.cpu() for name, _, keep in self.items}
+
     @torch.no_grad()
-    def reapply(self) -> None:
-        for p, m in self.pairs:
-            p.mul_(m)
+    def zero_(self) -> None:
+        for _, p, keep in self.items:
+            if keep.device != p.device:  # the model moved after the masks were bound
+                keep.data = keep.to(p.device)
+            p.mul_(keep)
+
+    @torch.no_grad()
+    def check(self, where: str = "") -> None:
+        """Raise MaskLeakError naming every layer whose pruned weights are not all exactly zero."""
+        if not self.items:
+            return
+        counts = torch.stack([torch.count_nonzero(p.masked_fill(keep, 0)) for _, p, keep in self.items])
+        if int(counts.sum()):  # one sync for all layers
+            bad = {name: int(c) for (name, *_), c in zip(self.items, counts.tolist()) if c}
+            raise MaskLeakError(f"pruned weights became nonzero{' ' + where if where else ''}: {bad}")
 
     def remove(self) -> None:
+        """Stop guarding: later optimizer steps may move the pruned weights again."""
         for hook in self._grad_hooks:
             hook.remove()
         self._grad_hooks = []
@@ -44,14 +71,21 @@ class MaskHandle:
     def active(self) -> bool:
         return self in _GUARDS
 
+    def __enter__(self) -> "MaskHandle":
+        return self
 
-def _zero_grad_hook(mask: torch.Tensor):
-    return lambda grad: grad * mask
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _masked_grad(keep: torch.Tensor):
+    # ``keep`` is read at call time, so a mask that zero_() moved to the model's new device is used
+    return lambda grad: grad * keep
 
 
 def _after_step(optimizer, args, kwargs) -> None:
     for handle in list(_GUARDS):
-        handle.reapply()
+        handle.zero_()
 
 
 def _ensure_step_hook() -> None:
@@ -81,17 +115,13 @@ def bind_masks(model: torch.nn.Module, masks, device=None) -> list[tuple[str, to
     return bound
 
 
-@torch.no_grad()
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
     """Zero every weight whose mask is False, in place, and keep it zero through training.
 
     Returns a MaskHandle: ``handle.remove()`` (or ``make_permanent(model)``) drops the guards once
     training is over. Masks are checked against the model before anything is touched.
     """
-    pairs = [(p, m) for _, p, m in bind_masks(model, masks)]
-    for p, m in pairs:
-        p.mul_(m)
-    handle = MaskHandle(pairs)
+    handle = MaskHandle(model, masks)
     previous = getattr(model, "_dimap_handles", [])
     model._dimap_handles = previous + [handle]
     return handle
@@ -100,9 +130,15 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskH
 def make_permanent(model: torch.nn.Module) -> None:
     """Drop every guard ``apply_masks`` put on ``model``; pruned weights stay zero."""
     for handle in getattr(model, "_dimap_handles", []):
-        handle.reapply()
+        handle.zero_()
         handle.remove()
     model._dimap_handles = []
+
+
+def removed_fraction(masks: Mapping[str, torch.Tensor]) -> float:
+    """Share of the masked weights that are pruned (False), over all masks together."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m).sum()) for m in masks.values()) / total if total else 0.0
 
 
 def prune_state(state: dict, masks: dict) -> dict:

@@ -1,29 +1,29 @@
 """Which weights are prunable, and which DIMAP module each belongs to.
 
 A module map is a dict from module name to a list of glob patterns over parameter names
-(fnmatch rules: ``*`` also matches dots). The built-in map covers timm's Swin family
-(``swin_*``, ``swinv2_*``, ``swinv2_cr_*``): the paper's Appendix B. Everything the map does
-not name (patch embedding, patch merging, norms, biases, position-bias tables, the head) stays
-dense.
+(fnmatch rules: ``*`` also matches dots). By default the map is the one of the model's family,
+read from its architecture adapter (``dimap_fast.arch``: timm Swin v1/v2, Hugging Face Swin and
+Swinv2): the paper's Appendix B. A user module map overrides it. Everything the map does not name
+(patch embedding, patch merging, norms, biases, position-bias tables, the head) stays dense.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 
+from .arch import find_adapter, natural_key
+from .arch.timm_swin import MODULE_MAP
 from .errors import DimapError
 
-SWIN_MODULES: dict[str, tuple[str, ...]] = {
-    "QKV-M": ("*blocks.*.attn.qkv.weight",),
-    "PRJ-M": ("*blocks.*.attn.proj.weight",),
-    "MLP-M": ("*blocks.*.mlp.fc1.weight", "*blocks.*.mlp.fc2.weight"),
-}
+SWIN_MODULES: dict[str, tuple[str, ...]] = dict(MODULE_MAP)  # timm's Swin family: the default map
+
+__all__ = ["SWIN_MODULES", "Layer", "check_module_map", "module_sizes", "named_tensors", "natural_key",
+           "non_finite_error", "prunable_layers", "prune_count"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,14 @@ def named_tensors(source) -> dict[str, torch.Tensor]:
     )
 
 
-def check_module_map(module_map) -> dict[str, tuple[str, ...]]:
+def check_module_map(module_map, source=None, arch=None) -> dict[str, tuple[str, ...]]:
+    """A validated copy of ``module_map``; None gives the map of ``source``'s family (timm Swin's without one)."""
     if module_map is None:
-        return dict(SWIN_MODULES)
+        return dict(find_adapter(source, arch).module_map)
     if not isinstance(module_map, Mapping) or not module_map:
         raise DimapError(
             "module_map must be a non-empty dict of module name -> glob patterns, "
-            "e.g. {'QKV-M': ['*.attn.qkv.weight']}"
+            "e.g. {'FFN': ['*.ffn.in.weight', '*.ffn.out.weight']}"
         )
     out = {}
     for module, patterns in module_map.items():
@@ -74,12 +75,7 @@ def check_module_map(module_map) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def natural_key(name: str) -> tuple:
-    """Sort key that compares the numbers in a name as numbers: layers.2 before layers.10."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
-def prunable_layers(source, module_map=None) -> list[Layer]:
+def prunable_layers(source, module_map=None, arch=None) -> list[Layer]:
     """The prunable weights of ``source`` in natural name order, each tagged with its module.
 
     Natural order (numbers compared as numbers) rather than the source's own order, because a
@@ -90,8 +86,8 @@ def prunable_layers(source, module_map=None) -> list[Layer]:
     non-floating, sparse, meta or empty weights, and weights spread over several devices or dtypes.
     NaN and Inf are refused by the scorers, which see them for free at the ends of each sorted layer.
     """
-    module_map = check_module_map(module_map)
     tensors = named_tensors(source)
+    module_map = check_module_map(module_map, source if isinstance(source, torch.nn.Module) else tensors, arch)
     layers = []
     for name, tensor in tensors.items():
         hits = [m for m, pats in module_map.items() if any(fnmatch.fnmatchcase(name, p) for p in pats)]

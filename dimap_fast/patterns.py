@@ -5,11 +5,12 @@
   the tile's squared Frobenius norm. Eq. 10 then runs over the tiles of a layer exactly as over
   weights (descending, prefix sum), with one threshold per module: each module loses
   round(ratio x its tiles).
-- ``channel``: a unit is an MLP hidden neuron (row i of fc1 and its bias, column i of fc2) or an
-  attention head (its rows of q, k and v in qkv with their biases, its columns of proj); its energy
-  is the group's squared L2 norm. A "layer" is one block's MLP or one block's attention; modules
-  are MLP-M (neurons) and ATTN-M (heads, covering QKV-M and PRJ-M). Every layer keeps at least one
-  unit, so a module can lose slightly fewer units than asked when a whole layer would go.
+- ``channel``: a unit is an MLP hidden neuron (a row of the first Linear and its bias, a column of
+  the second) or an attention head (its rows of q, k and v with their biases, its columns of the
+  output Linear), as the model's architecture adapter groups them (``dimap_fast.arch``); its
+  energy is the group's squared L2 norm. A "layer" is one block's MLP or one block's attention;
+  modules are MLP-M (neurons) and ATTN-M (heads, covering QKV-M and PRJ-M). Every layer keeps at
+  least one unit, so a module can lose slightly fewer units than asked when a whole layer would go.
 - ``2:4``: in every group of 4 consecutive input weights the 2 with the highest score stay. Inside
   a layer the score follows the magnitude, so it is the 2 largest (ties by flat index). It always
   removes half: the ratio must be 0.5.
@@ -19,18 +20,17 @@ Masks are always ordinary per-weight masks keyed by parameter name.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .arch import Group, find_adapter
+from .choice import BLOCK_SIZES, PATTERNS, as_pattern, supported  # noqa: F401 - their one home is choice.py
 from .errors import DimapError
 from .modules import Layer
-
-PATTERNS = ("unstructured", "block", "channel", "2:4")
-BLOCK_SIZES = (16, 32, 64)
 
 
 @dataclass
@@ -42,26 +42,28 @@ class UnitLayer:
     values: torch.Tensor  # |w| (any shape, unstructured) or float64 energies (structured)
     squared: bool  # True when values are energies already (no squaring before Eq. 10)
     expand: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    group: Group | None = None  # channel: the neuron or head group (members, alive units), see dimap_fast.arch
 
     @property
     def numel(self) -> int:
         return self.values.numel()
 
 
-def check_pattern(pattern: str, block_size: int) -> None:
-    if pattern not in PATTERNS:
-        raise DimapError(f"unknown pattern {pattern!r}: choose one of {', '.join(PATTERNS)}")
-    if pattern == "block" and block_size not in BLOCK_SIZES:
-        raise DimapError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+def check_pattern(pattern, block_size=None) -> None:
+    """Refuse a pattern (a Pattern or its name, with a block size) the engine cannot run."""
+    supported(as_pattern(pattern, block_size))
 
 
-def unit_layers(layers: list[Layer], pattern: str, block_size: int, tensors: dict | None = None) -> list[UnitLayer]:
+def unit_layers(layers: list[Layer], pattern: str, block_size: int, tensors: dict | None = None,
+                adapter=None) -> list[UnitLayer]:
+    """The scorer's view of ``layers``. Channel groups come from ``adapter`` (an arch adapter;
+    default the one the tensor names show); ``tensors`` holds the biases and per-head tensors."""
     if pattern == "unstructured":
         return [UnitLayer(l.name, l.module, l.tensor, False, _identity(l.name, l.tensor.shape)) for l in layers]
     if pattern == "block":
         return [_block_units(l, block_size) for l in layers]
     if pattern == "channel":
-        return _channel_units(layers, tensors or {})
+        return _channel_units(layers, tensors or {}, adapter)
     raise DimapError(f"pattern {pattern!r} has no unit layers")  # 2:4 is handled without a threshold
 
 
@@ -91,85 +93,32 @@ def _block_units(layer: Layer, b: int) -> UnitLayer:
     return UnitLayer(layer.name, layer.module, energy, True, expand)
 
 
-_BLOCK_PREFIX = re.compile(r"^(.*)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$")
-
-
-def _channel_units(layers: list[Layer], tensors: dict) -> list[UnitLayer]:
-    blocks: dict[str, dict[str, Layer]] = {}
-    for layer in layers:
-        m = _BLOCK_PREFIX.match(layer.name)
-        if m is None:
-            raise DimapError(f"pattern 'channel' needs Swin block weights (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), not {layer.name}")
-        blocks.setdefault(m.group(1), {})[m.group(2)] = layer
-    units = []
-    for prefix, parts in blocks.items():
-        if "mlp.fc1" in parts and "mlp.fc2" in parts:
-            units.append(_neuron_units(prefix, parts["mlp.fc1"], parts["mlp.fc2"], tensors))
-        if "attn.qkv" in parts and "attn.proj" in parts:
-            units.append(_head_units(prefix, parts["attn.qkv"], parts["attn.proj"], tensors))
-    if not units:
-        raise DimapError("pattern 'channel' found no complete block (fc1 with fc2, qkv with proj)")
-    return units
-
-
-def _neuron_units(prefix, fc1: Layer, fc2: Layer, tensors) -> UnitLayer:
-    w1, w2 = _matrix(fc1), _matrix(fc2)
-    if w1.shape[0] != w2.shape[1]:
-        raise DimapError(f"{prefix}: fc1 has {w1.shape[0]} outputs but fc2 {w2.shape[1]} inputs")
-    energy = w1.detach().double().square().sum(1) + w2.detach().double().square().sum(0)
-    bias = tensors.get(f"{prefix}.mlp.fc1.bias")
-    if bias is not None:
-        energy = energy + bias.detach().double().square()
-
-    def expand(keep):
-        return {fc1.name: keep[:, None].expand(w1.shape).contiguous(), fc2.name: keep[None, :].expand(w2.shape).contiguous()}
-
-    return UnitLayer(f"{prefix}.mlp", "MLP-M", energy, True, expand)
-
-
-def head_count(prefix: str, tensors: dict) -> int:
-    """Swin stores one relative-position bias column (v1) or logit scale (v2) per head."""
-    table = tensors.get(f"{prefix}.attn.relative_position_bias_table")
-    if table is not None:
-        return int(table.shape[-1])
-    scale = tensors.get(f"{prefix}.attn.logit_scale")
-    if scale is not None:
-        return int(scale.shape[0])
-    raise DimapError(f"{prefix}: cannot tell its number of heads (no relative_position_bias_table or logit_scale)")
-
-
-def head_rows(heads: int, dim: int) -> torch.Tensor:
-    """[heads, 3 * head_dim] row indices of each head's q, k and v in a qkv weight of 3*dim rows."""
-    hd = dim // heads
-    base = torch.arange(heads)[:, None] * hd + torch.arange(hd)[None, :]
-    return torch.cat([base, base + dim, base + 2 * dim], dim=1)
-
-
-def _head_units(prefix, qkv: Layer, proj: Layer, tensors) -> UnitLayer:
-    wq, wp = _matrix(qkv), _matrix(proj)
-    dim = wp.shape[0]
-    heads = head_count(prefix, tensors)
-    if wq.shape[0] != 3 * dim or dim % heads:
-        raise DimapError(f"{prefix}: qkv {tuple(wq.shape)} and proj {tuple(wp.shape)} do not split into {heads} heads")
-    hd = dim // heads
-    rows = head_rows(heads, dim)
-    row_energy = wq.detach().double().square().sum(1)
-    for name in ("qkv.bias", "q_bias", "k_bias", "v_bias"):
-        b = tensors.get(f"{prefix}.attn.{name}")
-        if b is None:
+def _channel_units(layers: list[Layer], tensors: dict, adapter) -> list[UnitLayer]:
+    """One unit layer per neuron or head group of the adapter whose weights are all prunable."""
+    tensors = {**tensors, **{layer.name: layer.tensor for layer in layers}}  # the weights as planned (device=)
+    if adapter is None:  # a family the names show; else a generic adapter, which says what it lacks
+        by_module: dict[str, list[str]] = {}
+        for layer in layers:
+            by_module.setdefault(layer.module, []).append(layer.name)
+        adapter = find_adapter(tensors, module_map=by_module)
+    names = {layer.name for layer in layers}
+    units, covered = [], set()
+    for group in adapter.groups(tensors):
+        weights = group.weight_names()
+        if not all(name in names for name in weights):
             continue
-        b = b.detach().double().square()
-        offset = {"q_bias": 0, "k_bias": dim, "v_bias": 2 * dim}.get(name, 0)
-        row_energy[offset : offset + b.numel()] += b
-    energy = row_energy[rows].sum(1) + wp.detach().double().square().sum(0).reshape(heads, hd).sum(1)
-
-    def expand(keep):
-        row_keep = torch.zeros(wq.shape[0], dtype=torch.bool, device=keep.device)
-        row_keep[rows.to(keep.device).reshape(-1)] = keep[:, None].expand(heads, 3 * hd).reshape(-1)
-        col_keep = keep.repeat_interleave(hd)
-        return {qkv.name: row_keep[:, None].expand(wq.shape).contiguous(), proj.name: col_keep[None, :].expand(wp.shape).contiguous()}
-
-    return UnitLayer(f"{prefix}.attn", "ATTN-M", energy, True, expand)
+        covered.update(weights)
+        units.append(UnitLayer(group.name, group.module, group.energy(tensors), True,
+                               partial(group.expand, names=names), group))
+    for layer in layers:  # natural order: the first stray weight is named
+        if layer.name not in covered:
+            raise DimapError(f"pattern 'channel' prunes whole neuron and head groups, and {layer.name} is not in one "
+                             "whose weights are all prunable: let the module_map hold all of a group's weights, "
+                             "or use pattern 'unstructured' or 'block'")
+    if not units:
+        raise DimapError("pattern 'channel' found no whole neuron or head group among the prunable weights: "
+                         "let the module_map hold both MLP Linears, or all attention Linears, of a block")
+    return units
 
 
 def two_four_mask(tensor: torch.Tensor, name: str) -> torch.Tensor:

@@ -4,12 +4,12 @@
 layer and the prefix sums); ``Plan.masks(r)``, ``cutoffs(r)``, ``thresholds(r)`` and
 ``sparsity(r)`` then cost little for any number of ratios.
 
-Methods (the prunable set is the same for all three):
+Methods (``Method`` values or their names; the prunable set is the same for all three):
 - ``dimap``: Eq. 10 scores, one threshold per module; each module loses round(ratio x size).
 - ``global``: one magnitude threshold over all prunable weights; they lose round(ratio x total).
 - ``uniform``: each layer loses round(ratio x layer size) by magnitude.
-Patterns (``pattern=``) change the unit from a weight to a tile, a neuron or head, or a 2:4 group:
-see ``dimap_fast.patterns``. A plan of a model (not of a state dict) also prunes to a FLOPs budget:
+Patterns (``pattern=``, a ``Pattern`` value or its name) change the unit from a weight to a tile, a
+neuron or head, or a 2:4 group: see ``dimap_fast.choice`` and ``dimap_fast.patterns``. A plan of a model (not of a state dict) also prunes to a FLOPs budget:
 ``ratio_for_flops(reduction)``, see ``dimap_fast.budget``.
 
 Tie rule: units are kept in the order (key descending, layer in natural name order, rank in the
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from .budget import FlopsBudget, Kept, check_budget_pattern, check_reduction
-from .errors import METHODS, DimapError, check_choice, check_ratio
+from .choice import Method, Pattern, as_pattern, supported
+from .errors import DimapError, check_choice, check_ratio
 from .flops import _input_shape
 from .modules import Layer, named_tensors, prunable_layers, prune_count
-from .patterns import UnitLayer, check_pattern, two_four_mask, unit_layers
+from .patterns import UnitLayer, two_four_mask, unit_layers
 from .scores import Group, build_states
 
 
@@ -54,49 +55,51 @@ class Cutoff:
 class Plan:
     """The ratio-independent part of a pruning run over one model's prunable weights."""
 
-    def __init__(self, layers: list[Layer], method: str, backend: str, progress: bool = False,
-                 pattern: str = "unstructured", block_size: int = 32, tensors: dict | None = None,
+    def __init__(self, layers: list[Layer], method: Method | str, backend: str, progress: bool = False,
+                 pattern: Pattern | str = "unstructured", block_size: int | None = None, tensors: dict | None = None,
                  model: torch.nn.Module | None = None):
         self.layers = layers
-        self.method = method
+        self.method = Method.parse(method)
         self.backend = backend
-        self.pattern = pattern
-        self.block_size = block_size
+        self.pattern = supported(as_pattern(pattern, block_size))
+        self.block_size = self.pattern.block_size  # None unless the pattern is block(B)
         self._counts_cache: dict[float, np.ndarray] = {}
         self._model = model  # run (on the meta device) to count FLOPs; a state dict has nothing to run
         self._versions = _versions(layers)  # FLOPs read the weights later: they must still be these
         self._kept: Kept | None = None
         self._budgets: dict[tuple, FlopsBudget] = {}
-        if pattern == "2:4":
+        if self.pattern.kind == "n:m":
             self.units: list[UnitLayer] = []
             self.modules = list(dict.fromkeys(layer.module for layer in layers))
             self._scorer = None
             return
-        self.units = unit_layers(layers, pattern, block_size, tensors)
+        self.units = unit_layers(layers, self.pattern.name, self.block_size, tensors)
         self.modules = list(dict.fromkeys(u.module for u in self.units))
         bar = _progress_bar(sum(u.numel for u in self.units), progress)
         try:
             if backend == "triton":
                 from .triton_scores import TritonScorer
 
-                self._scorer = TritonScorer(self.units, method)
+                self._scorer = TritonScorer(self.units, self.method.value)
                 if bar is not None:
                     bar.update(bar.total)
             else:
-                self._scorer = NumpyScorer(self.units, method, bar)
+                self._scorer = NumpyScorer(self.units, self.method.value, bar)
         finally:
             if bar is not None:
                 bar.close()
 
     def __repr__(self) -> str:
         n = sum(layer.numel for layer in self.layers)
-        return (f"Plan(method={self.method!r}, pattern={self.pattern!r}, backend={self.backend!r}, "
+        return (f"Plan(method={str(self.method)!r}, pattern={str(self.pattern)!r}, backend={self.backend!r}, "
                 f"layers={len(self.layers)}, weights={n})")
 
     def _ratio(self, ratio) -> float:
         ratio = check_ratio(ratio)
-        if self.pattern == "2:4" and ratio != 0.5:
-            raise DimapError(f"pattern '2:4' always removes half of the weights: use ratio 0.5, not {ratio}")
+        fixed = self.pattern.fraction
+        if fixed is not None and ratio != fixed:
+            share = "half" if fixed == 0.5 else f"{fixed:g}"
+            raise DimapError(f"pattern {self.pattern.name!r} always removes {share} of the weights: use ratio {fixed:g}, not {ratio}")
         return ratio
 
     def keep_counts(self, ratio: float) -> np.ndarray:
@@ -122,7 +125,7 @@ class Plan:
 
     def _floor(self, counts: np.ndarray) -> np.ndarray:
         # a layer with no neuron or no head left would cut the network: channel keeps one of each
-        return np.maximum(counts, 1) if self.pattern == "channel" else counts
+        return np.maximum(counts, 1) if self.pattern.kind == "channel" else counts
 
     def cutoffs(self, ratio: float) -> dict[str, Cutoff]:
         """Per unit layer: the smallest kept value (inf when nothing stays) and the keep count."""
@@ -175,7 +178,7 @@ class Plan:
         The plan's tensors are the model's own parameters (or the state dict's tensors), so this
         prunes the model itself. On the GPU path one fused kernel per layer writes mask and zeros.
         """
-        if self.backend == "triton" and self.pattern == "unstructured":
+        if self.backend == "triton" and self.pattern.kind == "unstructured":
             from .kernels import apply_cutoffs
 
             cuts = self.cutoffs(ratio)
@@ -221,7 +224,7 @@ class Plan:
         budget = self._budgets.get(shape)
         if budget is None:
             if self._kept is None:
-                if self.pattern != "unstructured" and _versions(self.layers) != self._versions:
+                if self.pattern.kind != "unstructured" and _versions(self.layers) != self._versions:
                     raise DimapError("the prunable weights changed after planning (prune_, an optimizer step): "
                                      "plan the model again before asking for FLOPs")
                 self._kept = Kept(self)
@@ -335,20 +338,21 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="w", unit_scale=True, desc="scoring", leave=False)
 
 
-def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=None, backend: str = "auto",
-         progress: bool = False, pattern: str = "unstructured", block_size: int = 32) -> Plan:
+def plan(model_or_state_dict, method: Method | str = "dimap", device=None, module_map=None, backend: str = "auto",
+         progress: bool = False, pattern: Pattern | str = "unstructured", block_size: int | None = None) -> Plan:
     """Score every prunable weight once; the returned Plan cuts at any ratio.
 
     device: where to score (default: where the weights are). backend: "auto" picks the Triton
     kernels for CUDA weights and numpy otherwise; "triton" forces the kernels (CPU tensors need
-    TRITON_INTERPRET=1), "numpy" forces the CPU path. pattern: "unstructured" (the paper),
-    "block" (block_size x block_size tiles), "channel" (neurons and heads) or "2:4".
+    TRITON_INTERPRET=1), "numpy" forces the CPU path. pattern: Pattern.unstructured() (the paper),
+    Pattern.block(B) (BxB tiles), Pattern.channel() (neurons and heads) or Pattern.nm(2, 4); or
+    their names, "block" with block_size=B (default 32). method: a Method or its name.
     Structured patterns score their few units on the CPU whatever the device. A plan of a model
     keeps a reference to it, to count FLOPs for ``ratio_for_flops``.
     """
-    check_choice("method", method, METHODS)
+    method = Method.parse(method)
     check_choice("backend", backend, ("auto", "numpy", "triton"))
-    check_pattern(pattern, block_size)
+    pattern = supported(as_pattern(pattern, block_size))
     layers = prunable_layers(model_or_state_dict, module_map)
     tensors = named_tensors(model_or_state_dict)
     if isinstance(model_or_state_dict, torch.nn.Module):
@@ -365,16 +369,17 @@ def plan(model_or_state_dict, method: str = "dimap", device=None, module_map=Non
             raise DimapError(f"cannot move the weights to {device} ({reason}): pass device='cpu' or a GPU that is present") from None
     on_cuda = layers[0].tensor.is_cuda
     if backend == "auto":
-        backend = "triton" if on_cuda and pattern == "unstructured" else "numpy"
-    if backend == "triton" and pattern != "unstructured":
-        raise DimapError(f"backend='triton' scores the unstructured pattern; pattern {pattern!r} runs on backend='numpy'")
+        backend = "triton" if on_cuda and pattern.kind == "unstructured" else "numpy"
+    if backend == "triton" and pattern.kind != "unstructured":
+        raise DimapError(f"backend='triton' scores the unstructured pattern; pattern {str(pattern)!r} runs on backend='numpy'")
     if backend == "triton" and not on_cuda and not _interpreting():
         raise DimapError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import; use backend='numpy'")
     model = model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None
-    return Plan(layers, method, backend, progress, pattern, block_size, tensors, model)
+    return Plan(layers, method, backend, progress, pattern, None, tensors, model)
 
 
-def compute_masks(model_or_state_dict, ratio: float, method: str = "dimap", module_map=None, **kwargs) -> dict[str, torch.Tensor]:
+def compute_masks(model_or_state_dict, ratio: float, method: Method | str = "dimap", module_map=None,
+                  **kwargs) -> dict[str, torch.Tensor]:
     """Boolean masks (True = kept), one per prunable weight, keyed by parameter name.
 
     Keyword arguments go to ``plan``: pattern, block_size, device, backend.

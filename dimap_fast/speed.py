@@ -11,7 +11,7 @@ from .flops import _input_shape
 
 @torch.no_grad()
 def images_per_second(model: torch.nn.Module, shape, seconds: float = 2.0) -> float:
-    from .train import flush_denormals
+    from .train.evaluate import flush_denormals
 
     with flush_denormals():  # Swin's -100 window mask makes denormals: 10x slower CPU math otherwise
         return _images_per_second(model, shape, seconds)
@@ -32,7 +32,7 @@ def _images_per_second(model, shape, seconds):
 
 def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
     """Dense base architecture vs ``src.model``, alternating so both see the same machine state."""
-    from .sources import create_timm_model, demo_model_from_metadata
+    from .loading import create_timm_model, demo_model_from_metadata
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from .budget import check_budget_pattern, check_reduction, flops_metadata
 from .errors import METHODS, DimapError, check_choice, check_model_name, check_ratio
-from .io import (check_architecture, check_output, checkpoint_path, looks_like_path, remove_stale_temps,
-                 safetensors_header, save_pruned, write_text_atomic)
+from .checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, remove_stale_temps,
+                         safetensors_header, save_pruned, write_text_atomic)
+from .loading import check_architecture
 
 SUMMARY = "summary.csv"
 
@@ -46,7 +47,7 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
 
     from .masks import prune_state
     from .plan import plan
-    from .sources import load_source
+    from .loading import load_source
 
     by_flops = flops_reductions is not None
     if by_flops and ratios is not None:
@@ -163,12 +164,12 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
             meta = {}
             if Path(spec).suffix == ".safetensors":  # header only: cheap, and it catches damage and misfits now
                 shapes, meta = safetensors_header(spec)
-                if (arch or meta.get("timm_model")) and meta.get("format") != "dimap-fast/shrunk-1":
-                    check_architecture({k: v for k, v in shapes.items() if not k.startswith("dimap_mask.")},
+                if (arch or meta.get("timm_model")) and not is_shrunk(meta):
+                    check_architecture({k: v for k, v in shapes.items() if not k.startswith(MASK_PREFIX)},
                                        arch or meta["timm_model"], spec)
             else:
                 checkpoint_path(spec)  # exists, readable, a known type; the rest is checked when it is loaded
-            if by_flops and not (arch or meta.get("timm_model") or meta.get("model_config")):
+            if by_flops and not (arch or meta.get("timm_model") or meta.get("model_config") or meta.get("config")):
                 raise DimapError(_no_architecture(spec))
         else:
             check_model_name(spec)

@@ -11,15 +11,14 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
-
-from dimap_fast.data import DIGITS_MEAN, DIGITS_STD, digits_datasets
-from dimap_fast.train import DEMO_ASSET, build_swin, evaluate, small_swin_config, train
+from dimap_fast.train import DEMO_ASSET, DEMO_RECIPE, Data, build_swin, evaluate, small_swin_config, train
+from dimap_fast.train.data import DIGITS_MEAN, DIGITS_STD, digits_datasets
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dimap_fast" / "assets" / DEMO_ASSET
 
@@ -28,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=DEMO_RECIPE.epochs)
+    parser.add_argument("--lr", type=float, default=DEMO_RECIPE.lr)
+    parser.add_argument("--batch-size", type=int, default=DEMO_RECIPE.batch_size)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -56,22 +55,21 @@ def main(argv=None) -> None:
     train_set, val_set = digits_datasets(data["image_size"], data["seed"], data["val_fraction"])
     config = small_swin_config(num_classes=10, image_size=data["image_size"])
 
-    recipe = {"epochs": args.epochs, "lr": args.lr, "weight_decay": 0.05, "warmup_epochs": 1.0}
+    recipe = replace(DEMO_RECIPE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
 
     torch.manual_seed(args.seed)
     model = build_swin(config)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=0)
     start = time.perf_counter()
-    history = train(model, loader, **recipe, seed=args.seed, progress=not args.no_progress)
+    result = train(model, Data(train_set, None, 10), recipe, seed=args.seed, progress=not args.no_progress, log=None)
     seconds = time.perf_counter() - start
-    accuracy = evaluate(model, DataLoader(val_set, batch_size=256))
+    accuracy = evaluate(model, val_set)["top1"]
 
     metadata = {
         "config": json.dumps(config),
         "data": json.dumps(data),
-        "train": json.dumps({**recipe, "batch_size": args.batch_size}),
+        "train": json.dumps(asdict(recipe)),
         "val_accuracy": f"{accuracy:.6f}",
-        "train_accuracy": f"{history['train_acc'][-1]:.6f}",
+        "train_accuracy": f"{result['history'][-1]['train_top1']:.6f}",
         "torch": torch.__version__,
         "timm": timm.__version__,
     }

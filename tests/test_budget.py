@@ -22,11 +22,11 @@ from dimap_fast import DimapError
 from dimap_fast.budget import LAST_RATIO
 from dimap_fast.cli import main
 from dimap_fast.flops import _run
-from dimap_fast.io import load_pruned
+from dimap_fast.checkpoint import load_pruned
 from dimap_fast.shrink import shrink
 
 CONFIG = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
-PATTERNS = ["unstructured", "block", "channel"]
+PATTERNS = ["unstructured", "block16", "channel"]  # names Pattern.parse reads
 
 
 def small_swin(seed=0, holes=False):
@@ -46,7 +46,7 @@ def small_swin(seed=0, holes=False):
 def measured(model, pattern, ratio, method="dimap"):
     """The FLOPs reduction report() gives for ``model`` pruned at ``ratio`` (channel: shrunk)."""
     pruned = copy.deepcopy(model)
-    dimap_fast.plan(pruned, method=method, pattern=pattern, block_size=16).prune_(ratio)
+    dimap_fast.plan(pruned, method=method, pattern=pattern).prune_(ratio)
     if pattern == "channel":
         return 1 - dimap_fast.report(shrink(pruned))["flops"]["dense"] / dimap_fast.report(model)["flops"]["dense"]
     return dimap_fast.report(pruned)["flops"]["reduction"]
@@ -56,7 +56,7 @@ def measured(model, pattern, ratio, method="dimap"):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_chosen_ratio_is_the_smallest_that_reaches_the_target(pattern, holes):
     model = small_swin(1, holes)
-    p = dimap_fast.plan(model, pattern=pattern, block_size=16)
+    p = dimap_fast.plan(model, pattern=pattern)
     for target in (0.35, 0.5):
         ratio = p.ratio_for_flops(target)
         got = measured(model, pattern, ratio)
@@ -81,7 +81,7 @@ def test_other_methods(method):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_flops_reduction_equals_report_and_never_falls(pattern):
     model = small_swin(3, holes=True)
-    p = dimap_fast.plan(model, pattern=pattern, block_size=16)
+    p = dimap_fast.plan(model, pattern=pattern)
     ratios = [0.0, 0.1, 0.3, 0.6, 0.9]
     for r in ratios[1::2]:
         assert p.flops_reduction(r) == measured(model, pattern, r)
@@ -109,7 +109,7 @@ def test_meta_pass_sees_what_a_real_pass_sees():
 def test_unreachable_reduction_names_the_maximum():
     model = small_swin(5)
     for pattern in PATTERNS:
-        p = dimap_fast.plan(model, pattern=pattern, block_size=16)
+        p = dimap_fast.plan(model, pattern=pattern)
         best = p.flops_reduction(LAST_RATIO)
         shown = math.floor(best * 1e4) / 1e4
         with pytest.raises(DimapError, match=f"removes at most {shown:.4f} of the FLOPs") as info:

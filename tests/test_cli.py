@@ -11,7 +11,7 @@ from statedicts import make_state
 from safetensors.torch import save_file
 
 from dimap_fast.cli import main
-from dimap_fast.io import load_pruned
+from dimap_fast.checkpoint import load_pruned
 
 TINY = "swin_tiny_patch4_window7_224"
 

@@ -1,4 +1,4 @@
-"""Datasets, the masked training loop, evaluation and the shipped demo checkpoint."""
+"""Datasets, the one training loop (masked or not), evaluation, timm's optimizer and the shipped demo checkpoint."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dimap_fast.data import digits_datasets, image_folder_datasets
 from dimap_fast.errors import DimapError
-from dimap_fast.train import evaluate, flush_denormals, load_demo_model, small_swin, train
+from dimap_fast.train import (
+    Data, Recipe, digits_datasets, evaluate, flush_denormals, image_folder_datasets, load_demo_model, make_optimizer,
+    small_swin, train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,12 @@ def test_shipped_model_accuracy(digits):
     model, meta = load_demo_model()
     assert meta["config"]["num_classes"] == 10
     assert meta["val_accuracy"] >= 0.93
-    accuracy = evaluate(model, DataLoader(digits[1], batch_size=256))
-    assert accuracy >= 0.9
-    assert accuracy == pytest.approx(meta["val_accuracy"], abs=1e-3)
+    result = evaluate(model, digits[1])
+    assert result["count"] == len(digits[1]) == 450
+    assert result["top1"] >= 0.9 and result["top5"] >= result["top1"]
+    assert result["top1"] == pytest.approx(meta["val_accuracy"], abs=1e-3)
+    with pytest.raises(DimapError, match="takes a Dataset"):
+        evaluate(model, DataLoader(digits[1], batch_size=256))
 
 
 def _random_masks(model, keep=0.5, seed=0):
@@ -62,8 +67,12 @@ def _random_masks(model, keep=0.5, seed=0):
     }
 
 
-def _tiny_loader(digits, n=64):
-    return DataLoader(Subset(digits[0], range(n)), batch_size=32, shuffle=True)
+def _tiny(digits, n=64) -> Data:
+    return Data(Subset(digits[0], range(n)), None, 10)
+
+
+TINY = Recipe(epochs=1, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=0, weight_decay=0.05, batch_size=32,
+              label_smoothing=0.0)
 
 
 def test_masked_training_keeps_pruned_weights_zero(digits):
@@ -71,10 +80,11 @@ def test_masked_training_keeps_pruned_weights_zero(digits):
     model = small_swin()
     masks = _random_masks(model)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    history = train(model, _tiny_loader(digits), epochs=1, lr=1e-3, warmup_epochs=0,
-                    masks=masks, seed=0, progress=False)
-    assert len(history["loss"]) == 1 and 0.0 <= history["train_acc"][0] <= 1.0
-    assert history["lr"][-1] == pytest.approx(1e-5)  # the cosine ends at min_lr
+    result = train(model, _tiny(digits), TINY, masks, seed=0, progress=False, log=None)
+    (entry,) = result["history"]
+    assert 0.0 <= entry["train_top1"] <= 1.0 and entry["val"] is None  # no val set: no evaluation
+    assert entry["lr"] == pytest.approx(1e-5)  # the cosine ends at min_lr
+    assert result["removed"] == pytest.approx(0.5, abs=0.02)
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         weight = params[name].detach()
@@ -87,7 +97,7 @@ def test_training_is_deterministic_given_a_seed(digits):
     def run():
         torch.manual_seed(0)
         model = small_swin()
-        train(model, _tiny_loader(digits), epochs=1, seed=0, progress=False)
+        train(model, _tiny(digits), TINY, seed=0, progress=False, log=None)
         return model.state_dict()
 
     first, second = run(), run()
@@ -97,12 +107,24 @@ def test_training_is_deterministic_given_a_seed(digits):
 def test_train_refuses_masks_that_do_not_fit(digits):
     model = small_swin()
     with pytest.raises(DimapError, match="names no parameter"):
-        train(model, _tiny_loader(digits), epochs=1, masks={"nope.weight": torch.ones(2, dtype=torch.bool)},
-              progress=False)
+        train(model, _tiny(digits), TINY, {"nope.weight": torch.ones(2, dtype=torch.bool)}, progress=False, log=None)
     name = "layers.0.blocks.0.attn.qkv.weight"
     with pytest.raises(DimapError, match="shape"):
-        train(model, _tiny_loader(digits), epochs=1, masks={name: torch.ones(3, 3, dtype=torch.bool)},
-              progress=False)
+        train(model, _tiny(digits), TINY, {name: torch.ones(3, 3, dtype=torch.bool)}, progress=False, log=None)
+
+
+def test_optimizer_decays_only_matrices_and_not_position_tables():
+    model = small_swin()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = make_optimizer(model, TINY).param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    assert all(g["weight_decay"] == TINY.weight_decay for g in groups if g["weight_decay"] > 0)
+    assert "layers.0.blocks.0.attn.qkv.weight" in decayed and "head.fc.weight" in decayed
+    assert "layers.0.blocks.0.attn.relative_position_bias_table" in plain  # 2-D, named by no_weight_decay()
+    assert "layers.0.blocks.0.norm1.weight" in plain and "layers.0.blocks.0.attn.qkv.bias" in plain
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
 
 
 def test_flush_denormals_restores_the_callers_setting():

@@ -5,7 +5,8 @@ import timm
 import torch
 
 import dimap_fast
-from dimap_fast import DimapError, apply_masks, make_permanent
+from dimap_fast import DimapError, MaskHandle, apply_masks, make_permanent
+from dimap_fast.masks import MaskLeakError
 
 
 def small_model():
@@ -44,6 +45,51 @@ def test_pruned_weights_stay_zero_through_training(opt_cls):
     opt.step()
     revived = sum(int((params[k][~m] != 0).sum()) for k, m in masks.items())
     assert revived > 0  # once permanent, nothing guards the zeros any more
+
+
+def _sgd_step(layer, opt):
+    opt.zero_grad()
+    layer(torch.ones(3, 4)).pow(2).sum().backward()
+    opt.step()
+
+
+def test_handle_remove_really_stops_the_guard():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 6)
+    keep = torch.rand(6, 4) < 0.5
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    _sgd_step(layer, opt)  # momentum from before the masks: only the re-zeroing after each step stops it
+    handle = apply_masks(layer, {"weight": keep})
+    for _ in range(3):
+        _sgd_step(layer, opt)
+        assert torch.count_nonzero(layer.weight[~keep]) == 0
+        assert torch.count_nonzero(layer.weight.grad[~keep]) == 0  # the gradient hook
+        handle.check("in the test")
+    assert handle.active
+    handle.remove()
+    assert not handle.active
+    _sgd_step(layer, opt)
+    assert torch.count_nonzero(layer.weight.grad[~keep]) > 0  # no gradient hook any more
+    assert torch.count_nonzero(layer.weight[~keep]) > 0  # and no re-zeroing after the step
+    with pytest.raises(MaskLeakError, match=r"nonzero after remove: \{'weight': \d+\}"):
+        handle.check("after remove")
+
+
+def test_guard_as_context_manager_zeroes_then_lets_go():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 6)
+    keep = torch.rand(6, 4) < 0.5
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    with MaskHandle(layer, {"weight": keep}) as guard:
+        assert torch.count_nonzero(layer.weight[~keep]) == 0  # zeroed on construction
+        _sgd_step(layer, opt)
+        guard.check()
+        assert guard.masks["weight"].equal(keep)
+    assert not guard.active
+    with torch.no_grad():
+        layer.weight[~keep] = 1.0  # nothing guards it now, and check() says so
+    with pytest.raises(MaskLeakError):
+        guard.check()
 
 
 def test_masks_checked_before_anything_changes():

@@ -93,7 +93,7 @@ def test_converted_model_under_autocast(triton_backend, device):
     half = AUTOCAST[device.type]
     with dnn.backend("torch"), torch.autocast(device.type, dtype=half):
         want = model(x)
-    dnn.convert(model)
+    dnn.convert(model, choose="kernel")
     with torch.autocast(device.type, dtype=half):
         got = model(x)
     assert got.dtype == want.dtype
@@ -206,7 +206,7 @@ def test_convert_small_swin_same_logits_on_cpu():
     want = model(x)
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
-    assert dnn.convert(model) is model
+    assert dnn.convert(model, choose="kernel") is model
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())  # swapped in place, no copies
     blocks = [m for m in model.modules() if isinstance(m, timm_swin.SwinTransformerBlock)]
@@ -224,7 +224,7 @@ def test_convert_keeps_dense_layers_and_picks_block():
     lin = model.layers[1].blocks[0].mlp.fc1  # 64 -> 256
     dnn.zero_smallest_tiles_(lin.weight, 0.5, 32)
     assert dnn.choose_block(lin.weight)[0] == 32
-    dnn.convert(model)
+    dnn.convert(model, choose="kernel")
     sparse = [m for m in model.modules() if isinstance(m, dnn.SparseLinear)]
     assert len(sparse) == 1 and sparse[0].block == 32 and sparse[0].weight is lin.weight
     assert type(model.layers[0].blocks[0].attn.qkv) is nn.Linear  # dense: left alone
@@ -246,7 +246,7 @@ def test_converted_model_triton_path(triton_backend, device):
     with matmul_precision("ieee"):
         with dnn.backend("torch"):
             want = model(x)
-        dnn.convert(model)
+        dnn.convert(model, choose="kernel")
         assert any(any(b.shift_size) for b in model.modules() if isinstance(b, dnn.SwinBlock))
         assert_close(model(x), want)
 
@@ -257,7 +257,8 @@ def test_converted_model_triton_path(triton_backend, device):
 def test_kernel_bench_cpu_table_and_plot(tmp_path, capsys):
     import argparse
 
-    from dimap_fast.kernel_bench import add_bench_parser, run_kernel_bench
+    from dimap_fast.cli.bench import add_parser as add_bench_parser
+    from dimap_fast.kernel_bench import run_kernel_bench
 
     parser = argparse.ArgumentParser(prog="dimap-fast")
     add_bench_parser(parser.add_subparsers(dest="command"))

@@ -21,7 +21,7 @@ SMALL = dict(patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads
 def pair(img_size=32):
     """(timm model, converted copy): block-pruned, so the MLPs are SparseLinears."""
     ref = block_prune(small_swin(img_size))
-    ours = dnn.convert(copy.deepcopy(ref))
+    ours = dnn.convert(copy.deepcopy(ref), choose="kernel")
     assert any(isinstance(m, dnn.SparseLinear) for m in ours.modules())
     return ref, ours
 
@@ -185,4 +185,4 @@ def test_meta_device_build_convert_materialize():
     torch.testing.assert_close(got, ref(x), atol=1e-5, rtol=0)
     # Pruned after materializing: converting again swaps the sparse Linears in.
     block_prune(ours)
-    assert any(isinstance(m, dnn.SparseLinear) for m in dnn.convert(ours).modules())
+    assert any(isinstance(m, dnn.SparseLinear) for m in dnn.convert(ours, choose="kernel").modules())

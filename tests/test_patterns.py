@@ -146,7 +146,7 @@ def test_block_pruned_model_converts_to_the_same_logits():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
-        dimap_fast.convert(model, block=16)
+        dimap_fast.convert(model, block=16, choose="kernel")
         after = model(x)
     assert (after - before).abs().max() < 1e-5
     assert any(type(m).__name__ == "SparseLinear" for m in model.modules())

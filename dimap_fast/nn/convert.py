@@ -5,16 +5,20 @@
   cosine ``WindowAttention`` become ``SwinV2Block`` and ``WindowAttentionV2``. All only change
   class, so parameters, buffers and the state_dict stay as they were. Any other attention module
   (swinv2_cr's, say) is left on its own code, with a warning naming it;
-- every prunable nn.Linear (the module map's QKV-M, PRJ-M, MLP-M weights) whose all-zero tiles
-  make up at least ``min_sparsity`` of its tiles becomes a ``SparseLinear`` that shares its
-  Parameters. Below that the dense GEMM is kept: skipping few tiles cannot pay for the sparse
-  kernel's narrower tiles (the 0.25 default is an estimate, not yet measured on a GPU).
+- every prunable nn.Linear (the module map's QKV-M, PRJ-M, MLP-M weights) runs the fastest of
+  dense (kept as nn.Linear), the block-sparse kernel (``SparseLinear``), torch's BSR
+  (``BsrLinear``) and 2:4 (``SemiSparseLinear``) for its shape, tile density, dtype and device,
+  read from a measured table (choice.py: measured once per device and cached on disk). A sparse
+  format must beat dense to be chosen, so a converted model is never slower than the dense one.
+  The drop-ins share the Linear's Parameters. ``model.dimap_convert_report`` lists what each
+  Linear got and the times behind it (``format_choices`` prints it).
   A Linear on the meta device has no values to count zeros in: it stays dense. Build on meta,
   convert, materialize and load the pruned weights, then ``convert`` again to swap the sparse ones.
 
-On CPU the converted model runs the same torch operations as before: identical logits. It also
-scripts (TorchScript runs the torch path), traces with torch.fx, compiles, extracts features and
-resizes (``set_input_size``) as timm's model does; see backend.py for how each meets the kernels.
+On CPU the dense and kernel choices run the same torch operations as before: identical logits
+(BSR agrees to float rounding). It also scripts (TorchScript runs the torch path), traces with
+torch.fx, compiles, extracts features and resizes (``set_input_size``) as timm's model does; see
+backend.py for how each meets the kernels.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from torch import nn
 from timm.models import swin_transformer as timm_swin
 from timm.models import swin_transformer_v2 as timm_v2
 
-from ..errors import DimapError
+from ..errors import DimapError, check_choice
 from ..modules import check_module_map
+from .choice import (CHOOSE, ChoiceTable, LayerChoice, LayerKey, agrees, build, candidates_for,
+                     fastest, linear_rows)
+from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, semi_structured_supported
 from .sparse_linear import BLOCKS, SparseLinear
 from .swin_block import SwinBlock
 from .swinv2 import SwinV2Block, WindowAttentionV2
@@ -55,13 +62,22 @@ def choose_block(weight, block=None) -> tuple[int, float]:
 
 
 def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float = 0.25,
-            module_map=None) -> nn.Module:
-    """Swap ``model``'s Swin blocks, attentions and block-sparse Linears in place; return it.
+            module_map=None, choose: str = "measured", example_input=None,
+            batch_size: int | None = None, table: ChoiceTable | None = None) -> nn.Module:
+    """Swap ``model``'s Swin blocks, attentions and pruned Linears in place; return it.
 
     ``block``: tile side 16, 32 or 64 for every layer, or None to pick per layer from its zeros.
+    ``min_sparsity``: a Linear with fewer all-zero tiles than this stays dense, unmeasured.
     ``module_map``: which Linear weights may become sparse (default: dimap_fast.SWIN_MODULES).
+    ``choose``: "measured" (default) runs each Linear in the fastest format for its work;
+    "dense" keeps every nn.Linear; "kernel" (``SparseLinear`` wherever ``min_sparsity`` is met:
+    the rule before measuring), "bsr" or "2:4" force that format where it applies.
+    ``example_input``: a batch like those the model will run, to learn each Linear's rows per
+    call (default: one image of the model's input size, times ``batch_size``, default 32).
+    ``table``: the ChoiceTable of timings (default: the cache file, see choice.py).
     Linears on the meta device stay dense (no zeros to count yet): after ``to_empty`` and loading
-    the pruned weights, ``convert`` again swaps in the sparse ones.
+    the pruned weights, ``convert`` again swaps in the sparse ones. What each prunable Linear got
+    is in ``model.dimap_convert_report`` (``format_choices`` prints it).
     """
     if not isinstance(model, nn.Module):
         raise DimapError(f"convert expects a torch.nn.Module (a timm Swin), got {type(model).__name__}")
@@ -69,6 +85,10 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
         raise DimapError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if block is not None and block not in BLOCKS:
         raise DimapError(f"block must be one of {BLOCKS} or None (choose per layer), got {block!r}")
+    check_choice("choose", choose, CHOOSE)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise DimapError(f"batch_size must be a positive int, got {batch_size!r}")
     patterns = [p for ps in check_module_map(module_map).values() for p in ps]
     touched = 0
     left = {}
@@ -81,18 +101,22 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
             touched += 1
         elif "Attention" in kind.__name__ and not _inside_swapped(model, name):
             left.setdefault(f"{kind.__module__}.{kind.__name__}", []).append(name)
+    linears, report = [], []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        pname = f"{name}.weight"
-        if not any(fnmatch.fnmatchcase(pname, p) for p in patterns):
-            continue
-        touched += 1
-        if module.weight.is_meta:
-            continue  # no values yet: see the module docstring
-        side, sparsity = choose_block(module.weight, block)
-        if sparsity >= min_sparsity and sparsity > 0:
-            _set_submodule(model, name, SparseLinear.from_linear(module, side))
+        if type(module) in _FORMATS:
+            touched += 1
+            report.append(_row(name, module, chosen=_FORMATS[type(module)], note="converted before"))
+        elif type(module) is nn.Linear and any(fnmatch.fnmatchcase(f"{name}.weight", p)
+                                                for p in patterns):
+            touched += 1
+            linears.append((name, module))
+    report += _choose_linears(model, linears, block, min_sparsity, choose, table,
+                              example_input, batch_size)
+    swaps = dict(linears)
+    for row in report:
+        if row.chosen != "dense" and row.note != "converted before":
+            _set_submodule(model, row.name, build(row.chosen, swaps[row.name], row.block))
+    model.dimap_convert_report = report
     if not touched:
         raise DimapError("convert found no timm Swin block, window attention or prunable Linear: "
                          "pass a timm swin_* model (or a module_map naming its Linear weights)")
@@ -102,6 +126,73 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
                       "kernels cover timm's swin_* and swinv2_* (not swinv2_cr) window attention.",
                       stacklevel=2)
     return model
+
+
+_FORMATS = {SparseLinear: "kernel", BsrLinear: "bsr", SemiSparseLinear: "2:4"}
+
+
+def _row(name: str, linear: nn.Linear, **kw) -> LayerChoice:
+    w = linear.weight
+    return LayerChoice(name, linear.out_features, linear.in_features, None, getattr(linear, "block", None),
+                       None, str(w.dtype).replace("torch.", ""), str(w.device), **kw)
+
+
+def _choose_linears(model, linears, block, min_sparsity, choose, table, example_input,
+                    batch_size) -> list[LayerChoice]:
+    """One LayerChoice per prunable Linear: what it will run (``chosen``) and why."""
+    rows, pending = [], []
+    for name, lin in linears:
+        row = _row(name, lin)
+        rows.append(row)
+        if lin.weight.is_meta:
+            row.note = "meta: no values yet"
+            continue
+        if choose == "dense":
+            row.note = "asked for dense"
+            continue
+        row.block, sparsity = choose_block(lin.weight, block)
+        row.tile_density = 1.0 - sparsity
+        found = candidates_for(lin.weight, sparsity, min_sparsity)
+        if choose == "kernel":  # the rule before measuring: the kernel wherever it skips enough
+            ok = sparsity >= min_sparsity and sparsity > 0
+            row.chosen, row.note = ("kernel", "asked") if ok else ("dense", "below min_sparsity")
+        elif choose != "measured":
+            _check_forced(choose, lin, name)
+            row.chosen, row.note = (choose, "asked") if choose in found else ("dense", "not applicable")
+        elif len(found) == 1:
+            row.note = "below min_sparsity" if sparsity < min_sparsity or sparsity == 0 else \
+                "no sparse format runs here"
+        else:
+            pending.append((row, lin, found))
+    if not pending:
+        return rows
+    table = table if table is not None else ChoiceTable()
+    seen = linear_rows(model, [r.name for r, _, _ in pending], example_input, batch_size)
+    for row, lin, found in pending:
+        if row.name not in seen:
+            row.note = "not run by the example input"
+            continue
+        row.rows = seen[row.name]
+        key = LayerKey.for_layer(lin.weight, row.rows, row.block, row.tile_density, found)
+        row.times, cached = table.times(key, lin.weight.device)
+        row.chosen, row.note = fastest(row.times), "cached" if cached else "measured"
+        if row.chosen != "dense" and not agrees(build(row.chosen, lin, row.block), lin):
+            warnings.warn(f"convert: {row.chosen} disagrees with F.linear on {row.name}; kept dense",
+                          stacklevel=3)
+            row.chosen, row.note = "dense", f"{row.chosen} disagreed with F.linear"
+    table.save()
+    return rows
+
+
+def _check_forced(choose: str, lin: nn.Linear, name: str) -> None:
+    w = lin.weight
+    if choose == "2:4" and not semi_structured_supported(w.device):
+        raise DimapError(f"choose='2:4' needs a CUDA GPU of compute capability 8.0 or newer; {name} "
+                         f"is on {w.device}: use choose='measured'")
+    if choose == "bsr" and w.dtype not in BSR_DTYPES.get(w.device.type, ()):
+        raise DimapError(f"choose='bsr': torch multiplies BSR on {w.device.type} in "
+                         f"{BSR_DTYPES.get(w.device.type, ())} only, {name} is {w.dtype}: "
+                         "use choose='measured'")
 
 
 def _inside_swapped(model: nn.Module, name: str) -> bool:

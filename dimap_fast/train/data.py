@@ -1,17 +1,18 @@
-"""Datasets for fine-tuning after pruning: scikit-learn's bundled digits, or an image folder.
+"""Datasets for training and fine-tuning: scikit-learn's bundled digits, or an image folder.
 
 The digits set ships inside scikit-learn, so the demo, the tests and the examples run offline.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import DimapError
+from ..errors import DimapError
 
 # Mean and std of the 8x8 digits scaled to [0, 1] and upscaled bilinearly: fixed, so the train
 # and val splits (and any later checkpoint user) see the same normalisation whatever the split.
@@ -86,3 +87,43 @@ def _check_image_folder(root: Path) -> None:
             raise DimapError(f"{folder} is missing: {layout}")
         if not any(p.is_dir() for p in folder.iterdir()):
             raise DimapError(f"{folder} has no class subfolders: {layout}")
+
+
+@dataclass
+class Data:
+    """What a run trains on and evaluates on (``val`` may be None: no evaluation)."""
+
+    train: Dataset
+    val: Dataset | None
+    num_classes: int
+    spec: dict = field(default_factory=dict)  # how to build it again (stored in checkpoints)
+
+
+def load_data(data: str, image_size: int, max_train: int | None = None, max_val: int | None = None,
+              split_seed: int = 0) -> Data:
+    """``digits`` (scikit-learn's, split by ``split_seed``) or an ImageFolder root with train/ and val/."""
+    if not data:
+        raise DimapError("--data needs 'digits' or a folder with train/ and val/ class subfolders")
+    if data == "digits":
+        train, val = digits_datasets(image_size=image_size, seed=split_seed)
+        num_classes = 10
+        where = "digits"
+    else:
+        root = Path(data).expanduser().resolve()
+        train, val = image_folder_datasets(root, image_size=image_size)
+        num_classes = len(train.classes)
+        where = str(root)
+    spec = {"data": where, "image_size": image_size, "split_seed": split_seed,
+            "max_train_samples": max_train, "max_val_samples": max_val}
+    return Data(subset(train, max_train), subset(val, max_val), num_classes, spec)
+
+
+def subset(dataset: Dataset, n: int | None) -> Dataset:
+    """A fixed random draw of ``n`` samples (all of them when ``n`` is None or larger)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise DimapError(f"a sample limit must be >= 1, got {n}")
+    # a fixed random draw, not the first n: an ImageFolder is sorted by class
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    return Subset(dataset, sorted(order.tolist()))

@@ -1,4 +1,4 @@
-"""Reading checkpoints safely and writing results atomically.
+"""Checkpoint files: reading them safely, checking they fit a model, writing them atomically.
 
 Loading prefers safetensors (no code can hide in it); ``.pth``/``.pt``/``.bin`` go through
 ``torch.load(weights_only=True)``, which refuses pickled code. Whatever is wrong with a file
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import DimapError, check_model_name
+from .errors import DimapError
 
 MASK_PREFIX = "dimap_mask."
+PRUNED_FORMAT = "dimap-fast/1"
+SHRUNK_FORMAT = "dimap-fast/shrunk-1"  # weights of a shrunk model plus its per-block sizes
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 TEMP_SUFFIX = ".tmp"
 
@@ -154,26 +156,18 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def check_architecture(shapes: dict[str, tuple[int, ...]], arch: str, path) -> None:
-    """Refuse a checkpoint that does not fit timm's ``arch``: the same line as sources.load_into.
+def check_fits(own: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], path) -> None:
+    """Refuse tensors (``shapes``) that do not fit a model's own (``own``): one line naming the first misfit.
 
-    The model is built on the meta device, so no weight is allocated or initialised.
+    The one architecture check: ``loading.load_into`` and ``loading.check_architecture`` both end here.
     """
-    import timm
-
-    check_model_name(arch)
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(arch)
-    except Exception as exc:
-        raise DimapError(f"cannot create {arch}: {_reason(exc)}") from None
-    own = model.state_dict()
     for key, shape in shapes.items():
-        if key in own and tuple(own[key].shape) != tuple(shape):
+        if key in own and tuple(own[key]) != tuple(shape):
             raise DimapError(
                 f"{path} does not fit this architecture: {key} has shape {tuple(shape)}, "
-                f"the model expects {tuple(own[key].shape)}; pass the right --model"
+                f"the model expects {tuple(own[key])}; pass the right --model"
             )
+    # timm rebuilds the relative-position index from the window size; older files may lack it
     missing = [k for k in own if k not in shapes and not k.endswith("relative_position_index")]
     unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
@@ -338,7 +332,7 @@ def save_pruned(out, state_dict: dict[str, torch.Tensor], masks: dict[str, torch
     tensors = dict(state_dict)
     for name, mask in masks.items():
         tensors[MASK_PREFIX + name] = mask.to(torch.bool)
-    meta = {"format": "dimap-fast/1"}
+    meta = {"format": PRUNED_FORMAT}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     return save_atomic(out, tensors, meta)
 
@@ -356,3 +350,39 @@ def load_pruned(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                 "the file is damaged; prune again"
             )
     return state, masks, metadata
+
+
+def is_shrunk(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") == SHRUNK_FORMAT
+
+
+def save_shrunk(model: torch.nn.Module, path, arch: str | None = None, config: dict | None = None) -> Path:
+    """Weights plus the per-block sizes and the base architecture, so ``load_shrunk`` needs nothing else.
+
+    ``arch`` is a timm name; ``config`` the kwargs of a model built by ``train.build_swin`` (the demo's).
+    """
+    from .shrink import block_sizes
+
+    if arch is None and config is None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch and config is None:
+        raise DimapError("save_shrunk needs the base architecture: pass arch='swin_tiny_patch4_window7_224' or config=")
+    meta = {"format": SHRUNK_FORMAT, "block_sizes": json.dumps(block_sizes(model))}
+    if arch:
+        meta["timm_model"] = arch
+    if config is not None:
+        meta["model_config"] = json.dumps(config)
+    return save_atomic(path, model.state_dict(), meta)
+
+
+def read_shrunk(path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]], dict[str, str]]:
+    """(weights, per-block sizes, metadata) of a file written by ``save_shrunk``."""
+    state, meta = load_state_dict(path)
+    if not is_shrunk(meta):
+        raise DimapError(f"{path} is not a shrunk model written by dimap-fast (no block sizes in it)")
+    try:
+        sizes = json.loads(meta["block_sizes"])
+        sizes = {str(k): {"heads": int(v["heads"]), "hidden": int(v["hidden"])} for k, v in sizes.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DimapError(f"{path}: its block sizes are unreadable: the file is damaged; shrink the model again") from None
+    return state, sizes, meta

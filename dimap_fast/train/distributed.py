@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from .errors import DimapError
+from ..errors import DimapError
 
 DEVICES = ("auto", "cpu", "cuda")
 

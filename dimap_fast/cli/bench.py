@@ -1,0 +1,67 @@
+"""``dimap-fast bench``: time the block-sparse linear (and the fused window attention on CUDA).
+
+The flags are parsed here; the timing is ``..kernel_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import positive
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            a, b = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {part!r} must be INxOUT, e.g. 384x1536") from None
+        if a < 1 or b < 1:
+            raise argparse.ArgumentTypeError(f"shape {part!r} must have positive sizes")
+        out.append((a, b))
+    if not out:
+        raise argparse.ArgumentTypeError("give shapes as INxOUT,..., e.g. 384x1536,768x3072")
+    return out
+
+
+def sparsities(text: str) -> list[float]:
+    try:
+        vals = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsities must be numbers, got {text!r}") from None
+    if not vals or not all(0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError("sparsities must be fractions in [0, 1], e.g. 0.25,0.5,0.75")
+    return vals
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..kernel_bench import CPU_TOKENS, CUDA_TOKENS
+
+    p = subparsers.add_parser(
+        "bench", help="time the block-sparse linear (and fused window attention on CUDA)",
+        description="Dense vs block-sparse linear over shapes and tile sparsities; on CUDA also "
+                    "the fused window attention vs timm's roll/partition path.")
+    p.add_argument("--shapes", type=shapes, default=shapes("384x1536,768x3072"),
+                   help="Linear sizes INxOUT, comma-separated (default 384x1536,768x3072)")
+    p.add_argument("--sparsities", type=sparsities, default=[0.25, 0.5, 0.75],
+                   help="fractions of BxB tiles zeroed (default 0.25,0.5,0.75)")
+    p.add_argument("--block", type=int, choices=(16, 32, 64), default=32, help="tile side (default 32)")
+    p.add_argument("--batch-tokens", type=positive, default=None,
+                   help=f"rows of x (default {CPU_TOKENS} on CPU, {CUDA_TOKENS} on CUDA); the "
+                        "window-attention rows use batch-tokens // 196 images")
+    p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
+                   help="also draw speed-up vs sparsity to this PNG (needs matplotlib)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present, else CPU")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from ..kernel_bench import run_kernel_bench
+
+    return run_kernel_bench(args)

@@ -1,0 +1,128 @@
+"""The checkpoint module and the model loader: shrunk format, the one architecture check, no cycle."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import dimap_fast
+from dimap_fast import DimapError
+from dimap_fast.checkpoint import SHRUNK_FORMAT, load_state_dict, read_shrunk, save_atomic, save_pruned, save_shrunk
+from dimap_fast.loading import check_architecture, load_into, load_shrunk, load_source
+from dimap_fast.shrink import block_sizes, shrink
+
+PACKAGE = Path(dimap_fast.__file__).parent
+TINY = "swin_tiny_patch4_window7_224"
+
+
+def test_save_shrunk_with_arch_round_trips_with_equal_logits(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(TINY).eval()
+    with torch.no_grad():  # what a channel pruning leaves (cheaper than scoring Swin-T): dead heads and neurons
+        for block in (m for m in model.modules() if hasattr(m, "attn") and hasattr(m, "mlp")):
+            hd = block.attn.proj.in_features // block.attn.num_heads
+            block.attn.proj.weight[:, :hd] = 0  # the first head
+            block.mlp.fc2.weight[:, ::3] = 0  # a third of the neurons
+    x = torch.randn(1, 3, 224, 224)
+    small = shrink(model)
+    path = save_shrunk(small, tmp_path / "tiny_shrunk.safetensors", arch=TINY)
+    loaded = load_shrunk(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    assert block_sizes(loaded) == block_sizes(small)
+    dense = block_sizes(timm.create_model(TINY))
+    assert all(v["heads"] == dense[k]["heads"] - 1 and v["hidden"] < dense[k]["hidden"] for k, v in block_sizes(loaded).items())
+    _, meta = load_state_dict(path)
+    assert meta["format"] == SHRUNK_FORMAT and meta["timm_model"] == TINY
+    # a timm model names its architecture itself: arch= may be left out
+    again = save_shrunk(small, tmp_path / "inferred.safetensors")
+    assert load_state_dict(again)[1]["timm_model"] == TINY
+    assert dimap_fast.load_shrunk is load_shrunk and dimap_fast.save_shrunk is save_shrunk
+
+
+def test_load_shrunk_refuses_other_files_in_one_line(tmp_path):
+    pruned = save_pruned(tmp_path / "pruned.safetensors", {"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(DimapError, match="is not a shrunk model written by dimap-fast"):
+        load_shrunk(pruned)
+    damaged = save_atomic(tmp_path / "damaged.safetensors", {"w": torch.ones(2)},
+                          {"format": SHRUNK_FORMAT, "block_sizes": "{not json", "timm_model": TINY})
+    with pytest.raises(DimapError, match="block sizes are unreadable") as info:
+        read_shrunk(damaged)
+    assert "\n" not in str(info.value)
+    nameless = save_atomic(tmp_path / "nameless.safetensors", {"w": torch.ones(2)},
+                           {"format": SHRUNK_FORMAT, "block_sizes": "{}"})
+    with pytest.raises(DimapError, match="names no architecture"):
+        load_shrunk(nameless)
+
+
+def test_one_architecture_check_for_models_and_headers(tmp_path, swin_tiny_state):
+    state = dict(swin_tiny_state)
+    state["head.fc.weight"] = torch.zeros(7, 768)
+    want = "does not fit this architecture: head.fc.weight has shape (7, 768), the model expects (1000, 768)"
+    with pytest.raises(DimapError, match=want.replace("(", r"\(").replace(")", r"\)")):
+        check_architecture({k: tuple(v.shape) for k, v in state.items()}, TINY, "x.safetensors")
+    model = timm.create_model(TINY)
+    with pytest.raises(DimapError, match=r"head\.fc\.weight has shape \(7, 768\)"):
+        load_into(model, state, "x.safetensors")
+    state = {k: v for k, v in swin_tiny_state.items() if not k.startswith("head")}
+    with pytest.raises(DimapError, match=r"\(missing \['head\.fc\.weight'"):
+        check_architecture({k: tuple(v.shape) for k, v in state.items()}, TINY, "x.safetensors")
+    with pytest.raises(DimapError, match=r"\(missing \['head\.fc\.weight'"):
+        load_into(model, state, "x.safetensors")
+
+
+def test_the_shipped_demo_checkpoint_loads_as_a_model():
+    asset = PACKAGE / "assets" / "digits_swin.safetensors"
+    src = load_source(str(asset), need_model=True)
+    assert src.model is not None and src.model.num_classes == 10  # its architecture is in its "config"
+
+
+def test_the_shrunk_format_has_one_home():
+    homes = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "dimap-fast/shrunk-1" in p.read_text()]
+    assert homes == ["checkpoint.py"]
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Every dimap_fast module a file imports, at the top or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if node.module:  # "from . import x" needs x, not its package (which is loaded first anyway)
+                out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dimap_fast"):
+            out.add(node.module)
+    return out
+
+
+def test_no_import_cycle_through_the_checkpoint_loader_or_cli():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("dimap_fast",) + path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        modules[name] = _imports(path, package)
+    graph = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
+
+    def reaches(start, goal):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    mine = ["dimap_fast.checkpoint", "dimap_fast.loading", "dimap_fast.sweep", "dimap_fast.kernel_bench"]
+    mine += [m for m in modules if m.startswith("dimap_fast.cli.")]
+    assert "dimap_fast.io" not in modules and "dimap_fast.sources" not in modules
+    cycles = [m for m in mine if reaches(m, m)]
+    assert cycles == []
+    assert "dimap_fast.loading" not in graph["dimap_fast.checkpoint"]
