@@ -2,8 +2,9 @@
 
 FLOPs are counted as ``dimap_fast.report`` counts them. Unstructured and block: a zeroed prunable
 weight is removed from the layer that holds it. Channel: the FLOPs of the smaller model
-``dimap_fast.shrink`` builds, with its MLP widths rounded up to multiples of 8 and attention matmuls
-as narrow as its remaining heads. 2:4 always removes half of every prunable weight: nothing to search.
+``dimap_fast.shrink`` builds: its neuron widths rounded up to multiples of 8, and per removed head
+the q, k, v and output Linears, the attention matmuls and (SwinV2) the position-bias MLP's output
+rows that head had, read from the architecture adapter's groups. 2:4 always removes half of every prunable weight: nothing to search.
 
 What does not depend on the ratio is measured once: the positions (tokens) every layer sees, from one
 forward pass on the meta device (per input size), and, per unit layer, what its top-c units leave for
@@ -20,9 +21,10 @@ import math
 import numpy as np
 import torch
 
-from .choice import Pattern, check_reduction  # noqa: F401 - check_reduction: the CLI imports it from here
+from .arch import find_adapter
+from .choice import Pattern
 from .errors import DimapError
-from .flops import attention_share, tally, workload
+from .flops import tally, workload
 from .modules import prune_count
 
 MLP_ALIGN = 8  # shrink()'s default: its MLP widths are multiples of 8 (zero-output neurons fill up)
@@ -48,29 +50,29 @@ class Kept:
     block) or the width shrink() builds (channel). Read from the plan's weights once."""
 
     def __init__(self, plan):
-        self.pattern = plan.pattern.kind
-        if self.pattern == "unstructured":
+        self.kind = plan.pattern.kind
+        if self.kind == "unstructured":
             # kept weights are the top-c magnitudes and zeros sort last: min(c, nonzeros) stay nonzero
             self.full = np.array([u.numel for u in plan.units], dtype=np.int64)
             self.nonzeros = np.array([_nonzeros(plan._scorer, i, u.numel) for i, u in enumerate(plan.units)], dtype=np.int64)
             return
         weights = {layer.name: layer.tensor for layer in plan.layers}
-        if self.pattern == "block":
+        if self.kind == "block":
             self.full = np.array([weights[u.name].numel() for u in plan.units], dtype=np.int64)
             per_unit = [_tile_nonzeros(weights[u.name], plan.block_size) for u in plan.units]
         else:
             self.full = np.array([u.numel for u in plan.units], dtype=np.int64)
-            per_unit = [_alive(u, weights) for u in plan.units]
-            self.aligned = np.array([u.module == "MLP-M" for u in plan.units])
+            per_unit = [_alive(u.group, weights) for u in plan.units]
+            self.aligned = np.array([u.group.kind == "hidden" for u in plan.units])  # shrink() aligns neuron widths
         # a layer keeps its units in the order (value descending, index): the order of layer_mask
         self.prefix = [np.concatenate([[0], np.cumsum(counts[np.argsort(-u.values.cpu().numpy(), kind="stable")])])
                        for u, counts in zip(plan.units, per_unit)]
 
     def at(self, counts: np.ndarray) -> np.ndarray:
-        if self.pattern == "unstructured":
+        if self.kind == "unstructured":
             return np.minimum(counts, self.nonzeros)
         kept = np.array([p[c] for p, c in zip(self.prefix, counts)], dtype=np.int64)
-        if self.pattern == "channel":
+        if self.kind == "channel":
             # shrink() keeps the live units, at least one, then rounds MLP widths up within the layer
             kept = np.maximum(kept, 1)
             up = kept + (-kept % MLP_ALIGN)
@@ -107,13 +109,16 @@ def _tile_nonzeros(w: torch.Tensor, b: int) -> np.ndarray:
     return nz.reshape(tr, b, tc, b).sum(axis=(1, 3)).reshape(-1)
 
 
-def _alive(unit, weights) -> np.ndarray:
-    """1 for a head or neuron whose output weights are not all zero: the ones shrink() keeps."""
-    prefix = unit.name.rsplit(".", 1)[0]
-    if unit.module == "MLP-M":
-        return _array(weights[f"{prefix}.mlp.fc2.weight"]).any(axis=0).astype(np.int64)
-    columns = _array(weights[f"{prefix}.attn.proj.weight"]).any(axis=0)
-    return columns.reshape(unit.numel, -1).any(axis=1).astype(np.int64)
+def _alive(group, weights) -> np.ndarray:
+    """1 for a unit whose output weights are not all zero: the ones shrink() keeps (``Group.alive``,
+    in numpy, which measured several times faster than torch on Swin-B's MLP weights)."""
+    alive = np.zeros(group.units, dtype=bool)
+    for m in group.members:
+        if m.output:
+            a = _array(weights[m.name])
+            nonzero = np.moveaxis(a, m.axis, 0).reshape(a.shape[m.axis], -1).any(axis=1)
+            alive |= nonzero[m.index.numpy()].any(axis=1)
+    return alive.astype(np.int64)
 
 
 class FlopsBudget:
@@ -125,7 +130,8 @@ class FlopsBudget:
         self.pattern = plan.pattern
         self._kept = kept
         if plan.pattern.kind == "channel":
-            self._cost = _unit_costs(plan, model, work)
+            find_adapter(model).check_shrink(model)  # what shrink() cannot build has no FLOPs to count
+            self._cost = _unit_costs(plan, work)
         else:  # a weight costs the positions its layer sees
             self._cost = np.array([work.positions.get(_module_name(u.name), 0) for u in plan.units], dtype=np.int64)
         if plan.method == "uniform":
@@ -178,26 +184,39 @@ def _module_name(param: str) -> str:
     return param[: -len(".weight")] if param.endswith(".weight") else param
 
 
-def _unit_costs(plan, model: torch.nn.Module, work) -> np.ndarray:
-    """FLOPs per head (its q, k, v rows, proj columns and share of the attention matmuls) or per
-    MLP neuron (its fc1 row and fc2 column), per unit layer."""
-    weights = {layer.name: layer.tensor for layer in plan.layers}
-    modules = dict(model.named_modules())
-    pos = work.positions.get
+def _unit_costs(plan, work) -> np.ndarray:
+    """FLOPs one unit costs, per unit layer: its share of every weight matrix in its group that runs
+    (rows or columns of the Linears, and per-head rows of a position-bias MLP), and for heads an
+    equal share of what the attention module does outside its weight layers (q @ k^T, attn @ v)."""
     costs = []
     for u in plan.units:
-        prefix = u.name.rsplit(".", 1)[0]
-        if u.module == "MLP-M":
-            fc1, fc2 = weights[f"{prefix}.mlp.fc1.weight"], weights[f"{prefix}.mlp.fc2.weight"]
-            costs.append(pos(f"{prefix}.mlp.fc1", 0) * fc1.shape[1] + pos(f"{prefix}.mlp.fc2", 0) * fc2.shape[0])
-            continue
-        if not hasattr(modules.get(f"{prefix}.attn"), "relative_position_bias_table"):
-            raise DimapError(f"{prefix}: pattern 'channel' counts the FLOPs of the model shrink() builds, and shrink supports "
-                             "timm's SwinTransformer (v1) attention only: use pattern 'unstructured' or 'block' here")
-        qkv, proj = weights[f"{prefix}.attn.qkv.weight"], weights[f"{prefix}.attn.proj.weight"]
-        hd = qkv.shape[0] // (3 * u.numel)
-        # q @ k^T and attn @ v are as wide as the heads: each head does an equal share
-        matmuls = attention_share(work, f"{prefix}.attn", [(f"{prefix}.attn.qkv", qkv.numel()), (f"{prefix}.attn.proj", proj.numel())])
-        costs.append(pos(f"{prefix}.attn.qkv", 0) * 3 * hd * qkv.shape[1] + pos(f"{prefix}.attn.proj", 0) * hd * proj.shape[0]
-                     + matmuls // u.numel)
+        group = u.group
+        cost = 0
+        for m in group.members:
+            layer = _module_name(m.name)
+            if not m.name.endswith(".weight") or layer not in work.positions or len(m.shape) < 2:
+                continue
+            per_unit = m.index.shape[1] * math.prod(m.shape) // m.shape[m.axis]
+            cost += work.positions[layer] * per_unit
+        if group.kind == "heads":
+            cost += _matmuls(work, _common_module(group.weight_names())) // group.units
+        costs.append(cost)
     return np.array(costs, dtype=np.int64)
+
+
+def _common_module(weights: list[str]) -> str:
+    """The innermost module holding all of a group's weights: a block's attention."""
+    parts = [_module_name(w).split(".") for w in weights]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _matmuls(work, module: str) -> int:
+    """The multiply-adds of ``module`` that none of its weight layers does: its attention matmuls,
+    as wide as its heads (the per-head cost of its position-bias MLP is counted with the group)."""
+    inner = sum(work.modules.get(name, 0) for name in work.positions if name.startswith(module + "."))
+    return work.modules.get(module, 0) - inner

@@ -359,12 +359,18 @@ def is_shrunk(metadata: dict[str, str]) -> bool:
 def save_shrunk(model: torch.nn.Module, path, arch: str | None = None, config: dict | None = None) -> Path:
     """Weights plus the per-block sizes and the base architecture, so ``load_shrunk`` needs nothing else.
 
-    ``arch`` is a timm name; ``config`` the kwargs of a model built by ``train.build_swin`` (the demo's).
+    ``arch`` is a timm name; ``config`` what the model's adapter builds it from (a timm Swin's kwargs,
+    the demo's). Without either: timm's ``pretrained_cfg`` name, else the adapter's own record of the
+    model (a Hugging Face Swin's class and config). The adapter's name goes in with a config.
     """
+    from .arch import find_adapter
     from .shrink import block_sizes
 
+    adapter = find_adapter(model)
     if arch is None and config is None:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not arch:
+            config = adapter.config_of(model)
     if not arch and config is None:
         raise DimapError("save_shrunk needs the base architecture: pass arch='swin_tiny_patch4_window7_224' or config=")
     meta = {"format": SHRUNK_FORMAT, "block_sizes": json.dumps(block_sizes(model))}
@@ -372,6 +378,7 @@ def save_shrunk(model: torch.nn.Module, path, arch: str | None = None, config: d
         meta["timm_model"] = arch
     if config is not None:
         meta["model_config"] = json.dumps(config)
+        meta["adapter"] = adapter.name
     return save_atomic(path, model.state_dict(), meta)
 
 

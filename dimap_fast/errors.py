@@ -42,11 +42,3 @@ def check_model_name(name) -> str:
         raise DimapError(f"unknown model name {name!r}{hint}: see timm.list_models('swin*')")
     return name
 
-
-def __getattr__(name):
-    # METHODS lives in choice.py; the CLI, sweep and finetune of 0.1 still import it from here
-    if name == "METHODS":
-        from .choice import METHODS
-
-        return METHODS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

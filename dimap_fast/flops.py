@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
 
+from .arch import find_adapter
 from .errors import DimapError
 from .modules import prunable_layers
 
@@ -63,17 +64,8 @@ def report(model, input_size=None, module_map=None, example_input=None) -> dict:
 
 
 def _input_shape(model, input_size):
-    """(1, C, H, W): timm's PatchEmbed or a Hugging Face config say which, else 3 x 224 x 224."""
-    embed = getattr(model, "patch_embed", None)
-    config = getattr(model, "config", None)
-    chans = getattr(getattr(embed, "proj", None), "in_channels", None) or getattr(config, "num_channels", None) or 3
-    if input_size is None:
-        size = getattr(embed, "img_size", None) or getattr(config, "image_size", None) or (224, 224)
-    else:
-        size = input_size
-    if isinstance(size, int):
-        size = (size, size)
-    return (1, int(chans), int(size[0]), int(size[1]))
+    """(1, C, H, W): ``input_size`` (an int or (H, W)) or the size the model's adapter reads, else 3 x 224 x 224."""
+    return find_adapter(model).input_shape(model, input_size)
 
 
 @dataclass(frozen=True)

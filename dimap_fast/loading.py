@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .arch import find_adapter
 from .checkpoint import check_fits, is_shrunk, load_pruned, looks_like_path, read_shrunk
 from .errors import DimapError, check_model_name
 
@@ -36,7 +37,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def model_config(metadata: dict[str, str]) -> dict | None:
-    """The SwinTransformer kwargs a checkpoint records (``model_config``, or the shipped demo's ``config``)."""
+    """The config a checkpoint records for its adapter to build from (``model_config``, or the shipped demo's ``config``)."""
     text = metadata.get("model_config") or metadata.get("config")
     if not text:
         return None
@@ -50,31 +51,31 @@ def model_config(metadata: dict[str, str]) -> dict | None:
     return config
 
 
+def build_from_config(config: dict, adapter: str | None = None) -> torch.nn.Module:
+    """The model a recorded config describes, built by the adapter it names (timm Swin kwargs without one)."""
+    return find_adapter(arch=adapter or "timm-swin").build(config)
+
+
 def demo_model_from_metadata(metadata: dict[str, str]) -> torch.nn.Module | None:
     """The model a checkpoint's recorded config describes (the demo's kind), or None if it has none."""
     config = model_config(metadata)
     if config is None:
         return None
-    from .train.demo_model import build_swin
-
-    return build_swin(config)
+    return build_from_config(config, metadata.get("adapter"))
 
 
 def build_model(arch: dict) -> torch.nn.Module:
-    """A model from its description: {"model_config": SwinTransformer kwargs} or {"timm_model", "num_classes"}."""
+    """A model from its description: {"model_config": config[, "adapter": name]} or {"timm_model", "num_classes"}."""
     if "model_config" in arch:
-        from .train.demo_model import build_swin
-
-        return build_swin(arch["model_config"])
+        return build_from_config(arch["model_config"], arch.get("adapter"))
     kwargs = {"num_classes": arch["num_classes"]} if arch.get("num_classes") is not None else {}
     return create_timm_model(arch["timm_model"], pretrained=bool(arch.get("pretrained")), **kwargs)
 
 
 def model_image_size(model: torch.nn.Module) -> int:
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None:
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    """The side of the square images ``model`` takes (its adapter reads it; 224 when nothing says)."""
+    size = find_adapter(model).input_size(model)
+    return size[1] if size else 224
 
 
 def head_classes(state: dict) -> int | None:
@@ -117,11 +118,21 @@ def check_architecture(shapes: dict[str, tuple[int, ...]], arch: str, path) -> N
 
 
 def load_shrunk(path) -> torch.nn.Module:
-    """Rebuild a model written by ``checkpoint.save_shrunk`` from the file alone, in eval mode."""
+    """Rebuild a model written by ``checkpoint.save_shrunk`` from the file alone, in eval mode.
+
+    The base model comes from the timm name the file records, or from the config it records, built
+    by the adapter it names (timm Swin kwargs, a Hugging Face config and class): nothing is downloaded.
+    """
     from .shrink import resize
 
     state, sizes, meta = read_shrunk(path)
-    model = create_timm_model(meta["timm_model"]) if meta.get("timm_model") else demo_model_from_metadata(meta)
+    if meta.get("timm_model"):
+        model = create_timm_model(meta["timm_model"])
+    else:
+        try:
+            model = demo_model_from_metadata(meta)
+        except DimapError as exc:
+            raise DimapError(f"{path}: {exc}") from None
     if model is None:
         raise DimapError(f"{path} names no architecture to rebuild")
     resize(model, sizes, where=str(path))
@@ -205,7 +216,7 @@ def load_model(spec: str | None, data: str | None, arch_name: str | None = None,
     if arch_name:
         arch = {"timm_model": arch_name, "num_classes": head_classes(state)}
     elif config:
-        arch = {"model_config": config}
+        arch = {"model_config": config, **({"adapter": meta["adapter"]} if meta.get("adapter") else {})}
     elif meta.get("timm_model"):
         arch = {"timm_model": meta["timm_model"], "num_classes": head_classes(state)}
     else:
@@ -228,7 +239,7 @@ def fit_head(loaded: Loaded, num_classes: int, reset_head: bool) -> None:
                          "fine-tune it with --reset-head to give it a new classifier")
     model.reset_classifier(num_classes)
     if "model_config" in loaded.arch:
-        loaded.arch = {"model_config": {**loaded.arch["model_config"], "num_classes": num_classes}}
+        loaded.arch = {**loaded.arch, "model_config": {**loaded.arch["model_config"], "num_classes": num_classes}}
     else:
         loaded.arch = {**loaded.arch, "num_classes": num_classes}
 

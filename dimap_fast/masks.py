@@ -5,20 +5,38 @@ zeroes their gradients (so AdamW's moments, clipping and loss scaling see only k
 a global optimizer step hook re-zeroes them after every step of any torch optimizer (weight decay
 and momentum left from before the masks would otherwise revive them). ``check()`` proves it held
 (``MaskLeakError`` if not); ``remove()`` drops both guards and leaves plain dense tensors that
-happen to hold zeros: nothing in the state dict changes.
+happen to hold zeros: nothing in the state dict changes. ``pruning`` says how the masks were
+chosen when ``prune_`` chose them (None for masks a caller brought).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
+from .choice import Method, Pattern
 from .errors import DimapError
 
 _GUARDS: "weakref.WeakSet[MaskHandle]" = weakref.WeakSet()
 _STEP_HOOK = None
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """How a handle's masks were chosen: the ratio (the one a budget chose), and for a budget the
+    share of the FLOPs it removes, counted as report() counts it."""
+
+    ratio: float
+    pattern: Pattern
+    method: Method
+    flops_reduction: float | None = None  # None when a ratio was given
+
+    def __post_init__(self):
+        object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
+        object.__setattr__(self, "method", Method.parse(self.method))
 
 
 class MaskLeakError(RuntimeError):
@@ -31,8 +49,12 @@ class MaskHandle:
     Also a context manager: ``with MaskHandle(model, masks) as guard:`` removes it on the way out.
     """
 
-    def __init__(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor], device=None):
+    def __init__(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor], device=None,
+                 pruning: Pruning | None = None):
+        if pruning is not None and not isinstance(pruning, Pruning):
+            raise DimapError(f"pruning must be a dimap_fast.Pruning or None, got {type(pruning).__name__}")
         self.items = bind_masks(model, masks, device)
+        self.pruning = pruning
         self.zero_()
         self._grad_hooks = [p.register_hook(_masked_grad(keep)) for _, p, keep in self.items if p.requires_grad]
         _GUARDS.add(self)
@@ -115,13 +137,14 @@ def bind_masks(model: torch.nn.Module, masks, device=None) -> list[tuple[str, to
     return bound
 
 
-def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> MaskHandle:
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor], pruning: Pruning | None = None) -> MaskHandle:
     """Zero every weight whose mask is False, in place, and keep it zero through training.
 
     Returns a MaskHandle: ``handle.remove()`` (or ``make_permanent(model)``) drops the guards once
-    training is over. Masks are checked against the model before anything is touched.
+    training is over; ``handle.pruning`` is ``pruning`` (how the masks were chosen, if known).
+    Masks are checked against the model before anything is touched.
     """
-    handle = MaskHandle(model, masks)
+    handle = MaskHandle(model, masks, pruning=pruning)
     previous = getattr(model, "_dimap_handles", [])
     model._dimap_handles = previous + [handle]
     return handle

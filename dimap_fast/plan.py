@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .budget import FlopsBudget, Kept, check_budget_pattern, check_reduction
-from .choice import Method, Pattern, as_pattern, supported
+from .budget import FlopsBudget, Kept, check_budget_pattern
+from .choice import Method, Pattern, as_pattern, check_reduction, supported
 from .errors import DimapError, check_choice, check_ratio
 from .flops import _input_shape
 from .modules import Layer, named_tensors, prunable_layers, prune_count

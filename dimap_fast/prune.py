@@ -10,24 +10,12 @@ It is ``plan`` -> ``Plan.masks`` -> ``apply_masks``, the steps a user would writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .choice import FlopsReduction, Method, Pattern
 from .errors import DimapError, check_ratio
-from .masks import MaskHandle, apply_masks
+from .masks import MaskHandle, Pruning, apply_masks  # noqa: F401 - Pruning: the public name is here too
 from .plan import plan
-
-
-@dataclass(frozen=True)
-class Pruning:
-    """What ``prune_`` did: the ratio, and for a budget the share of the FLOPs it removes."""
-
-    ratio: float
-    pattern: Pattern
-    method: Method
-    flops_reduction: float | None = None  # counted as report() counts it; None when a ratio was given
 
 
 def prune_(model: torch.nn.Module, ratio_or_budget, pattern: Pattern | str = "unstructured",
@@ -50,6 +38,4 @@ def prune_(model: torch.nn.Module, ratio_or_budget, pattern: Pattern | str = "un
     if budget is not None:
         ratio = p.ratio_for_flops(budget.reduction, budget.input_size)
         reduction = p.flops_reduction(ratio, budget.input_size)
-    handle = apply_masks(model, p.masks(ratio))
-    handle.pruning = Pruning(ratio, p.pattern, p.method, reduction)
-    return handle
+    return apply_masks(model, p.masks(ratio), Pruning(ratio, p.pattern, p.method, reduction))

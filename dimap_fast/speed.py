@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .flops import _input_shape
+from .arch import find_adapter
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
-    shape = (batch,) + _input_shape(model, input_size)[1:]
+    shape = find_adapter(model).input_shape(model, input_size, batch)
     d1, m1 = images_per_second(dense, shape), images_per_second(model, shape)
     d2, m2 = images_per_second(dense, shape), images_per_second(model, shape)
     d, m = max(d1, d2), max(m1, m2)

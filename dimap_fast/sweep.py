@@ -22,8 +22,9 @@ import io
 import time
 from pathlib import Path
 
-from .budget import check_budget_pattern, check_reduction, flops_metadata
-from .errors import METHODS, DimapError, check_choice, check_model_name, check_ratio
+from .budget import check_budget_pattern, flops_metadata
+from .choice import METHODS, Pattern, as_pattern, check_reduction, supported
+from .errors import DimapError, check_choice, check_model_name, check_ratio
 from .checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, remove_stale_temps,
                          safetensors_header, save_pruned, write_text_atomic)
 from .loading import check_architecture
@@ -31,18 +32,21 @@ from .loading import check_architecture
 SUMMARY = "summary.csv"
 
 
-def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: str = "unstructured", block_size: int = 32,
+def output_name(stem: str, method: str, ratio: float, masks_only: bool, pattern: Pattern = Pattern.unstructured(),
                 by_flops: bool = False) -> str:
     """``ratio`` is the FLOPs reduction when ``by_flops``: the name must be known before the ratio is."""
     kind = "masks" if masks_only else "pruned"
-    tag = {"unstructured": "", "block": f"__block{block_size}", "channel": "__channel", "2:4": "__2of4"}[pattern]
+    tag = "" if pattern.kind == "unstructured" else f"__{pattern}".replace(":", "of")  # __block32, __channel, __2of4
     cut = f"flops{ratio:g}" if by_flops else f"r{ratio:g}"
     return f"{stem}__{method}{tag}__{cut}.{kind}.safetensors"
 
 
 def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, progress=True,
-          pattern: str = "unstructured", block_size: int = 32, flops_reductions=None) -> list[dict]:
-    """Prune every source at every ratio (or FLOPs reduction) with every method; returns the summary rows."""
+          pattern: Pattern | str = "unstructured", block_size: int | None = None, flops_reductions=None) -> list[dict]:
+    """Prune every source at every ratio (or FLOPs reduction) with every method; returns the summary rows.
+
+    pattern: a Pattern, or its name (with ``block_size`` for "block", as version 0.1 passed it).
+    """
     from tqdm import tqdm
 
     from .masks import prune_state
@@ -52,8 +56,9 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     by_flops = flops_reductions is not None
     if by_flops and ratios is not None:
         raise DimapError("give ratios or FLOPs reductions, not both")
+    pattern = supported(as_pattern(pattern, block_size))
     jobs = _check(sources, flops_reductions if by_flops else ratios, methods, Path(out_dir), arch, masks_only, pattern,
-                  block_size, by_flops)
+                  by_flops)
     out_dir = Path(out_dir)
     made = not out_dir.exists()
     try:
@@ -73,7 +78,7 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
             elif i and method != jobs[i - 1][1]:
                 p = None
             meta = _existing_meta(out)
-            if meta is not None and _matches(meta, method, value, pattern, block_size, by_flops):
+            if meta is not None and _matches(meta, method, value, pattern, by_flops):
                 rows.append(_kept_row(previous.get(out.name), spec, method, value, out, meta if by_flops else None))
                 bar.update(1)
                 continue
@@ -85,13 +90,13 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
                 if src.path is not None and src.arch and src.model is None:
                     check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
             if p is None:
-                p = plan(src.model if by_flops else src.state_dict, method=method, pattern=pattern, block_size=block_size)
+                p = plan(src.model if by_flops else src.state_dict, method=method, pattern=pattern)
                 # every reduction of this model is searched now: one out of reach stops the sweep before its files
                 chosen = {v: p.ratio_for_flops(v) for v in dict.fromkeys(j[2] for j in jobs if j[0] == spec)} if by_flops else {}
             ratio = chosen[value] if by_flops else value
             masks = p.masks(ratio)
             meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
-                    "pattern": pattern, "block_size": str(block_size)}
+                    **pattern.metadata()}
             if by_flops:
                 meta.update(flops_metadata(p, value, ratio))
             state = {} if masks_only else prune_state(src.state_dict, masks)
@@ -129,14 +134,11 @@ def _stem(spec: str) -> str:
     return Path(spec).name.split(".")[0] if looks_like_path(spec) else spec
 
 
-def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_size, by_flops=False) -> list[tuple]:
+def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern: Pattern, by_flops=False) -> list[tuple]:
     """Refuse bad input before any work or any file; returns (spec, method, ratio, output) per job.
 
     With ``by_flops`` the ratios are FLOPs reductions, and every source must name its architecture.
     """
-    from .patterns import check_pattern
-
-    check_pattern(pattern, block_size)
     if by_flops:
         check_budget_pattern(pattern)
     if isinstance(sources, str) or not sources:
@@ -152,8 +154,10 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
     methods = list(dict.fromkeys(methods))
     for m in methods:
         check_choice("method", m, METHODS)
-    if pattern == "2:4" and any(r != 0.5 for r in ratios):
-        raise DimapError("pattern '2:4' always removes half of the weights: use --ratios 0.5")
+    fixed = pattern.fraction
+    if fixed is not None and not by_flops and any(r != fixed for r in ratios):
+        raise DimapError(f"pattern {pattern.name!r} always removes {'half' if fixed == 0.5 else f'{fixed:g}'} of the weights: "
+                         f"use --ratios {fixed:g}")
     if arch is not None:
         check_model_name(arch)
     if out_dir.exists() and not out_dir.is_dir():
@@ -181,7 +185,7 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
     for spec in stems.values():
         for method in methods:
             for ratio in ratios:
-                out = out_dir / output_name(_stem(spec), method, ratio, masks_only, pattern, block_size, by_flops)
+                out = out_dir / output_name(_stem(spec), method, ratio, masks_only, pattern, by_flops)
                 if out_dir.is_dir():  # otherwise it is made later, and nothing in it can be an input
                     check_output(out, [spec] if looks_like_path(spec) else [])
                 if out.name in names and names[out.name] != ratio:
@@ -189,7 +193,7 @@ def _check(sources, ratios, methods, out_dir, arch, masks_only, pattern, block_s
                     raise DimapError(f"{kind} {names[out.name]!r} and {ratio!r} give the same output {out.name}: "
                                      "drop one or make them differ in the first 6 digits")
                 names[out.name] = ratio
-                _check_existing(out, method, ratio, pattern, block_size, by_flops)
+                _check_existing(out, method, ratio, pattern, by_flops)
                 jobs.append((spec, method, ratio, out))
     return jobs
 
@@ -204,20 +208,24 @@ def _existing_meta(out: Path) -> dict | None:
         return None  # damaged (never by us: we rename complete files only); written again
 
 
-def _check_existing(out: Path, method, ratio, pattern, block_size, by_flops=False) -> None:
+def _check_existing(out: Path, method, ratio, pattern: Pattern, by_flops=False) -> None:
     meta = _existing_meta(out)
-    if meta is not None and not _matches(meta, method, ratio, pattern, block_size, by_flops):
+    if meta is not None and not _matches(meta, method, ratio, pattern, by_flops):
         raise DimapError(
             f"{out} exists but was not written by this sweep (method {meta.get('method')!r}, ratio {meta.get('ratio')!r}): "
             "move it away or choose another --out-dir"
         )
 
 
-def _matches(meta, method, ratio, pattern, block_size, by_flops=False) -> bool:
-    """``ratio`` is the FLOPs reduction when ``by_flops``: the file records it beside the ratio chosen."""
+def _matches(meta, method, ratio, pattern: Pattern, by_flops=False) -> bool:
+    """``ratio`` is the FLOPs reduction when ``by_flops``: the file records it beside the ratio chosen.
+    Outputs of 0.1 record block_size 32 whatever the pattern: only block's is compared."""
     asked = meta.get("flops_reduction_target") if by_flops else meta.get("ratio")
+    recorded = {"pattern": meta.get("pattern", "unstructured")}
+    if pattern.kind == "block":
+        recorded["block_size"] = meta.get("block_size", "")
     return (meta.get("format") == "dimap-fast/1" and meta.get("method") == method and asked == repr(ratio)
-            and meta.get("pattern", "unstructured") == pattern and meta.get("block_size", str(block_size)) == str(block_size))
+            and recorded == pattern.metadata())
 
 
 def _read_summary(path: Path) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 and shrink (logit scales, the position-bias MLP's rows and the head count follow the heads)."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from timm.models import swin_transformer_v2 as timm_v2
 import dimap_fast
 from dimap_fast import DimapError
 from dimap_fast.arch import find_adapter
-from dimap_fast.arch.timm_swinv2 import ShrunkWindowAttention
+from dimap_fast.nn.swinv2 import SwinV2Block, WindowAttentionV2
 from dimap_fast.shrink import block_sizes, resize, shrink
 
 CONFIG = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
@@ -103,12 +104,38 @@ def test_shrunk_v2_equals_masked_and_reloads():
     sizes = block_sizes(small)
     assert [s["heads"] for s in sizes.values()] != HEADS and all(s["hidden"] % 8 == 0 for s in sizes.values())
     attn = small.layers[1].blocks[0].attn
-    assert isinstance(attn, ShrunkWindowAttention) and attn.num_heads == sizes["layers.1.blocks.0"]["heads"]
+    assert type(attn) is WindowAttentionV2 and attn.num_heads == sizes["layers.1.blocks.0"]["heads"]
     assert attn.logit_scale.shape[0] == attn.cpb_mlp[2].out_features == attn.num_heads == attn.k_bias.numel() // 16
     fresh = resize(timm_v2.SwinTransformerV2(**CONFIG).eval(), sizes)
     fresh.load_state_dict(small.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
+
+
+def test_shrunk_v2_converts_with_the_masked_logits(device):
+    # one attention class for shrunk and converted v2: its torch path reshapes to its own width
+    import dimap_fast.nn as dnn
+    from tolerances import assert_rel_close, matmul_precision
+
+    model = small_v2(3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), matmul_precision("ieee"):
+        dimap_fast.plan(model, pattern="channel").prune_(0.6)
+        masked = model(x)
+        small = shrink(copy.deepcopy(model))
+        heads = [s["heads"] for s in block_sizes(small).values()]
+        assert heads != HEADS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is left on its own code
+            dnn.convert(small, choose="dense")
+        blocks = [m for m in small.modules() if isinstance(m, timm_v2.SwinTransformerV2Block)]
+        assert [type(b) for b in blocks] == [SwinV2Block] * 4 and [b.attn.num_heads for b in blocks] == heads
+        assert all(type(b.attn) is WindowAttentionV2 for b in blocks)
+        with dnn.backend("torch"):
+            assert (small(x) - masked).abs().max() < 1e-5
+        small, x = small.to(device), x.to(device)
+        with dnn.backend("triton"):  # the fused kernel on the shrunk heads
+            assert_rel_close(small(x).cpu(), masked, torch.float32, "logits")
 
 
 def test_swinv2_cr_is_not_shrunk():

@@ -145,9 +145,6 @@ API_CASES = [
      "of asking for a FLOPs reduction"),
     ("weights changed after planning", lambda: _changed_after_planning().ratio_for_flops(0.5),
      "the prunable weights changed after planning (prune_, an optimizer step): plan the model again before asking for FLOPs"),
-    ("channels of a SwinV2", lambda: dimap_fast.plan(_swinv2(), pattern="channel").ratio_for_flops(0.3),
-     "layers.0.blocks.0: pattern 'channel' counts the FLOPs of the model shrink() builds, and shrink supports timm's "
-     "SwinTransformer (v1) attention only: use pattern 'unstructured' or 'block' here"),
 ]
 
 
@@ -157,9 +154,42 @@ def _changed_after_planning():
     return p
 
 
-def _swinv2():
+HF_CONFIG = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=10)
+
+
+def _family(kind):
+    """A small model of each family the channel budget knows besides timm's v1 (HF as in test_hf_swin)."""
     torch.manual_seed(0)
-    return timm.models.swin_transformer_v2.SwinTransformerV2(**CONFIG).eval()
+    if kind == "timm-swinv2":
+        model = timm.models.swin_transformer_v2.SwinTransformerV2(**CONFIG).eval()
+        with torch.no_grad():
+            model.layers[1].blocks[0].attn.proj.weight[:, :16] = 0  # a dead head: shrink drops it at any ratio
+        return model
+    transformers = pytest.importorskip("transformers")
+    if kind == "hf-swin":
+        return transformers.SwinForImageClassification(transformers.SwinConfig(**HF_CONFIG)).eval()
+    return transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**HF_CONFIG)).eval()
+
+
+@pytest.mark.parametrize("kind", ["timm-swinv2", "hf-swin", "hf-swinv2"])
+def test_channel_budget_of_other_families(kind):
+    # v2's heads also own rows of the position-bias MLP's last Linear: shrink removes them, the count must too
+    model = _family(kind)
+    p = dimap_fast.plan(model, pattern="channel")
+    for r in (0.2, 0.6):
+        assert p.flops_reduction(r) == measured(model, "channel", r)
+    ratio = p.ratio_for_flops(0.3)
+    got = measured(model, "channel", ratio)
+    assert got >= 0.3 and got == p.flops_reduction(ratio)
+    assert measured(model, "channel", math.nextafter(ratio, 0.0)) < 0.3
+
+
+def test_channel_budget_refuses_what_shrink_cannot_build():
+    model = timm.models.swin_transformer_v2_cr.SwinTransformerV2Cr(
+        img_size=(32, 32), patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    p = dimap_fast.plan(model.eval(), pattern="channel")
+    with pytest.raises(DimapError, match=r"^stages\.0\.blocks\.0\.attn: shrink supports timm's SwinTransformerV2 attention"):
+        p.ratio_for_flops(0.3)
 
 
 @pytest.mark.parametrize("call,message", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])

@@ -126,3 +126,70 @@ def test_no_import_cycle_through_the_checkpoint_loader_or_cli():
     cycles = [m for m in mine if reaches(m, m)]
     assert cycles == []
     assert "dimap_fast.loading" not in graph["dimap_fast.checkpoint"]
+
+
+@pytest.mark.parametrize("kind", ["hf-swin", "hf-swinv2"])
+def test_save_shrunk_rebuilds_a_hugging_face_swin_from_the_file_alone(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    small = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=10)
+    torch.manual_seed(0)
+    if kind == "hf-swin":
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(**small)).eval()
+    else:
+        model = transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**small)).eval()
+    dimap_fast.plan(model, pattern="channel").prune_(0.6)
+    small_model = shrink(model)
+    path = save_shrunk(small_model, tmp_path / "hf_shrunk.safetensors")  # no arch=: the adapter records it
+    meta = load_state_dict(path)[1]
+    assert meta["adapter"] == kind and "timm_model" not in meta
+    assert json.loads(meta["model_config"])["model_class"] == type(model).__name__
+    torch.manual_seed(1)  # the rebuilt model starts from other random weights: only the file's count
+    loaded = load_shrunk(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert block_sizes(loaded) == block_sizes(small_model) != block_sizes(type(model)(model.config))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, small_model(x).logits)
+
+
+def test_load_shrunk_refuses_a_class_it_cannot_rebuild_in_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2], num_heads=[2], window_size=4)
+    model = transformers.SwinForImageClassification(config)
+    path = save_shrunk(model, tmp_path / "hf.safetensors")
+    _, meta = load_state_dict(path)
+    recorded = json.loads(meta["model_config"])
+    for name in ("os.system", "BertModel", None):
+        meta.update(model_config=json.dumps({**recorded, "model_class": name}))
+        bad = save_atomic(tmp_path / "bad.safetensors", load_state_dict(path)[0], meta)
+        with pytest.raises(DimapError, match=f"cannot rebuild model class {name!r} as hf-swin") as info:
+            load_shrunk(bad)
+        assert "\n" not in str(info.value)
+    meta.update(model_config=json.dumps(recorded), adapter="keras-swin")
+    bad = save_atomic(tmp_path / "bad.safetensors", load_state_dict(path)[0], meta)
+    with pytest.raises(DimapError, match="unknown arch 'keras-swin'"):
+        load_shrunk(bad)
+
+    class MySwin(transformers.SwinForImageClassification):
+        pass
+
+    with pytest.raises(DimapError, match="cannot record how to rebuild MySwin"):
+        save_shrunk(MySwin(config), tmp_path / "mine.safetensors")
+
+
+def test_one_home_for_the_input_size(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from dimap_fast.arch import find_adapter
+    from dimap_fast.flops import _input_shape
+    from dimap_fast.loading import model_image_size
+    from dimap_fast.train import small_swin
+
+    timm_model = small_swin(image_size=32)
+    hf = transformers.SwinModel(transformers.SwinConfig(image_size=48, num_channels=1, patch_size=4, embed_dim=16,
+                                                        depths=[2], num_heads=[2], window_size=4))
+    assert find_adapter(timm_model).input_size(timm_model) == (3, 32, 32)
+    assert find_adapter(hf).input_size(hf) == (1, 48, 48) and model_image_size(hf) == 48
+    assert _input_shape(hf, None) == (1, 1, 48, 48) and _input_shape(hf, 64) == (1, 1, 64, 64)
+    timm_model.set_input_size((64, 64))  # patch_embed follows: so does the size every caller reads
+    assert _input_shape(timm_model, None) == (1, 3, 64, 64) and model_image_size(timm_model) == 64
+    assert find_adapter(torch.nn.Linear(2, 2)).input_shape(torch.nn.Linear(2, 2), batch=8) == (8, 3, 224, 224)

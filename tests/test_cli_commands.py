@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from dimap_fast.checkpoint import MASK_PREFIX, SHRUNK_FORMAT, load_pruned, load_state_dict
+import dimap_fast
+from dimap_fast import Pattern
 from dimap_fast.cli import main
+from dimap_fast.cli.main import build_parser
 from dimap_fast.loading import load_shrunk, load_source
 from dimap_fast.shrink import block_sizes
 from dimap_fast.train.demo_model import build_swin
@@ -69,6 +72,36 @@ def test_prune_block_pattern_zeroes_whole_tiles(small, tmp_path, capsys):
     assert abs(removed - 0.5) < 0.1
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["--pattern", "block16"], Pattern.block(16)),
+    (["--pattern", "block", "--block-size", "16"], Pattern.block(16)),  # the README's spelling
+    (["--pattern", "block"], Pattern.block(32)),
+    (["--pattern", "block64", "--block-size", "64"], Pattern.block(64)),
+    (["--pattern", "2:4"], Pattern.nm(2, 4)),
+    ([], Pattern.unstructured()),
+])
+def test_pattern_flags_become_one_value(argv, expected):
+    for command in (["prune", "m", "--ratio", "0.5", "--out", "o.safetensors"], ["sweep", "m", "--ratios", "0.5", "--out-dir", "d"]):
+        args = build_parser().parse_args(command + argv)
+        assert args.pattern == expected and isinstance(args.pattern, Pattern) and not hasattr(args, "block_size")
+    args = build_parser().parse_args(["finetune", "--out", "r"])
+    assert args.pattern is None  # finetune: no pattern unless pruning is asked for
+
+
+def test_sweep_names_and_records_the_block_size(small, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", str(small), "--ratios", "0.5", "--pattern", "block16", "--out-dir", str(out)]) == 0
+    (written,) = out.glob("*.safetensors")
+    assert written.name == "small__dimap__block16__r0.5.pruned.safetensors"
+    _, masks, meta = load_pruned(written)
+    assert meta["pattern"] == "block" and meta["block_size"] == "16"
+    expected = dimap_fast.compute_masks(load_state_dict(small)[0], 0.5, pattern=Pattern.block(16))
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k], v) for k, v in expected.items())
+    stamp = written.stat().st_mtime_ns
+    assert main(["sweep", str(small), "--ratios", "0.5", "--pattern", "block", "--block-size", "16", "--out-dir", str(out)]) == 0
+    assert written.stat().st_mtime_ns == stamp  # the same choice, spelled the README's way: kept
+
+
 def test_prune_channel_pattern_removes_whole_neurons(small, tmp_path, capsys):
     out = tmp_path / "channel.safetensors"
     assert main(["prune", str(small), "--pattern", "channel", "--ratio", "0.5", "--out", str(out)]) == 0
@@ -124,6 +157,15 @@ def _bad_commands(d, small):
         "block size not offered": ["prune", str(small), "--pattern", "block", "--block-size", "24", "--ratio", "0.5",
                                    "--out", out],
         "unknown pattern": ["prune", str(small), "--pattern", "rows", "--ratio", "0.5", "--out", out],
+        "block size with channel": ["prune", str(small), "--pattern", "channel", "--block-size", "16", "--ratio", "0.5",
+                                    "--out", out],
+        "block size without pattern": ["prune", str(small), "--block-size", "16", "--ratio", "0.5", "--out", out],
+        "block size twice": ["prune", str(small), "--pattern", "block32", "--block-size", "16", "--ratio", "0.5",
+                             "--out", out],
+        "sweep block size with 2:4": ["sweep", str(small), "--ratios", "0.5", "--pattern", "2:4", "--block-size", "16",
+                                      "--out-dir", str(d / "sw")],
+        "finetune block size alone": ["finetune", "--data", "digits", "--ratio", "0.5", "--block-size", "16",
+                                      "--out", str(d / "run")],
         "report batch 0": ["report", str(small), "--throughput", "--batch", "0"],
         "report, throughput without architecture": ["report", str(d / "bare.safetensors"), "--throughput"],
         "sweep empty ratios": ["sweep", str(small), "--ratios", ",", "--out-dir", str(d / "sw")],

@@ -136,3 +136,25 @@ def test_channel_pruned_then_shrunk_gives_equal_logits(kind):
     resize(fresh, sizes)
     fresh.load_state_dict(small.state_dict())
     assert torch.equal(logits(fresh, x), logits(small, x))
+
+
+def test_convert_considers_the_linears_of_a_family_without_drop_ins():
+    # HF Swin has no drop-in attention: convert leaves its modules (no warning) and swaps the pruned Linears
+    import warnings
+
+    from dimap_fast import nn as dnn
+
+    model = build("hf-swin", seed=3)
+    for name, mod in model.named_modules():
+        if name.endswith(SPELLING["hf-swin"]):
+            dnn.zero_smallest_tiles_(mod.weight, 0.5, 16)
+    x = torch.randn(2, 3, 32, 32)
+    want = logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dnn.convert(model, choose="kernel", block=16)
+    rows = {r.name: r.chosen for r in model.dimap_convert_report}
+    # every block Linear is considered; a 16x16 one is a single tile, which the 50% rounds to none
+    assert len(rows) == 4 * 6 and sum(c == "kernel" for c in rows.values()) == 4 * 6 - 8
+    assert isinstance(model.swin.encoder.layers[1].blocks[0].attention.q_proj, dnn.SparseLinear)
+    assert torch.equal(logits(model, x), want)

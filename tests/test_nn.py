@@ -231,7 +231,7 @@ def test_convert_keeps_dense_layers_and_picks_block():
 
 
 def test_convert_refusals():
-    with pytest.raises(DimapError, match="no timm Swin"):
+    with pytest.raises(DimapError, match="no block, window attention or prunable Linear"):
         dnn.convert(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(DimapError, match="block must be"):
         dnn.convert(small_swin(img_size=16), block=8)

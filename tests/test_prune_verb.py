@@ -1,6 +1,7 @@
 """prune_: in place, to a ratio or a FLOPs budget, returning the guard that keeps the zeros."""
 
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -104,3 +105,28 @@ def test_a_refused_budget_leaves_the_model_as_it_was():
         prune_(model, FlopsReduction(0.95))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not getattr(model, "_dimap_handles", [])
+
+
+def test_the_handle_says_how_its_masks_were_chosen():
+    model = small_swin(6)
+    masks = dimap_fast.compute_masks(copy.deepcopy(model), 0.3)
+    assert dimap_fast.apply_masks(model, masks).pruning is None  # masks a caller brought: nothing known
+    told = dimap_fast.Pruning(0.3, "block16", "global")  # names are read into values once
+    assert told.pattern == Pattern.block(16) and told.method is Method.GLOBAL
+    assert dimap_fast.apply_masks(model, masks, told).pruning is told
+    assert MaskHandle(model, masks, pruning=told).pruning is told
+    with pytest.raises(DimapError, match="^pruning must be a dimap_fast.Pruning or None, got dict$"):
+        MaskHandle(model, masks, pruning={"ratio": 0.3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        told.ratio = 0.5
+
+
+def test_a_channel_budget_records_ratio_pattern_method_and_reduction():
+    model = small_swin(7)
+    handle = prune_(model, FlopsReduction(0.3), pattern="channel", method="uniform")
+    expected = dimap_fast.plan(small_swin(7), pattern="channel", method="uniform")
+    assert handle.pruning == dimap_fast.Pruning(expected.ratio_for_flops(0.3), Pattern.channel(), Method.UNIFORM,
+                                                expected.flops_reduction(expected.ratio_for_flops(0.3)))
+    assert handle.pruning.flops_reduction >= 0.3
+    shrunk = dimap_fast.report(dimap_fast.shrink(model))["flops"]["dense"]
+    assert 1 - shrunk / dimap_fast.report(small_swin(7))["flops"]["dense"] == handle.pruning.flops_reduction

@@ -174,6 +174,45 @@ class Adapter:
         """{timm or transformers class: dimap_fast.nn drop-in that adopts it in place}."""
         return {}
 
+    # -- building and feeding the family --------------------------------------------------------
+
+    def build(self, config: dict) -> nn.Module:
+        """A fresh model of this family from ``config`` (what ``config_of`` recorded), no download."""
+        raise DimapError(f"adapter {self.name!r} cannot build a model from a recorded config: "
+                         "rebuild the model yourself and load the weights into it")
+
+    def config_of(self, model: nn.Module) -> dict | None:
+        """A JSON-able description ``build`` rebuilds the model from, or None when the family has none."""
+        return None
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
+        """(channels, height, width) of one image ``model`` takes, or None when nothing says.
+
+        Read, in order, from timm's ``patch_embed`` (``set_input_size`` keeps it current), timm's
+        ``pretrained_cfg`` and a Hugging Face ``config``; a family may know better and override.
+        """
+        embed = getattr(model, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+        chans = getattr(getattr(embed, "proj", None), "in_channels", None)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if (size is None or chans is None) and cfg.get("input_size"):
+            c, *hw = cfg["input_size"]
+            size, chans = size or hw, chans or c
+        config = getattr(model, "config", None)
+        size = size or getattr(config, "image_size", None)
+        chans = chans or getattr(config, "num_channels", None)
+        if size is None:
+            return None
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return int(chans or 3), int(size[0]), int(size[1])
+
+    def input_shape(self, model: nn.Module, input_size=None, batch: int = 1) -> tuple[int, int, int, int]:
+        """(batch, C, H, W): ``input_size`` (an int or (H, W)) or the model's own, else 3 x 224 x 224."""
+        chans, *size = self.input_size(model) or (3, 224, 224)
+        if input_size is not None:
+            size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        return int(batch), int(chans), int(size[0]), int(size[1])
+
     def _no_groups(self, what: str) -> str:
         return (f"{what} needs the model's neuron and head groups, which adapter {self.name!r} does not describe "
                 "(a module map names weights, not which rows and columns form a neuron or a head): use pattern "

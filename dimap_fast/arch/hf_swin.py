@@ -16,7 +16,9 @@ so shrink updates them. No drop-in modules: ``convert`` swaps only sparse Linear
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -47,10 +49,15 @@ _PER_HEAD = (("relative_position_bias.relative_position_bias_table", 1), ("relat
              ("logit_scale", 0), ("continuous_position_bias_mlp.2.weight", 0))
 
 
+# the transformers classes of a family that build() makes: prefix (Swin, Swinv2) + one of these
+_HEADS = ("ForImageClassification", "Model", "ForMaskedImageModeling", "Backbone")
+
+
 class HFSwin(Adapter):
     name = "hf-swin"
     module_map = MODULE_MAP
     _package = "transformers.models.swin."
+    _prefix = "Swin"
 
     @classmethod
     def claims_model(cls, model: nn.Module) -> bool:
@@ -107,10 +114,38 @@ class HFSwin(Adapter):
         if hasattr(owner, "all_head_size"):
             owner.all_head_size = kept * group.attrs["head_dim"]
 
+    # -- building from a recorded config (no download) ---------------------------------------------
+
+    def _classes(self) -> tuple[str, ...]:
+        return tuple(self._prefix + head for head in _HEADS)
+
+    def config_of(self, model: nn.Module) -> dict:
+        """{"model_class": e.g. SwinForImageClassification, "config": the model's config as JSON}."""
+        kind = type(model)
+        if kind.__name__ not in self._classes() or not kind.__module__.startswith(self._package):
+            raise DimapError(f"cannot record how to rebuild {kind.__name__}: {self.name} rebuilds "
+                             f"{', '.join(self._classes())}")
+        return {"model_class": kind.__name__, "config": json.loads(model.config.to_json_string(use_diff=False))}
+
+    def build(self, config: Mapping) -> nn.Module:
+        import transformers
+
+        name = config.get("model_class") if isinstance(config, Mapping) else None
+        if name not in self._classes() or not isinstance(config.get("config"), Mapping):
+            raise DimapError(f"cannot rebuild model class {name!r} as {self.name}: it rebuilds "
+                             f"{', '.join(self._classes())} from their recorded config")
+        try:
+            hf_config = getattr(transformers, self._prefix + "Config").from_dict(dict(config["config"]))
+            return getattr(transformers, name)(hf_config)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DimapError(f"the recorded config does not build transformers' {name} ({exc}): "
+                             "the file is damaged or from another version") from None
+
 
 class HFSwinV2(HFSwin):
     name = "hf-swinv2"
     _package = "transformers.models.swinv2."
+    _prefix = "Swinv2"
 
     @classmethod
     def claims_names(cls, names) -> bool:

@@ -10,6 +10,7 @@ tensors, and the drop-ins ``convert`` swaps in. A block is ``*.blocks.N`` with `
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -112,3 +113,30 @@ class TimmSwin(Adapter):
         from ..nn.window_attention import WindowAttention
 
         return {timm_swin.SwinTransformerBlock: SwinBlock, timm_swin.WindowAttention: WindowAttention}
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def build(self, config: Mapping) -> nn.Module:
+        """timm's SwinTransformer from its kwargs (the demo model's, or those a checkpoint records)."""
+        from timm.models import swin_transformer as timm_swin
+
+        return _build(timm_swin.SwinTransformer, config)
+
+
+def build_swin(config: Mapping) -> nn.Module:
+    """A timm SwinTransformer from kwargs, e.g. those stored in a checkpoint's metadata."""
+    return TimmSwin().build(config)
+
+
+def _build(cls, config: Mapping) -> nn.Module:
+    if not isinstance(config, Mapping):
+        raise DimapError(f"a model config is a dict of {cls.__name__} kwargs, got {type(config).__name__}")
+    config = dict(config)
+    for key in ("depths", "num_heads"):  # JSON turns tuples into lists; timm indexes either
+        if key in config:
+            config[key] = tuple(config[key])
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise DimapError(f"the recorded model config does not build timm's {cls.__name__} ({exc}): "
+                         "the file is damaged or from another version") from None

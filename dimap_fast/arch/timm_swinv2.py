@@ -7,23 +7,21 @@ the same module map. What differs, in the order data flows:
 - per head there is a ``logit_scale`` row and a row of the continuous-position-bias MLP's last
   Linear (``cpb_mlp.2``), instead of a bias-table column;
 - timm's forward reshapes the attention output to the input width, which a shrunk attention no
-  longer has: shrink turns the attention into ``ShrunkWindowAttention`` (the same forward, the
-  output reshaped to its own width). swinv2_cr's attention is not shrunk.
+  longer has: shrink turns the attention into the drop-in ``dimap_fast.nn.swinv2.WindowAttentionV2``
+  (timm's forward with the output reshaped to its own width; the one class for shrunk and
+  converted v2 attention). swinv2_cr's attention is not shrunk.
 """
 
 from __future__ import annotations
 
-import math
 import re
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.models import swin_transformer_v2 as timm_v2
 
 from ..errors import DimapError
 from .base import member
-from .timm_swin import TimmSwin
+from .timm_swin import TimmSwin, _build
 
 _V2_NAME = re.compile(r"blocks\.\d+\.attn\.(logit_scale|q_bias|cpb_mlp\.\d+\.weight)$")
 
@@ -63,41 +61,18 @@ class TimmSwinV2(TimmSwin):
         attn = model.get_submodule(group.attrs["attn"])
         attn.num_heads = kept
         if type(attn) is timm_v2.WindowAttention:
-            attn.__class__ = ShrunkWindowAttention
+            from ..nn.swinv2 import WindowAttentionV2  # nn sits above arch: imported on demand
 
-    # -- convert ----------------------------------------------------------------------------------
+            WindowAttentionV2.adopt(attn)
+
+    # -- building and convert ---------------------------------------------------------------------
+
+    def build(self, config) -> nn.Module:
+        """timm's SwinTransformerV2 from its kwargs."""
+        return _build(timm_v2.SwinTransformerV2, config)
 
     def swaps(self) -> dict:
         from ..nn.swinv2 import SwinV2Block, WindowAttentionV2  # nn sits above arch: imported on demand
 
         return {timm_v2.SwinTransformerV2Block: SwinV2Block, timm_v2.WindowAttention: WindowAttentionV2}
 
-
-class ShrunkWindowAttention(timm_v2.WindowAttention):
-    """timm's SwinV2 window attention whose heads x head_dim may be narrower than its input."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b_, n, _ = x.shape
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-        q, k, v = qkv.reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        area = self.window_size[0] * self.window_size[1]
-        bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
-        attn = attn + 16 * torch.sigmoid(bias).unsqueeze(0)
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, n, n)
-        attn = self.attn_drop(self.softmax(attn))
-        x = (attn @ v).transpose(1, 2).reshape(b_, n, -1)  # timm: reshape(B_, N, C), the input width
-        return self.proj_drop(self.proj(x))

@@ -1,14 +1,19 @@
 """What every command shares: the parser class and the value parsers of its flags.
 
 A value parser raises ``argparse.ArgumentTypeError``; ``OneLineParser`` turns it, like every other
-usage error, into one line on stderr and exit code 2.
+usage error, into one line on stderr and exit code 2. ``--pattern`` and ``--block-size`` become one
+``Pattern`` value in ``args.pattern`` while the command line is parsed (``pattern_args``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..errors import METHODS, DimapError, check_ratio
+from ..choice import BLOCK_SIZES, METHODS, Pattern, check_reduction
+from ..errors import DimapError, check_ratio
+
+# what --pattern offers: a bare "block" takes --block-size (default 32), "block16" names its size
+PATTERN_NAMES = ("unstructured", "block", *(f"block{b}" for b in BLOCK_SIZES), "channel", "2:4")
 
 EXAMPLES = """\
 examples:
@@ -29,8 +34,28 @@ examples:
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, where to look), exit code 2."""
 
+    combines_pattern = False  # set by pattern_args: --pattern and --block-size are read into one Pattern
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.combines_pattern:
+            namespace.pattern = self._pattern(namespace.pattern, namespace.__dict__.pop("block_size", None))
+        return namespace, extras
+
+    def _pattern(self, name: str | None, block_size: int | None) -> Pattern | None:
+        """The Pattern of ``--pattern NAME [--block-size B]``; None when neither was given."""
+        if block_size is not None:
+            if name is None or Pattern.parse(name).kind != "block":
+                given = f"not --pattern {name}" if name is not None else "and no --pattern was given"
+                self.error(f"argument --block-size: it sizes the tiles of --pattern block, {given}: "
+                           f"use --pattern block --block-size {block_size}, or drop --block-size")
+            if name != "block" and Pattern.parse(name).block_size != block_size:
+                self.error(f"argument --block-size: --pattern {name} names its size already: drop --block-size {block_size}")
+            return Pattern.block(block_size)
+        return None if name is None else Pattern.parse(name)
 
 
 def ratio(text: str) -> float:
@@ -52,8 +77,6 @@ def ratios(text: str) -> list[float]:
 
 
 def reduction(text: str) -> float:
-    from ..budget import check_reduction
-
     try:
         return check_reduction(float(text))
     except ValueError as exc:  # DimapError is one too
@@ -84,12 +107,15 @@ def positive(text: str) -> int:
     return value
 
 
-def pattern_args(p: argparse.ArgumentParser) -> None:
-    from ..patterns import BLOCK_SIZES, PATTERNS
-
-    p.add_argument("--pattern", choices=PATTERNS, default="unstructured",
-                   help="unstructured (the paper, default), block tiles, channel (neurons and heads) or 2:4")
-    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32, help="tile size for --pattern block")
+def pattern_args(p: argparse.ArgumentParser, default: str | None = "unstructured", when: str = "") -> None:
+    """--pattern and --block-size; after parsing, ``args.pattern`` is a Pattern (None: neither given
+    and no default) and there is no ``args.block_size``."""
+    p.add_argument("--pattern", choices=PATTERN_NAMES, default=default,
+                   help=when + "unstructured (the paper), block tiles (block = block32, or block16, block64), "
+                        "channel (neurons and heads) or 2:4" + (f"; default {default}" if default else ""))
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+                   help="tile size for --pattern block (default 32)")
+    p.combines_pattern = True
 
 
 def format_sparsity(sp: dict) -> str:

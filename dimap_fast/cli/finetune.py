@@ -20,8 +20,9 @@ import argparse
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from ..errors import METHODS, DimapError
-from .args import ratio
+from ..choice import METHODS, Pattern
+from ..errors import DimapError
+from .args import pattern_args, ratio
 
 EXAMPLES = """\
 examples:
@@ -47,7 +48,6 @@ RECIPE_FLAGS = {  # flag -> (Recipe field, type, help)
 
 def model_args(p) -> None:
     """MODEL and the flags that load it, prune it first and place it: finetune and eval share them."""
-    from ..patterns import BLOCK_SIZES, PATTERNS
     from ..train.distributed import DEVICES
 
     p.add_argument("source", nargs="?", default=None,
@@ -57,8 +57,7 @@ def model_args(p) -> None:
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for a model name")
     p.add_argument("--ratio", type=ratio, default=None, help="prune a dense model first: fraction of each module to remove")
     p.add_argument("--method", choices=METHODS, default=None, help="with --ratio: dimap (default), global or uniform")
-    p.add_argument("--pattern", choices=PATTERNS, default=None, help="with --ratio: unstructured (default), block, channel, 2:4")
-    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="with --pattern block (default 32)")
+    pattern_args(p, default=None, when="with --ratio: ")  # unstructured when not given
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for digits, 4 for folders)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda")
     p.add_argument("--max-val-samples", type=int, default=None, help="evaluate on a fixed random subset of val")
@@ -96,12 +95,12 @@ def _recipe_text(recipe) -> str:
 
 
 def _prune_args(args) -> dict:
-    return {"method": args.method or "dimap", "pattern": args.pattern or "unstructured",
-            "block_size": args.block_size or 32}
+    pattern = args.pattern or Pattern.unstructured()
+    return {"method": args.method or "dimap", "pattern": pattern.name, "block_size": pattern.block_size}
 
 
 def _check_prune_flags(args) -> None:
-    if args.ratio is None and any(v is not None for v in (args.method, args.pattern, args.block_size)):
+    if args.ratio is None and any(v is not None for v in (args.method, args.pattern)):
         raise DimapError("--method, --pattern and --block-size choose how to prune: give --ratio too")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import METHODS, DimapError
+from ..choice import METHODS
+from ..errors import DimapError
 from .args import EXAMPLES, format_sparsity, pattern_args, ratio, reduction
 
 
@@ -53,13 +54,12 @@ def run(args) -> int:
     if src.path is not None and src.arch and src.model is None:  # a checkpoint of another architecture is refused
         check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
     # the model holds the checkpoint's values, so both plans give the same masks; only a model can be run
-    p = plan(src.model if by_flops else src.state_dict, method=args.method, progress=True, pattern=args.pattern,
-             block_size=args.block_size)
+    p = plan(src.model if by_flops else src.state_dict, method=args.method, progress=True, pattern=args.pattern)
     chosen = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
     masks = p.masks(chosen)
     state = prune_state(src.state_dict, masks)
     meta = {"method": args.method, "ratio": repr(chosen), "source": args.source, "timm_model": src.arch or "",
-            "pattern": args.pattern, "block_size": str(args.block_size)}
+            **args.pattern.metadata()}
     if by_flops:
         meta.update(flops_metadata(p, args.flops_reduction, chosen))
     if model_config(src.metadata):
@@ -74,7 +74,7 @@ def run(args) -> int:
 
 def format_budget(p, target: float, chosen: float, shrunk: bool) -> str:
     """The ratio a FLOPs reduction chose and what it removes."""
-    where = " once shrunk (--shrink)" if p.pattern == "channel" and not shrunk else ""
+    where = " once shrunk (--shrink)" if p.pattern.kind == "channel" and not shrunk else ""
     return f"ratio {chosen!r} removes {p.flops_reduction(chosen):.2%} of the FLOPs{where} (asked for {target:.2%})"
 
 
@@ -84,12 +84,12 @@ def _prune_and_shrink(args, out) -> int:
     from ..plan import plan
     from ..shrink import block_sizes, shrink
 
-    if args.pattern != "channel":
+    if args.pattern.kind != "channel":
         raise DimapError("--shrink removes whole neurons and heads: use it with --pattern channel")
     src = load_source(args.source, arch=args.model, need_model=True, pretrained=args.pretrained)
     if src.model is None:
         raise DimapError(f"{args.source} names no architecture: pass --model NAME to shrink it")
-    p = plan(src.model, method=args.method, progress=True, pattern="channel")
+    p = plan(src.model, method=args.method, progress=True, pattern=args.pattern)
     by_flops = args.flops_reduction is not None
     chosen = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
     p.prune_(chosen)

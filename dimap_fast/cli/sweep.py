@@ -27,5 +27,5 @@ def run(args) -> int:
     from ..sweep import sweep
 
     sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only,
-          pattern=args.pattern, block_size=args.block_size, flops_reductions=args.flops_reductions)
+          pattern=args.pattern, flops_reductions=args.flops_reductions)
     return 0

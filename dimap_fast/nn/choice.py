@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..arch import find_adapter
 from ..errors import DimapError
 from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, is_2to4, semi_structured_supported
 from .sparse_linear import SparseLinear, zero_smallest_tiles_
@@ -344,19 +345,12 @@ def linear_rows(model: nn.Module, names, example_input=None, batch_size=None) ->
 
 
 def _one_image(model: nn.Module) -> torch.Tensor:
-    # timm models: patch_embed knows the current input size (set_input_size keeps it up to date)
-    pe = getattr(model, "patch_embed", None)
-    size, chans = getattr(pe, "img_size", None), getattr(getattr(pe, "proj", None), "in_channels", None)
-    if size is None or chans is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if cfg.get("input_size"):
-            chans, *size = cfg["input_size"]
-    if size is None or chans is None:
+    shape = find_adapter(model).input_size(model)  # timm: patch_embed follows set_input_size
+    if shape is None:
         raise DimapError("convert(choose='measured') needs to know how many rows each Linear "
                          "multiplies: pass example_input= a batch like the ones the model will run")
     p = next(model.parameters())
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.zeros(1, chans, *size, device=p.device, dtype=p.dtype)
+    return torch.zeros(1, *shape, device=p.device, dtype=p.dtype)
 
 
 def format_choices(report) -> str:

@@ -1,10 +1,11 @@
-"""``convert(model)``: swap a pruned timm Swin's attention and MLP layers, in place.
+"""``convert(model)``: swap a pruned model's attention and MLP layers, in place.
 
-- every timm ``SwinTransformerBlock`` becomes a ``SwinBlock`` (fused attention fast path) and its
-  ``WindowAttention`` the drop-in ``WindowAttention``; SwinV2's ``SwinTransformerV2Block`` and
-  cosine ``WindowAttention`` become ``SwinV2Block`` and ``WindowAttentionV2``. All only change
-  class, so parameters, buffers and the state_dict stay as they were. Any other attention module
-  (swinv2_cr's, say) is left on its own code, with a warning naming it;
+- the model's architecture adapter (``dimap_fast.arch``) says which of its classes have a drop-in
+  here (``adapter.swaps()``: timm Swin v1 and v2 blocks and window attentions, fused attention
+  fast path). Swapping only changes class, so parameters, buffers and the state_dict stay as they
+  were. Any other attention module of a family that has drop-ins (swinv2_cr's, say) is left on its
+  own code, with a warning naming it; a family without drop-ins (Hugging Face Swin) keeps all of
+  its modules and only its Linears are considered;
 - every prunable nn.Linear (the module map's QKV-M, PRJ-M, MLP-M weights) runs the fastest of
   dense (kept as nn.Linear), the block-sparse kernel (``SparseLinear``), torch's BSR
   (``BsrLinear``) and 2:4 (``SemiSparseLinear``) for its shape, tile density, dtype and device,
@@ -28,22 +29,14 @@ import fnmatch
 import warnings
 
 from torch import nn
-from timm.models import swin_transformer as timm_swin
-from timm.models import swin_transformer_v2 as timm_v2
 
+from ..arch import find_adapter
 from ..errors import DimapError, check_choice
 from ..modules import check_module_map
 from .choice import (CHOOSE, ChoiceTable, LayerChoice, LayerKey, agrees, build, candidates_for,
                      fastest, linear_rows)
 from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, semi_structured_supported
 from .sparse_linear import BLOCKS, SparseLinear
-from .swin_block import SwinBlock
-from .swinv2 import SwinV2Block, WindowAttentionV2
-from .window_attention import WindowAttention
-
-# timm class -> drop-in that adopts it in place (exact types: a subclass may change the forward)
-_SWAPS = {timm_swin.SwinTransformerBlock: SwinBlock, timm_swin.WindowAttention: WindowAttention,
-          timm_v2.SwinTransformerV2Block: SwinV2Block, timm_v2.WindowAttention: WindowAttentionV2}
 
 
 def choose_block(weight, block=None) -> tuple[int, float]:
@@ -64,11 +57,11 @@ def choose_block(weight, block=None) -> tuple[int, float]:
 def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float = 0.25,
             module_map=None, choose: str = "measured", example_input=None,
             batch_size: int | None = None, table: ChoiceTable | None = None) -> nn.Module:
-    """Swap ``model``'s Swin blocks, attentions and pruned Linears in place; return it.
+    """Swap ``model``'s blocks and attentions (those its adapter has drop-ins for) and pruned Linears in place.
 
     ``block``: tile side 16, 32 or 64 for every layer, or None to pick per layer from its zeros.
     ``min_sparsity``: a Linear with fewer all-zero tiles than this stays dense, unmeasured.
-    ``module_map``: which Linear weights may become sparse (default: dimap_fast.SWIN_MODULES).
+    ``module_map``: which Linear weights may become sparse (default: the map of the model's family).
     ``choose``: "measured" (default) runs each Linear in the fastest format for its work;
     "dense" keeps every nn.Linear; "kernel" (``SparseLinear`` wherever ``min_sparsity`` is met:
     the rule before measuring), "bsr" or "2:4" force that format where it applies.
@@ -80,7 +73,7 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
     is in ``model.dimap_convert_report`` (``format_choices`` prints it).
     """
     if not isinstance(model, nn.Module):
-        raise DimapError(f"convert expects a torch.nn.Module (a timm Swin), got {type(model).__name__}")
+        raise DimapError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise DimapError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if block is not None and block not in BLOCKS:
@@ -89,17 +82,20 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise DimapError(f"batch_size must be a positive int, got {batch_size!r}")
-    patterns = [p for ps in check_module_map(module_map).values() for p in ps]
+    patterns = [p for ps in check_module_map(module_map, model).values() for p in ps]
+    # adapter class -> drop-in that adopts it in place (exact types: a subclass may change the forward)
+    swaps = find_adapter(model, module_map=module_map).swaps()
+    drop_ins = tuple(swaps.values())
     touched = 0
     left = {}
     for name, module in list(model.named_modules()):
         kind = type(module)
-        if kind in _SWAPS.values() or kind is SparseLinear:
+        if kind in drop_ins or kind is SparseLinear:
             touched += 1  # converted before: converting again changes nothing
-        elif kind in _SWAPS:
-            _SWAPS[kind].adopt(module)
+        elif kind in swaps:
+            swaps[kind].adopt(module)
             touched += 1
-        elif "Attention" in kind.__name__ and not _inside_swapped(model, name):
+        elif swaps and "Attention" in kind.__name__ and not _inside_swapped(model, name, drop_ins):
             left.setdefault(f"{kind.__module__}.{kind.__name__}", []).append(name)
     linears, report = [], []
     for name, module in list(model.named_modules()):
@@ -112,14 +108,14 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
             linears.append((name, module))
     report += _choose_linears(model, linears, block, min_sparsity, choose, table,
                               example_input, batch_size)
-    swaps = dict(linears)
+    by_name = dict(linears)
     for row in report:
         if row.chosen != "dense" and row.note != "converted before":
-            _set_submodule(model, row.name, build(row.chosen, swaps[row.name], row.block))
+            _set_submodule(model, row.name, build(row.chosen, by_name[row.name], row.block))
     model.dimap_convert_report = report
     if not touched:
-        raise DimapError("convert found no timm Swin block, window attention or prunable Linear: "
-                         "pass a timm swin_* model (or a module_map naming its Linear weights)")
+        raise DimapError("convert found no block, window attention or prunable Linear it knows: pass a timm "
+                         "or Hugging Face Swin (or a module_map naming the model's Linear weights)")
     if left:
         kinds = "; ".join(f"{len(names)} x {kind} (e.g. {names[0]})" for kind, names in left.items())
         warnings.warn(f"convert left these attention modules on their own code: {kinds}. The fused "
@@ -195,11 +191,10 @@ def _check_forced(choose: str, lin: nn.Linear, name: str) -> None:
                          "use choose='measured'")
 
 
-def _inside_swapped(model: nn.Module, name: str) -> bool:
+def _inside_swapped(model: nn.Module, name: str, drop_ins: tuple) -> bool:
     """Whether ``name`` lies inside a module that convert swapped (its parts are covered)."""
     parts = name.split(".")
-    return any(type(model.get_submodule(".".join(parts[:i]))) in _SWAPS.values()
-               for i in range(1, len(parts)))
+    return any(type(model.get_submodule(".".join(parts[:i]))) in drop_ins for i in range(1, len(parts)))
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -7,9 +7,11 @@ MLP, the clamp, q and k normalized with the logit scale folded into q); the fuse
 (dimap_fast.kernels.window_attention with scale 1 and the dense bias) does everything per token
 pair. Autograd carries the gradients back through the normalization, the logit scale and the MLP.
 
-``WindowAttentionV2`` keeps timm's ``forward(x, mask)`` on windows; ``SwinV2Block`` runs its
-attention on the token map (shift, padding and the region mask in the kernel). Both only change
-class (``adopt``), so parameters, buffers and the state_dict stay timm's.
+``WindowAttentionV2`` keeps timm's ``forward(x, mask)`` on windows; its torch path is timm's code
+with one change: the output is reshaped to the attention's own width, so it also runs a shrunk
+attention (fewer heads than channels; shrink gives timm's v2 attention this class for that).
+``SwinV2Block`` runs its attention on the token map (shift, padding and the region mask in the
+kernel). Both only change class (``adopt``), so parameters, buffers and the state_dict stay timm's.
 """
 
 from __future__ import annotations
@@ -68,7 +70,33 @@ class WindowAttentionV2(timm_v2.WindowAttention):
             return self._torch_path(x, mask)
         return dispatch(self, x, mask)
 
-    _torch_path = scriptable_alias(timm_v2.WindowAttention.forward, "_torch_path")  # timm's code
+    def _torch_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's forward, op for op, except that the heads are reshaped to this attention's own
+        width (heads x head_dim), not the input's: shrink leaves fewer heads than channels."""
+        b_, n, _ = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()  # TorchScript: no globals
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        area = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1).contiguous()
+        attn = attn + 16 * torch.sigmoid(bias).unsqueeze(0)
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(b_, n, -1)  # timm: reshape(B_, N, C), the input width
+        return self.proj_drop(self.proj(x))
 
     def _use_triton(self, x: torch.Tensor, mask=None) -> bool:
         """Whether this forward runs the fused kernel (dropout at train time never does)."""

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Mapping
 
-from timm.models.swin_transformer import SwinTransformer
+from torch import nn
 
+from ..arch.timm_swin import build_swin  # the family's adapter knows how to build it from kwargs
 from ..errors import DimapError
 
 DEMO_ASSET = "digits_swin.safetensors"
 
 
 def small_swin_config(num_classes: int = 10, image_size: int = 32) -> dict:
-    """SwinTransformer kwargs for a 0.3M-parameter model that trains on 2 CPUs in about a minute.
+    """timm SwinTransformer kwargs for a 0.3M-parameter model that trains on 2 CPUs in about a minute.
 
     Digits are 8x8 images upscaled, so a 4x4 patch at 32x32 is about one original pixel and a
     smaller patch would only add tokens; window 4 on the 8x8 token grid still gives shifted
@@ -33,20 +33,11 @@ def small_swin_config(num_classes: int = 10, image_size: int = 32) -> dict:
     )
 
 
-def build_swin(config: Mapping) -> SwinTransformer:
-    """A timm SwinTransformer from kwargs, e.g. those stored in a checkpoint's metadata."""
-    config = dict(config)
-    for key in ("depths", "num_heads"):  # JSON turns tuples into lists; timm indexes either
-        if key in config:
-            config[key] = tuple(config[key])
-    return SwinTransformer(**config)
-
-
-def small_swin(num_classes: int = 10, image_size: int = 32) -> SwinTransformer:
+def small_swin(num_classes: int = 10, image_size: int = 32) -> nn.Module:
     return build_swin(small_swin_config(num_classes, image_size))
 
 
-def load_demo_model() -> tuple[SwinTransformer, dict]:
+def load_demo_model() -> tuple[nn.Module, dict]:
     """The tiny digits Swin shipped with the package, in eval mode, and its metadata.
 
     ``meta["config"]`` holds the SwinTransformer kwargs and ``meta["data"]`` the digits
