@@ -3,8 +3,9 @@
 An adapter holds every fact about one model family: which weights are prunable and in which
 DIMAP module (``module_map``), how the weights of a block split into MLP neurons and attention
 heads (``groups``), what else has one entry per head (position-bias columns, logit scales) and
-which attributes follow the head count (``after_resize``), and which classes ``convert`` swaps
-(``swaps``). Everything else in dimap_fast works on the generic ``Group`` below.
+which attributes follow the head count (``after_resize``), which classes ``convert`` swaps
+(``swaps``), how to rebuild a model from a recorded config (``build``, ``config_of``) and what
+input it takes (``input_size``). Everything else in dimap_fast works on the generic ``Group`` below.
 
 A ``Group`` is one layer of units (the neurons of one MLP, the heads of one attention), given as
 members: a tensor name, the axis along which the units lie, and an index [units, per_unit] of
