@@ -89,20 +89,24 @@ def attention_rows(images, device, dtype, reps):
     return rows
 
 
+def _device(want: str):
+    import torch
+
+    if want == "cuda" and not torch.cuda.is_available():
+        raise DimapError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def run_kernel_bench(args) -> int:
     """Run the ``bench`` subcommand on its parsed flags (``cli.bench``); returns the exit code."""
     import torch
 
-    want = args.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise DimapError("--device cuda but no CUDA device is visible: use --device cpu or auto")
+    device = _device(args.device)
     if args.plot is not None:
         try:  # before any timing: a missing plotter is known in a second, not after the table
             import matplotlib  # noqa: F401
         except ImportError:
             raise DimapError("--plot needs matplotlib: pip install matplotlib, or drop --plot") from None
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available())
-                          else "cpu")
     on_gpu = device.type == "cuda"
     dtype = torch.float16 if on_gpu else torch.float32
     tokens = args.batch_tokens or (CUDA_TOKENS if on_gpu else CPU_TOKENS)
@@ -155,3 +159,25 @@ def _plot(path: Path, rows, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_choices(args) -> int:
+    """Fill convert's measured table for a grid (``dimap-fast bench --save-choices``), so that
+    ``convert`` on this machine finds every entry instead of timing while it converts."""
+    import torch
+
+    from .nn.choice import measure_table
+
+    device = _device(args.device)
+    tokens = args.batch_tokens or (CUDA_TOKENS if device.type == "cuda" else CPU_TOKENS)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    found = measure_table([(tokens, n, k) for k, n in args.shapes], densities=[1 - s for s in args.sparsities],
+                          blocks=[args.block], dtype=dtype, device=device)
+    print(f"convert's choice table on {found[0]['device']}, {found[0]['dtype']}, {found[0]['rows']} rows "
+          "(saved; convert reads it)")
+    print(f"{'out x in':>13}{'block':>7}{'density':>9}  {'chosen':<8}ms per call")
+    for row in found:
+        times = ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f}'}" for k, v in row["times"].items())
+        print(f"{row['out_features']:>6} x {row['in_features']:<5}{row['block']:>6}{row['density']:>9.2f}  "
+              f"{row['chosen']:<8}{times}{'  (cached)' if row['cached'] else ''}")
+    return 0

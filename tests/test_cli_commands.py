@@ -139,6 +139,19 @@ def test_bench_prints_a_cpu_table(tmp_path, capsys):
     assert "CPU code path" in out and out.count("48x80") == 2
 
 
+def test_bench_saves_converts_choice_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIMAP_FAST_CACHE_DIR", str(tmp_path))
+    argv = ["bench", "--save-choices", "--shapes", "64x96", "--sparsities", "0.5,0.9", "--block", "32",
+            "--batch-tokens", "64", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "linear_choices.json").read_text())
+    assert len(saved["entries"]) == 2, saved
+    assert out.count("96 x 64") == 2 and "(cached)" not in out
+    assert main(argv) == 0  # a second run finds every entry in the file: nothing is timed again
+    assert capsys.readouterr().out.count("(cached)") == 2
+
+
 def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     assert main(["demo", "--out-dir", str(tmp_path), "--ratios", "0.5"]) == 0
     out = capsys.readouterr().out

@@ -152,7 +152,7 @@ def test_separate_processes_write_identical_bytes(setup, stopped):
     digests = {sig.name: sha(out / first) for sig, out in outs.items()}
     assert set(digests.values()) == {expected[first]}, digests
     with safe_open(str(outs[signal.SIGKILL] / first), "pt") as f:  # nothing that varies from run to run is recorded
-        assert set(f.metadata()) == {"format", "method", "ratio", "source", "timm_model", "pattern", "block_size"}
+        assert set(f.metadata()) == {"format", "method", "ratio", "source", "timm_model", "pattern"}  # block_size: block patterns only
 
 
 def test_stale_temporary_files_of_dead_processes_go_live_ones_stay(tmp_path):

@@ -57,11 +57,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also draw speed-up vs sparsity to this PNG (needs matplotlib)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU")
+    p.add_argument("--save-choices", action="store_true",
+                   help="instead: time convert's candidates (dense, block-sparse kernel, torch BSR, 2:4) "
+                        "for these shapes, sparsities and block on this device and save them where "
+                        "convert looks (~/.cache/dimap_fast/linear_choices.json)")
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
-    from ..kernel_bench import run_kernel_bench
+    from ..kernel_bench import run_kernel_bench, save_choices
 
-    return run_kernel_bench(args)
+    return save_choices(args) if args.save_choices else run_kernel_bench(args)
