@@ -157,10 +157,6 @@ def as_pattern(pattern, block_size=None) -> Pattern:
         if pattern != "block" and block_size != value.block_size:
             raise DimapError(f"pattern {pattern!r} and block_size={block_size!r} disagree: give the size once")
         return Pattern.block(block_size)
-    # block_size=32 whatever the pattern: version 0.1's default, still passed by loading.prune_model's
-    # signature (the command line and sweep now pass a Pattern); tolerated until no caller does
-    if block_size == DEFAULT_BLOCK and not isinstance(block_size, bool):
-        return value
     raise DimapError(f"block_size={block_size!r} applies to pattern 'block' only, not {value.name!r}: drop it")
 
 

@@ -49,7 +49,7 @@ def report(model, input_size=None, module_map=None, example_input=None) -> dict:
         m["sparsity"] = m["zeros"] / m["weights"]
     if isinstance(model, torch.nn.Module):
         params = sum(p.numel() for p in model.parameters())
-        inputs = example_input if example_input is not None else _input_shape(model, input_size)
+        inputs = example_input if example_input is not None else input_shape(model, input_size)
         dense, pruned = count_flops(model, inputs, {layer.name for layer in layers})
         flops = {"dense": dense, "pruned": pruned, "reduction": 1 - pruned / dense if dense else 0.0}
     else:
@@ -63,7 +63,7 @@ def report(model, input_size=None, module_map=None, example_input=None) -> dict:
     }
 
 
-def _input_shape(model, input_size):
+def input_shape(model, input_size):
     """(1, C, H, W): ``input_size`` (an int or (H, W)) or the size the model's adapter reads, else 3 x 224 x 224."""
     return find_adapter(model).input_shape(model, input_size)
 

@@ -245,7 +245,7 @@ def fit_head(loaded: Loaded, num_classes: int, reset_head: bool) -> None:
 
 
 def prune_model(loaded: Loaded, ratio: float, method: str = "dimap", pattern: str = "unstructured",
-                block_size: int = 32) -> None:
+                block_size: int | None = None) -> None:
     """Prune ``loaded.model`` in place (the masks go into ``loaded.masks``)."""
     from .plan import plan
 

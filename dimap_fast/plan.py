@@ -31,7 +31,7 @@ import torch
 from .budget import FlopsBudget, Kept, check_budget_pattern
 from .choice import Method, Pattern, as_pattern, check_reduction, supported
 from .errors import DimapError, check_choice, check_ratio
-from .flops import _input_shape
+from .flops import input_shape
 from .modules import Layer, named_tensors, prunable_layers, prune_count
 from .patterns import UnitLayer, two_four_mask, unit_layers
 from .scores import Group, build_states
@@ -220,7 +220,7 @@ class Plan:
         if self._model is None:
             raise DimapError("this plan was made from a state dict, which cannot be run to count FLOPs: "
                              "plan the model itself, dimap_fast.plan(model), to prune to a FLOPs reduction")
-        shape = _input_shape(self._model, input_size)
+        shape = input_shape(self._model, input_size)
         budget = self._budgets.get(shape)
         if budget is None:
             if self._kept is None:

@@ -86,9 +86,9 @@ def test_wrong_choices_are_one_line_errors(call, message):
     assert str(info.value) == message
 
 
-def test_block_size_default_of_old_callers_is_tolerated():
-    # the 0.1 command line and sweep pass --block-size 32 whatever the pattern
-    assert as_pattern("channel", 32) == Pattern.channel()
+def test_block_size_goes_with_block_patterns_only():
+    with pytest.raises(DimapError, match="applies to pattern 'block' only"):
+        as_pattern("channel", 32)  # version 0.1 tolerated its default here: a wrong pair, now refused
     assert as_pattern("block", 16) == Pattern.block(16) and as_pattern("block", None) == Pattern.block(32)
     assert as_pattern("block16", 16) == Pattern.block(16)
 
