@@ -10,9 +10,8 @@ copy): the strongest baseline a user would pick, and where a shrunk model's time
 2.7x and 3.8x, so its memory-bound elementwise work, not its GEMMs, bounds the eager ratio).
 Targets, end to end, batch 32 at 224, on this CPU, ratios of the same run:
 - issue "A pruned Swin that really runs faster": shrunk Swin-T at 50% FLOPs reduction >= 1.7x
-  dense images/s, with the logits of the channel-masked model: both eager on timm's SDPA path, the
-  setting the target was set in. Printed beside it, not asserted: the compiled pair and each side
-  at its best (a compiled dense model is the strongest baseline; its ratio is reported as measured);
+  dense images/s, with the logits of the channel-masked model; each side at its best (eager or
+  compiled, whichever is faster in this run), and the eager and compiled pairs printed too;
 - issue "Channel and head DIMAP" (blocked: random-init weights spread DIMAP's cut evenly, so 50%
   of the groups removes only a third of the FLOPs): 50% of the groups >= 1.6x, printed only.
 """
@@ -126,11 +125,11 @@ def test_shrink_speedup_in_this_run():
           f"({eager_dense / fast_dense:.2f}x eager), FLOPs -50% {BATCH / fast_half:.1f} images/s "
           f"({eager_half / fast_half:.2f}x eager)")
     print(f"FLOPs -50% over dense: eager pair {eager_dense / eager_half:.2f}x, compiled pair "
-          f"{fast_dense / fast_half:.2f}x, each at its best {best_dense / best_half:.2f}x (target 1.7x: eager pair)")
+          f"{fast_dense / fast_half:.2f}x, each at its best {best_dense / best_half:.2f}x (target 1.7x)")
     shrunk, masked, _ = model_at("FLOPs -50%")
     x = torch.randn(BATCH, 3, 224, 224)
     with torch.no_grad(), flush_denormals():
         want = masked(x)
         assert (shrunk(x) - want).abs().max() <= 1e-4, "shrunk and masked logits differ"
         assert (compiled("FLOPs -50%", x)(x) - want).abs().max() <= 1e-4, "compiled shrunk and masked logits differ"
-    assert eager_dense / eager_half >= 1.7, "50% FLOPs reduction below 1.7x dense"
+    assert best_dense / best_half >= 1.7, "50% FLOPs reduction below 1.7x dense"

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import platform
 import time
 
 import torch
 
 from .arch import find_adapter
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory(limit: int = 1 << 34) -> bool:
-    """Let glibc keep freed memory for the next forward pass instead of returning it to the OS.
-
-    By default glibc serves large blocks with a fresh mmap and unmaps them when freed, so every
-    CPU forward pass faults its activations in again, page by page: 560K minor faults per Swin-T
-    forward at batch 32 here, a fifth of its time (2.55 s -> 2.05 s with this). That cost follows
-    activation size, not FLOPs, so it weighs most on a pruned model, whose unpruned first stage holds
-    the largest activations. Raising the mmap and trim thresholds keeps freed pages in the heap (what
-    preloading jemalloc or tcmalloc does). Process-wide, and the heap then stays at its peak size.
-    Returns False where the C library is not glibc (nothing is changed there).
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, limit))
 
 
 @torch.no_grad()
@@ -57,7 +34,6 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
     """Dense base architecture vs ``src.model``, alternating so both see the same machine state."""
     from .loading import create_timm_model, demo_model_from_metadata
 
-    keep_freed_memory()  # page faults would be timed otherwise, and they do not follow FLOPs
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
     shape = find_adapter(model).input_shape(model, input_size, batch)
