@@ -218,5 +218,5 @@ def _common_module(weights: list[str]) -> str:
 def _matmuls(work, module: str) -> int:
     """The multiply-adds of ``module`` that none of its weight layers does: its attention matmuls,
     as wide as its heads (the per-head cost of its position-bias MLP is counted with the group)."""
-    inner = sum(work.modules.get(name, 0) for name in work.positions if name.startswith(module + "."))
+    inner = sum(macs for name, macs in work.layers.items() if name.startswith(module + "."))
     return work.modules.get(module, 0) - inner

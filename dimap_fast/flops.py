@@ -74,6 +74,7 @@ class Workload:
 
     total: int  # the whole pass
     positions: dict[str, int]  # layer name -> multiply-adds per weight (output positions over all its calls)
+    layers: dict[str, int]  # layer name -> multiply-adds its weight does, however it was called
     modules: dict[str, int]  # module name -> multiply-adds over all its calls, its children's included
 
 
@@ -111,22 +112,34 @@ class _Counter(TorchDispatchMode):
     hooks below do that once per module call instead, which keeps Swin-B's meta pass near its bare cost.
     """
 
-    def __init__(self):
+    def __init__(self, weights: dict[int, str]):
         super().__init__()
         self.total = 0
+        self.weights = weights  # storage of each weight matrix -> its parameter name
+        self.per_weight: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = _FORMULAS.get(func._overloadpacket)
         if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+            flops = formula(*args, **kwargs, out_val=out)
+            self.total += flops
+            # credited to the weight the op reads, however it was called: timm's SwinV2 runs its qkv
+            # weight through F.linear from the attention's forward, past the qkv module's hooks
+            name = next((self.weights[key] for key in map(_storage, args) if key in self.weights), None)
+            if name is not None:
+                self.per_weight[name] = self.per_weight.get(name, 0) + flops
         return out
+
+
+def _storage(value) -> int | None:
+    """The storage a tensor (or a view of it, such as a transposed weight) reads, as a key."""
+    return value.untyped_storage()._cdata if isinstance(value, torch.Tensor) else None
 
 
 @torch.no_grad()
 def _run(model: torch.nn.Module, inputs, meta: bool) -> Workload:
-    counter = _Counter()
     named = list(model.named_modules())
     names = {id(m): n for n, m in named}
     seen: dict[str, int] = {}
@@ -145,12 +158,16 @@ def _run(model: torch.nn.Module, inputs, meta: bool) -> Workload:
     first = next(model.parameters())
     was_training = model.training
     model.eval()
+    state = dict(model.named_parameters())
+    if meta:
+        state = {k: torch.empty_like(v, device="meta") for k, v in [*state.items(), *model.named_buffers()]}
+    matrices = dict(model.named_parameters())
+    counter = _Counter({_storage(state[k]): k for k, v in matrices.items() if v.dim() >= 2})
     try:
         with counter:
             if meta:
                 from torch.func import functional_call
 
-                state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
                 functional_call(model, state, (_example(inputs, torch.device("meta"), first.dtype),))
             else:
                 model(_example(inputs, first.device, first.dtype))
@@ -159,12 +176,13 @@ def _run(model: torch.nn.Module, inputs, meta: bool) -> Workload:
         for h in hooks:
             h.remove()
     macs = {name: flops // 2 for name, flops in seen.items()}  # torch counts a multiply-add as 2
-    positions = {}
-    for name, mod in named:
-        weight = getattr(mod, "weight", None)
-        if macs.get(name) and isinstance(weight, torch.Tensor) and weight.dim() >= 2 and next(mod.children(), None) is None:
-            positions[name] = macs[name] // weight.numel()
-    return Workload(counter.total // 2, positions, macs)
+    positions, layers = {}, {}
+    for param, flops in counter.per_weight.items():
+        module, _, leaf = param.rpartition(".")
+        if leaf == "weight":
+            layers[module] = flops // 2
+            positions[module] = flops // 2 // matrices[param].numel()
+    return Workload(counter.total // 2, positions, layers, macs)
 
 
 def _example(inputs, device, dtype) -> torch.Tensor:
@@ -187,11 +205,6 @@ def tally(model: torch.nn.Module, work: Workload, prunable_names=frozenset()) ->
             weight = modules[name].weight
             removed += positions * (weight.numel() - int(torch.count_nonzero(weight)))
     return work.total, work.total - removed
-
-
-def attention_share(work: Workload, module: str, layers) -> int:
-    """The multiply-adds of ``module`` that none of ``layers`` (its weight layers) does: its attention matmuls."""
-    return work.modules.get(module, 0) - sum(work.positions.get(name, 0) * numel for name, numel in layers)
 
 
 def format_report(rep: dict, layers: bool = False) -> str:

@@ -146,3 +146,28 @@ def test_swinv2_cr_is_not_shrunk():
     dimap_fast.plan(model, pattern="channel").prune_(0.5)  # its heads are grouped as v2's
     with pytest.raises(DimapError, match="swinv2_cr"):
         shrink(model)
+
+
+def test_report_of_a_pruned_and_a_shrunk_v2():
+    model = small_v2(3)
+    dense = dimap_fast.report(model)
+    handle = dimap_fast.prune_(model, 0.5)
+    rep = dimap_fast.report(model)
+    assert set(rep["modules"]) == {"QKV-M", "PRJ-M", "MLP-M"}
+    for name, m in rep["modules"].items():  # DIMAP: each module loses round(ratio x its weights)
+        assert m["zeros"] == int(np.floor(0.5 * m["weights"] + 0.5)), name
+    # a zeroed weight removes one multiply-add per position its layer runs (4x4 patches: stage 0
+    # runs 256 tokens, stage 1 runs 64); the q/k and attention-times-v matmuls stay
+    positions = {0: 256, 1: 64}
+    removed = sum(r["zeros"] * positions[int(name.split(".")[1])] for name, r in rep["layers"].items())
+    assert rep["flops"]["dense"] == dense["flops"]["dense"]
+    assert rep["flops"]["pruned"] == dense["flops"]["dense"] - removed
+    handle.remove()
+    model = small_v2(3)
+    plan = dimap_fast.plan(model, pattern="channel")
+    predicted = plan.flops_reduction(0.6)  # asked before prune_ changes the planned weights
+    plan.prune_(0.6)
+    small = shrink(copy.deepcopy(model))
+    got = dimap_fast.report(small)["flops"]
+    assert got["pruned"] < got["dense"]  # the zero neurons that round MLP widths up to 8 still count out
+    assert got["dense"] == round((1 - predicted) * dense["flops"]["dense"])
