@@ -108,3 +108,29 @@ class Reference:
 
 def reference_masks(state_dict, ratio, method="dimap", patterns=PATTERNS):
     return Reference(state_dict, method, patterns).masks(ratio)
+
+
+def literal_unit_keep(energies_per_layer, ratio, method="dimap", floor_one=False):
+    """Unit keep masks per layer from Eq. 10 on unit energies (tiles, neurons, heads), selected
+    literally; ``floor_one``: a layer left empty keeps its largest unit, as the channel pattern does."""
+    keys = []
+    for li, e in enumerate(energies_per_layer):
+        order = sorted(range(len(e)), key=lambda j: (-e[j], j))
+        s = 0.0
+        for r, j in enumerate(order):
+            s += e[j]
+            k = e[j] / s if s > 0 else 0.0
+            if method == "global":
+                k = e[j]
+            keys.append((k, li, r, j))
+    n = len(keys)
+    prune = int(math.floor(ratio * n + 0.5))
+    keys.sort(key=lambda t: (-t[0], t[1], t[2]))
+    kept = [np.zeros(len(e), dtype=bool) for e in energies_per_layer]
+    for k, li, r, j in keys[: n - prune]:
+        kept[li][j] = True
+    if floor_one:
+        for li, e in enumerate(energies_per_layer):
+            if not kept[li].any():
+                kept[li][min(range(len(e)), key=lambda j: (-e[j], j))] = True
+    return kept

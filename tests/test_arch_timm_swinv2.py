@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from reference import reference_masks
+from reference import literal_unit_keep, reference_masks
 from timm.models import swin_transformer_v2 as timm_v2
 
 import dimap_fast
@@ -46,24 +46,6 @@ def test_masks_equal_the_reference(method):
             assert torch.equal(masks[name], expect[name]), name
 
 
-def literal_keep(energies, ratio):
-    keys = []
-    for li, e in enumerate(energies):
-        order = sorted(range(len(e)), key=lambda j: (-e[j], j))
-        total = 0.0
-        for r, j in enumerate(order):
-            total += e[j]
-            keys.append((e[j] / total if total > 0 else 0.0, li, r, j))
-    keys.sort(key=lambda t: (-t[0], t[1], t[2]))
-    kept = [np.zeros(len(e), dtype=bool) for e in energies]
-    for _, li, _, j in keys[: len(keys) - int(np.floor(ratio * len(keys) + 0.5))]:
-        kept[li][j] = True
-    for li, e in enumerate(energies):
-        if not kept[li].any():
-            kept[li][min(range(len(e)), key=lambda j: (-e[j], j))] = True
-    return kept
-
-
 @pytest.mark.parametrize("ratio", [0.3, 0.6])
 def test_channel_heads_count_q_and_v_biases(ratio):
     model = small_v2(1)
@@ -82,7 +64,7 @@ def test_channel_heads_count_q_and_v_biases(ratio):
             rows = [p * dim + h * hd + i for p in range(3) for i in range(hd)]
             e.append(float((wq[rows] ** 2).sum() + (qb[own] ** 2).sum() + (vb[own] ** 2).sum() + (wp[:, own] ** 2).sum()))
         energies.append(e)
-    for b, keep in zip(blocks, literal_keep(energies, ratio)):
+    for b, keep in zip(blocks, literal_unit_keep(energies, ratio, floor_one=True)):
         dim = sd[f"{b}.attn.proj.weight"].shape[0]
         cols = torch.from_numpy(keep).repeat_interleave(dim // len(keep))
         assert torch.equal(masks[f"{b}.attn.proj.weight"], cols[None, :].expand(dim, dim))

@@ -3,10 +3,9 @@ literal reference, channel groups against a literal head/neuron sum, shrink with
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from reference import reference_masks
+from reference import literal_unit_keep, reference_masks
 
 import dimap_fast
 from dimap_fast.arch import find_adapter
@@ -61,26 +60,6 @@ def test_unstructured_masks_equal_the_reference(kind, patterns, method):
             assert torch.equal(masks[name], expect[name]), name
 
 
-def literal_keep(energies, ratio):
-    """Eq. 10 over each layer's unit energies, one module threshold, every layer keeps one unit."""
-    keys = []
-    for li, e in enumerate(energies):
-        order = sorted(range(len(e)), key=lambda j: (-e[j], j))
-        total = 0.0
-        for r, j in enumerate(order):
-            total += e[j]
-            keys.append((e[j] / total if total > 0 else 0.0, li, r, j))
-    keys.sort(key=lambda t: (-t[0], t[1], t[2]))
-    n = len(keys)
-    kept = [np.zeros(len(e), dtype=bool) for e in energies]
-    for _, li, _, j in keys[: n - int(np.floor(ratio * n + 0.5))]:
-        kept[li][j] = True
-    for li, e in enumerate(energies):
-        if not kept[li].any():
-            kept[li][min(range(len(e)), key=lambda j: (-e[j], j))] = True
-    return kept
-
-
 @pytest.mark.parametrize("kind", ["hf-swin", "hf-swinv2"])
 def test_channel_masks_equal_literal_heads_and_neurons(kind):
     model = build(kind, seed=1)
@@ -104,11 +83,11 @@ def test_channel_masks_equal_literal_heads_and_neurons(kind):
             total += float((sd[f"{b}.{o}.weight"][:, rows].double() ** 2).sum())
             e.append(total)
         head_e.append(e)
-    for b, keep in zip(blocks, literal_keep(neuron_e, ratio)):
+    for b, keep in zip(blocks, literal_unit_keep(neuron_e, ratio, floor_one=True)):
         keep = torch.from_numpy(keep)
         assert torch.equal(masks[f"{b}.{fc1}.weight"], keep[:, None].expand_as(masks[f"{b}.{fc1}.weight"]))
         assert torch.equal(masks[f"{b}.{fc2}.weight"], keep[None, :].expand_as(masks[f"{b}.{fc2}.weight"]))
-    for b, keep in zip(blocks, literal_keep(head_e, ratio)):
+    for b, keep in zip(blocks, literal_unit_keep(head_e, ratio, floor_one=True)):
         cols = torch.from_numpy(keep).repeat_interleave(sd[f"{b}.{o}.weight"].shape[1] // len(keep))
         for p in (q, k, v):
             assert torch.equal(masks[f"{b}.{p}.weight"], cols[:, None].expand_as(masks[f"{b}.{p}.weight"]))

@@ -1,11 +1,9 @@
 """Structured patterns: block tiles, channels (neurons and heads), 2:4, against literal references."""
 
-import math
-
-import numpy as np
 import pytest
 import timm
 import torch
+from reference import literal_unit_keep
 
 import dimap_fast
 from dimap_fast import DimapError
@@ -16,31 +14,6 @@ def small_swin(seed=0):
     return timm.models.swin_transformer.SwinTransformer(
         img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10
     )
-
-
-def literal_keep(energies_per_layer, ratio, method, floor_one=False):
-    """Unit keep masks per layer from Eq. 10 on unit energies, selected literally."""
-    keys = []
-    for li, e in enumerate(energies_per_layer):
-        order = sorted(range(len(e)), key=lambda j: (-e[j], j))
-        s = 0.0
-        for r, j in enumerate(order):
-            s += e[j]
-            k = e[j] / s if s > 0 else 0.0
-            if method == "global":
-                k = e[j]
-            keys.append((k, li, r, j))
-    n = len(keys)
-    prune = int(math.floor(ratio * n + 0.5))
-    keys.sort(key=lambda t: (-t[0], t[1], t[2]))
-    kept = [np.zeros(len(e), dtype=bool) for e in energies_per_layer]
-    for k, li, r, j in keys[: n - prune]:
-        kept[li][j] = True
-    if floor_one:
-        for li, e in enumerate(energies_per_layer):
-            if not kept[li].any():
-                kept[li][min(range(len(e)), key=lambda j: (-e[j], j))] = True
-    return kept
 
 
 def tile_energies(w, b):
@@ -61,7 +34,7 @@ def test_block_pattern_equals_literal_tiles(block, method, ratio):
     params = dict(model.named_parameters())
     for module in (["QKV-M"], ["PRJ-M"], ["MLP-M"]) if method == "dimap" else (["QKV-M", "PRJ-M", "MLP-M"],):
         names = [n for n in masks if _module_of(n) in module]
-        kept = literal_keep([tile_energies(params[n].detach(), block) for n in names], ratio, method)
+        kept = literal_unit_keep([tile_energies(params[n].detach(), block) for n in names], ratio, method)
         for n, k in zip(names, kept):
             w = params[n]
             tr, tc = -(-w.shape[0] // block), -(-w.shape[1] // block)
@@ -87,7 +60,7 @@ def test_channel_pattern_equals_literal_groups(ratio):
     for b in blocks:
         w1, b1, w2 = sd[f"{b}.mlp.fc1.weight"].double(), sd[f"{b}.mlp.fc1.bias"].double(), sd[f"{b}.mlp.fc2.weight"].double()
         neurons.append([float((w1[i] ** 2).sum() + b1[i] ** 2 + (w2[:, i] ** 2).sum()) for i in range(w1.shape[0])])
-    for b, keep in zip(blocks, literal_keep(neurons, ratio, "dimap", floor_one=True)):
+    for b, keep in zip(blocks, literal_unit_keep(neurons, ratio, "dimap", floor_one=True)):
         k = torch.from_numpy(keep)
         assert torch.equal(masks[f"{b}.mlp.fc1.weight"], k[:, None].expand_as(masks[f"{b}.mlp.fc1.weight"]))
         assert torch.equal(masks[f"{b}.mlp.fc2.weight"], k[None, :].expand_as(masks[f"{b}.mlp.fc2.weight"]))
@@ -102,7 +75,7 @@ def test_channel_pattern_equals_literal_groups(ratio):
             rows = [p * dim + h * hd + i for p in range(3) for i in range(hd)]
             e.append(float((wq[rows] ** 2).sum() + (bq[rows] ** 2).sum() + (wp[:, h * hd : (h + 1) * hd] ** 2).sum()))
         heads.append(e)
-    for b, keep in zip(blocks, literal_keep(heads, ratio, "dimap", floor_one=True)):
+    for b, keep in zip(blocks, literal_unit_keep(heads, ratio, "dimap", floor_one=True)):
         nh = len(keep)
         dim = sd[f"{b}.attn.proj.weight"].shape[0]
         cols = torch.from_numpy(keep).repeat_interleave(dim // nh)

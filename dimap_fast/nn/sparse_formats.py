@@ -22,11 +22,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .backend import _recording, dispatch, get_backend
-
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+from .backend import _recording, get_backend
+from .derived_linear import DerivedLinear
 
 BSR_DTYPES = {"cpu": (torch.float32, torch.float64),
               "cuda": (torch.float16, torch.bfloat16, torch.float32)}
@@ -46,56 +44,23 @@ def semi_structured_supported(device: torch.device) -> bool:
             and hasattr(torch.sparse, "to_sparse_semi_structured"))
 
 
-class _SparseCopyLinear(nn.Linear):
+class _SparseCopyLinear(DerivedLinear):
     """An nn.Linear whose no-grad forward multiplies by a cached sparse copy of its weight."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._sparse = None
-        self._sparse_key = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs):
-        """A drop-in sharing ``linear``'s weight and bias Parameters (no copy); ``kwargs``: the
-        constructor's own (BsrLinear's ``block``)."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-                  **kwargs)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
-        return new
 
     def sparse_weight(self) -> torch.Tensor:
         """The sparse copy of the current weight, rebuilt when the weight changed."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if key != self._sparse_key:
-            with warnings.catch_warnings():  # torch's "sparse support is in beta" on every build
-                warnings.simplefilter("ignore", UserWarning)
-                self._sparse = self._make_sparse(w.detach())
-            self._sparse_key = key
-        return self._sparse
+        return self._cached(self._quiet_sparse)
+
+    def _quiet_sparse(self, w: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # torch's "sparse support is in beta" on every build
+            warnings.simplefilter("ignore", UserWarning)
+            return self._make_sparse(w)
 
     def _make_sparse(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _supports(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
-
-    def _apply(self, fn, *args, **kwargs):
-        self._sparse = self._sparse_key = None  # .to()/.half(): rebuild lazily after the move
-        return super()._apply(fn, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._torch_path(x)
-        return dispatch(self, x)
-
-    def _torch_path(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     # dispatch's names for "the fast path": here it is torch's sparse product, not Triton
     def _use_triton(self, x: torch.Tensor) -> bool:

@@ -1,9 +1,8 @@
 """``SparseLinear``: an nn.Linear whose zero BxB tiles are skipped on the GPU.
 
-The dense, zero-filled weight stays the parameter (same state_dict, same Parameter object as the
-Linear it came from, so optimizers and mask hooks keep working). On CPU the forward is F.linear
-on it, never slower than nn.Linear. On the Triton path the kept tiles are packed on first use and
-repacked whenever the weight changes (new storage, device, dtype, or an in-place update).
+The dense, zero-filled weight stays the parameter (see derived_linear.py). On CPU the forward is
+F.linear on it, never slower than nn.Linear. On the Triton path the kept tiles are packed on first
+use and repacked whenever the weight changes.
 """
 
 from __future__ import annotations
@@ -12,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import dispatch, kernels, use_triton
-
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+from .backend import kernels, use_triton
+from .derived_linear import DerivedLinear
 
 BLOCKS = (16, 32, 64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class SparseLinear(nn.Linear):
+class SparseLinear(DerivedLinear):
     """nn.Linear with block-structured zeros; ``block`` is the tile side (16, 32 or 64)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block: int = 32,
@@ -29,47 +27,21 @@ class SparseLinear(nn.Linear):
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.block = int(block)
-        self._packed = None
-        self._packed_key = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block: int = 32) -> "SparseLinear":
         """A SparseLinear sharing ``linear``'s weight and bias Parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"expected an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  block=block, device="meta")
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
-        return new
+        return super().from_linear(linear, block=block)
 
     def packed(self, dtype: torch.dtype | None = None):
         """The kept tiles of the current weight (kernels.BlockSparseWeight) in ``dtype`` (default:
         the weight's), cached: autocast asks for the half-precision tiles on every forward."""
-        w = self.weight
-        dtype = dtype or w.dtype
-        key = (w.data_ptr(), w._version, dtype, w.device, self.block)
-        if key != self._packed_key:
-            self._packed = kernels().pack_block_sparse(w.detach().to(dtype), self.block)
-            self._packed_key = key
-        return self._packed
+        dtype = dtype or self.weight.dtype
+        return self._cached(lambda w: kernels().pack_block_sparse(w.to(dtype), self.block), dtype, self.block)
 
     def tile_sparsity(self) -> float:
         """Fraction of the weight's BxB tiles that are all zero."""
         return kernels().tile_sparsity(self.weight, self.block)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._packed = self._packed_key = None  # .to()/.half() etc.: repack lazily after the move
-        return super()._apply(fn, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._torch_path(x)
-        return dispatch(self, x)
-
-    def _torch_path(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         dtype = (torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda")
