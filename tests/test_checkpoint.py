@@ -1,6 +1,5 @@
 """The checkpoint module and the model loader: shrunk format, the one architecture check, no cycle."""
 
-import ast
 import json
 from pathlib import Path
 
@@ -85,49 +84,6 @@ def test_the_shrunk_format_has_one_home():
     assert homes == ["checkpoint.py"]
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Every dimap_fast module a file imports, at the top or inside a function."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.split(".")[: len(package.split(".")) - node.level + 1]
-            mod = ".".join(base + ([node.module] if node.module else []))
-            if node.module:  # "from . import x" needs x, not its package (which is loaded first anyway)
-                out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dimap_fast"):
-            out.add(node.module)
-    return out
-
-
-def test_no_import_cycle_through_the_checkpoint_loader_or_cli():
-    modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = ("dimap_fast",) + path.relative_to(PACKAGE).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        modules[name] = _imports(path, package)
-    graph = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
-
-    def reaches(start, goal):
-        seen, todo = set(), [start]
-        while todo:
-            for nxt in graph[todo.pop()]:
-                if nxt == goal:
-                    return True
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return False
-
-    mine = ["dimap_fast.checkpoint", "dimap_fast.loading", "dimap_fast.sweep", "dimap_fast.kernel_bench"]
-    mine += [m for m in modules if m.startswith("dimap_fast.cli.")]
-    assert "dimap_fast.io" not in modules and "dimap_fast.sources" not in modules
-    cycles = [m for m in mine if reaches(m, m)]
-    assert cycles == []
-    assert "dimap_fast.loading" not in graph["dimap_fast.checkpoint"]
-
-
 @pytest.mark.parametrize("kind", ["hf-swin", "hf-swinv2"])
 def test_save_shrunk_rebuilds_a_hugging_face_swin_from_the_file_alone(tmp_path, kind):
     transformers = pytest.importorskip("transformers")
@@ -180,7 +136,7 @@ def test_load_shrunk_refuses_a_class_it_cannot_rebuild_in_one_line(tmp_path):
 def test_one_home_for_the_input_size(tmp_path):
     transformers = pytest.importorskip("transformers")
     from dimap_fast.arch import find_adapter
-    from dimap_fast.flops import _input_shape
+    from dimap_fast.flops import input_shape
     from dimap_fast.loading import model_image_size
     from dimap_fast.train import small_swin
 
@@ -189,7 +145,7 @@ def test_one_home_for_the_input_size(tmp_path):
                                                         depths=[2], num_heads=[2], window_size=4))
     assert find_adapter(timm_model).input_size(timm_model) == (3, 32, 32)
     assert find_adapter(hf).input_size(hf) == (1, 48, 48) and model_image_size(hf) == 48
-    assert _input_shape(hf, None) == (1, 1, 48, 48) and _input_shape(hf, 64) == (1, 1, 64, 64)
+    assert input_shape(hf, None) == (1, 1, 48, 48) and input_shape(hf, 64) == (1, 1, 64, 64)
     timm_model.set_input_size((64, 64))  # patch_embed follows: so does the size every caller reads
-    assert _input_shape(timm_model, None) == (1, 3, 64, 64) and model_image_size(timm_model) == 64
+    assert input_shape(timm_model, None) == (1, 3, 64, 64) and model_image_size(timm_model) == 64
     assert find_adapter(torch.nn.Linear(2, 2)).input_shape(torch.nn.Linear(2, 2), batch=8) == (8, 3, 224, 224)
