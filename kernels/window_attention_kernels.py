@@ -85,6 +85,25 @@ def _scores(q, k, bias_rows, tk, q_valid, k_valid, rq, rk, regions, PREC: tl.con
 
 
 @triton.jit
+def _query_block(pid, qkv_ptr, H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, s_qb, s_qh, s_qw,
+                 WH, WW, BLOCK: tl.constexpr):
+    """What the forward and dQ programs share about their query tile (program axis 2) of window
+    ``pid`` (image * n_win + window): image, window size and corner, the tokens, where they read
+    from, and their shifted-window region. Regions are a runtime flag rather than a constexpr, so one
+    compiled kernel serves shifted and unshifted blocks."""
+    b = (pid // n_win).to(tl.int64)
+    win = pid % n_win
+    N = WH * WW
+    wy0 = (win // n_win_w) * WH  # the window's corner in the shifted, padded grid
+    wx0 = (win % n_win_w) * WW
+    tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
+                                                           wx0, H, W, shift_h, shift_w, BLOCK)
+    q_src = qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw
+    rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
+    return b, N, wy0, wx0, tq, q_valid, q_real, syq, sxq, q_src, rq
+
+
+@triton.jit
 def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, n_bias, scale,
                      s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
@@ -92,19 +111,10 @@ def _window_attn_fwd(qkv_ptr, bias_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      HDP: tl.constexpr, BLOCK: tl.constexpr,
                      PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)  # image * n_win + window
-    b = (pid // n_win).to(tl.int64)
-    win = pid % n_win
-    N = WH * WW
-    wy0 = (win // n_win_w) * WH  # the window's corner in the shifted, padded grid
-    wx0 = (win % n_win_w) * WW
+    b, N, wy0, wx0, tq, q_valid, q_real, syq, sxq, q_src, rq = _query_block(
+        pid, qkv_ptr, H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, s_qb, s_qh, s_qw, WH, WW, BLOCK)
     d = tl.arange(0, HDP)
     d_ok = d < HD
-    tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
-                                                           wx0, H, W, shift_h, shift_w, BLOCK)
-    q_src = qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw
-    # regions != 0: timm's shifted-window mask, from a few integer ops per token; a runtime flag
-    # rather than a constexpr, so one compiled kernel serves shifted and unshifted blocks.
-    rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
     h0 = tl.program_id(1) * heads_per_program
     # Several heads per program: the token arithmetic above is done once, and the heads of a
     # token sit side by side in memory, so a program reads whole cache lines of its tokens.
@@ -204,17 +214,10 @@ def _window_attn_bwd_dq(qkv_ptr, bias_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_
                         HDP: tl.constexpr, BLOCK: tl.constexpr,
                         PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // n_win).to(tl.int64)
-    win = pid % n_win
-    N = WH * WW
-    wy0 = (win // n_win_w) * WH
-    wx0 = (win % n_win_w) * WW
+    b, N, wy0, wx0, tq, q_valid, q_real, syq, sxq, q_src, rq = _query_block(
+        pid, qkv_ptr, H, W, n_win, n_win_w, shift_h, shift_w, Hp, Wp, s_qb, s_qh, s_qw, WH, WW, BLOCK)
     d = tl.arange(0, HDP)
     d_ok = d < HD
-    tq, q_valid, yq, xq, q_real, syq, sxq = _window_tokens(tl.program_id(2) * BLOCK, N, WW, wy0,
-                                                           wx0, H, W, shift_h, shift_w, BLOCK)
-    q_src = qkv_ptr + b * s_qb + syq * s_qh + sxq * s_qw
-    rq = _region(yq, xq, Hp, Wp, WH, WW, shift_h, shift_w)
     h0 = tl.program_id(1) * heads_per_program
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
