@@ -2,13 +2,16 @@
 (bench/test_bench_end_to_end.py) and the GPU check (gpu_check_speed's end-to-end job).
 
 Variants of one random-init model (seed 0, ``pretrained=False``):
-- dense: timm's model on its SDPA attention path (``fused_attn``), the strongest dense baseline a
-  user would pick and the path shrink's models run;
+- dense: timm's model on its SDPA attention path (``fused_attn``), the path shrink's models run;
 - shrunk -30% / -50%: channel DIMAP at ``Plan.ratio_for_flops(0.3 / 0.5)``, masks applied, then
   ``dimap_fast.shrink``; the -50% one is checked against the channel-masked model's logits;
 - block 50% / 75%: block DIMAP (32x32 tiles) at ratio 0.5 / 0.75, masks applied, then
   ``dimap_fast.convert(model, block=32)``.
 One plan per pattern serves both of its ratios (the plan is ratio-independent).
+On the CPU the dense and shrunk models are converted too (``convert(choose="dense")``), so every
+row runs dimap_fast.nn's drop-in blocks and their CPU inference path (faster than timm's eager
+forward for all of them: bench/test_bench_shrink.py puts the two side by side) and the ratios
+are of pruning alone; on a GPU they stay timm's models on SDPA.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ def build_variants(dense: torch.nn.Module, variants=VARIANTS, block: int = BLOCK
                              rep["params"]["pruned"] / 1e6, _chosen(model))
     for v in out:
         out[v].model = out[v].model.to(device, dtype)
+        if torch.device(device).type == "cpu" and not v.startswith("block"):
+            out[v].model = dimap_fast.convert(out[v].model, choose="dense")
     return {v: out[v] for v in variants}
 
 

@@ -4,12 +4,15 @@ Models: channel pruning at 30% and 50% of the groups, and at the ratios that rem
 of the FLOPs (``Plan.ratio_for_flops``), each shrunk; shrink runs timm's SDPA attention path, and
 so does the dense baseline here (1.14x timm's default on this CPU in one profiling run). Dense and
 the 50%-FLOPs model also run compiled (``torch.compile``, inductor with frozen weights): the
-strongest baseline a user would pick. Where the eager pair's time goes (torch profiler): the unpruned,
-memory-bound stage 0 runs 1.1x faster shrunk, stages 1, 2 and 3 1.5x, 2.7x and 3.8x.
+strongest baseline a user would pick; and both run converted (``dimap_fast.nn.convert``), whose
+drop-in blocks take the CPU inference path (dimap_fast/nn/cpu_inference.py: a few images at a
+time, fused Linear epilogues). Where timm's eager pair's time goes (torch profiler): the unpruned,
+memory-bound stage 0 (54 GFLOP/s, a third of the late stages' GEMM rate) runs 1.1x faster
+shrunk, stages 1, 2 and 3 1.5x, 2.7x and 3.8x; the drop-in path runs stage 0 about twice as fast.
 Targets, end to end, batch 32 at 224, on this CPU, ratios of the same run:
 - issue "A pruned Swin that really runs faster": shrunk Swin-T at 50% FLOPs reduction >= 1.7x
-  dense images/s, with the logits of the channel-masked model; each side at its best (eager or
-  compiled, whichever is faster in this run), and the eager and compiled pairs printed too;
+  dense images/s, with the logits of the channel-masked model; each side at its best (timm eager,
+  compiled or converted, whichever is fastest in this run), and each pair printed too;
 - issue "Channel and head DIMAP" (blocked: random-init weights spread DIMAP's cut evenly, so 50%
   of the groups removes only a third of the FLOPs): 50% of the groups >= 1.6x, printed only.
 """
@@ -29,9 +32,10 @@ BATCH = 32
 # name -> (what is asked: a fraction of the channel groups or of the FLOPs, how much)
 VARIANTS = {"dense": None, "groups 30%": ("groups", 0.3), "groups 50%": ("groups", 0.5),
             "FLOPs -30%": ("flops", 0.3), "FLOPs -50%": ("flops", 0.5)}
-COMPILED = ("dense", "FLOPs -50%")  # the target's pair, also compiled
+PAIR = ("dense", "FLOPs -50%")  # the target's pair, also compiled and converted
 _MODELS = {}
 _COMPILED = {}
+_CONVERTED = {}
 
 
 def _dense():
@@ -71,11 +75,19 @@ def compiled(variant, x):
     return _COMPILED[variant]
 
 
+def converted(variant):
+    """The variant in dimap_fast.nn's drop-ins (its Linears kept dense: no zeros to skip)."""
+    if variant not in _CONVERTED:
+        _CONVERTED[variant] = dimap_fast.convert(copy.deepcopy(model_at(variant)[0]), choose="dense")
+    return _CONVERTED[variant]
+
+
 def test_swin_tiny_images_per_second(benchmark):
     # one round times every model back to back, so a slow spell of this shared machine hits them all alike
     x = torch.randn(BATCH, 3, 224, 224)
     models = {v: model_at(v)[0] for v in VARIANTS}
-    models.update({f"{v} compiled": compiled(v, x) for v in COMPILED})
+    models.update({f"{v} compiled": compiled(v, x) for v in PAIR})
+    models.update({f"{v} converted": converted(v) for v in PAIR})
 
     def one_round():
         with torch.no_grad(), flush_denormals():
@@ -115,18 +127,19 @@ def test_shrink_speedup_in_this_run():
     print("kept at 50% of the groups, per stage (mean of its blocks' MLPs and attentions): "
           + ", ".join(f"stage {s} {sum(v) / len(v):.0%}" for s, v in stages.items()))
     print(f"50% of the groups: {dense / RESULTS['shrink/groups 50%']:.2f}x (issue 8's 1.6x: blocked)")
-    eager_dense, eager_half = RESULTS["shrink/dense"], RESULTS["shrink/FLOPs -50%"]
-    fast_dense, fast_half = RESULTS["shrink/dense compiled"], RESULTS["shrink/FLOPs -50% compiled"]
-    best_dense, best_half = min(eager_dense, fast_dense), min(eager_half, fast_half)
-    print(f"compiled (inductor, frozen weights): dense {BATCH / fast_dense:.1f} images/s "
-          f"({eager_dense / fast_dense:.2f}x eager), FLOPs -50% {BATCH / fast_half:.1f} images/s "
-          f"({eager_half / fast_half:.2f}x eager)")
-    print(f"FLOPs -50% over dense: eager pair {eager_dense / eager_half:.2f}x, compiled pair "
-          f"{fast_dense / fast_half:.2f}x, each at its best {best_dense / best_half:.2f}x (target 1.7x)")
+    pairs = {how: (RESULTS[f"shrink/dense{how}"], RESULTS[f"shrink/FLOPs -50%{how}"])
+             for how in ("", " compiled", " converted")}
+    best_dense, best_half = (min(t[i] for t in pairs.values()) for i in (0, 1))
+    for how, (d, h) in pairs.items():
+        print(f"{how.strip() or 'eager'}: dense {BATCH / d:.1f} images/s, FLOPs -50% {BATCH / h:.1f} "
+              f"images/s, {d / h:.2f}x; vs timm eager: dense {pairs[''][0] / d:.2f}x, "
+              f"FLOPs -50% {pairs[''][1] / h:.2f}x")
+    print(f"FLOPs -50% over dense, each at its best: {best_dense / best_half:.2f}x (target 1.7x)")
     shrunk, masked, _ = model_at("FLOPs -50%")
     x = torch.randn(BATCH, 3, 224, 224)
     with torch.no_grad(), flush_denormals():
         want = masked(x)
         assert (shrunk(x) - want).abs().max() <= 1e-4, "shrunk and masked logits differ"
         assert (compiled("FLOPs -50%", x)(x) - want).abs().max() <= 1e-4, "compiled shrunk and masked logits differ"
+        assert (converted("FLOPs -50%")(x) - want).abs().max() <= 1e-4, "converted shrunk and masked logits differ"
     assert best_dense / best_half >= 1.7, "50% FLOPs reduction below 1.7x dense"

@@ -19,7 +19,8 @@ MAX_LINES = 450
 SWIN_CLASS = re.compile(r"^(Swin\w*|WindowAttention\w*|WindowMultiHeadAttention)$")
 SWIN_PARAM = re.compile(r"attn\.qkv|attn\.proj|mlp\.fc[12]|relative_position_bias|logit_scale|cpb_mlp"
                         r"|blocks\.\*|attention\.self|q_proj|o_proj|intermediate\.dense")
-DROP_INS = {"__init__.py", "fused_block.py", "swin_block.py", "swinv2.py", "window_attention.py"}
+DROP_INS = {"__init__.py", "cpu_inference.py", "fused_block.py", "swin_block.py", "swinv2.py",
+            "window_attention.py"}
 
 
 def _sources(*roots: Path) -> list[Path]:

@@ -5,7 +5,8 @@ residuals and the MLP are timm's forward. On the Triton path the block computes 
 on the (B, H, W, C) tokens, then one fused kernel does shift, partition, bias, region mask,
 softmax, P.V, reverse partition and reverse shift; no roll, pad, partition or reverse copies are
 made. The output projection also runs on tokens (a row-wise Linear commutes with the token
-permutation). On the torch path it is timm's ``_attn``.
+permutation). On the torch path it is timm's ``_attn``. For float32 inference on the CPU, the
+whole block runs cpu_inference.py's path (a few images at a time, fused Linear epilogues).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
+from . import cpu_inference
 from .backend import kernels, scriptable_alias
 from .fused_block import FusedAttentionBlock
 from .window_attention import WindowAttention
@@ -24,6 +26,14 @@ class SwinBlock(FusedAttentionBlock, timm_swin.SwinTransformerBlock):
     timm_block = timm_swin.SwinTransformerBlock
     attention = WindowAttention
     _torch_path = scriptable_alias(timm_swin.SwinTransformerBlock._attn, "_torch_path")
+    _timm_forward = scriptable_alias(timm_swin.SwinTransformerBlock.forward, "_timm_forward")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._timm_forward(x)
+        if cpu_inference.runs(self, x):
+            return cpu_inference.forward(self, x)
+        return self._timm_forward(x)
 
     def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn

@@ -1,0 +1,153 @@
+"""The Swin v1 block's CPU inference path: the same block, computed a few images at a time.
+
+timm's block runs each step on the whole batch: at Swin-T's first stage (100K tokens x 96
+channels at batch 32) every step streams tens of megabytes through memory, and the stage runs at
+about a third of the GEMM rate of the late stages (54 vs 180 GFLOP/s on a 2-core AVX2 host,
+torch profiler). That stage is where a pruned Swin's time does not fall with its FLOPs: DIMAP
+prunes the late stages hardest, so what is left is dominated by the first.
+
+Here a block is computed on chunks of about ``ROWS`` tokens (whole images), so a chunk's
+intermediates (at most ROWS x 4C floats) stay in the cache between steps, and with fewer passes:
+
+- shift and window partition are one gather of the normed tokens (a precomputed token order),
+  window reverse and reverse shift one gather back: no roll, partition or reverse copies;
+- the relative position bias and the shift mask are added once, per window, and cached;
+- the qkv and fc1 Linears run oneDNN's Linear with its epilogue (fc1: + bias, GELU), the proj
+  and fc2 Linears add the residual in theirs (``torch.ops.mkldnn._linear_pointwise``).
+
+It runs only where nothing can tell it from timm's forward but the time: float32 CPU tensors,
+eval mode, no gradients recorded, no autocast, backend "auto", eager (not under TorchScript,
+torch.compile or torch.fx tracing, which keep timm's code), no padding. Logits agree with timm's
+to float rounding (tests/test_cpu_inference.py). A Linear swapped for a sparse format runs as
+its own module, the epilogue done after it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import Mlp
+
+from .backend import _recording, get_backend
+
+ROWS = 3136  # tokens per chunk: one 56x56 map (Swin-T's first stage); later stages take whole images
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def runs(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``block``'s forward on ``x`` takes this path (else timm's forward runs)."""
+    if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
+        return False
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or block.training
+            or get_backend() != "auto" or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.is_available()):
+        return False
+    if _recording(x, block.parameters()) or _hooked(block):
+        return False
+    (wh, ww), (_, h, w, _) = block.window_size, x.shape
+    if h % wh or w % ww or not isinstance(block.mlp, Mlp):
+        return False
+    mask = None if getattr(block, "dynamic_mask", False) else block.attn_mask
+    return mask is None or mask.shape[0] == (h // wh) * (w // ww)
+
+
+def _hooked(block: nn.Module) -> bool:
+    """Whether a forward hook waits on one of the block's modules (convert's row count, a user's
+    feature hook): this path runs the Linears and the attention without calling their modules."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules() if m is not block)
+
+
+def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's SwinTransformerBlock.forward on ``x`` (B, H, W, C), in chunks of whole images."""
+    b, h, w, c = x.shape
+    order, inverse, bias = _geometry(block, x)
+    tokens = x.reshape(b, h * w, c)
+    out = torch.empty_like(tokens)
+    step = max(1, ROWS // (h * w))
+    for start in range(0, b, step):
+        chunk = tokens[start:start + step]
+        mixed = _attention(block, block.norm1(chunk).index_select(1, order), bias, inverse, chunk)
+        out[start:start + step] = _mlp(block.mlp, block.norm2(mixed), mixed)
+    return out.view(b, h, w, c)
+
+
+def _attention(block, windows, bias, inverse, residual):
+    """residual + the block's attention half, for tokens already in window order."""
+    attn = block.attn
+    n = bias.shape[-1]
+    heads = attn.num_heads
+    qkv = _linear(attn.qkv, windows)
+    images = windows.shape[0]
+    qkv = qkv.view(-1, n, 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if images > 1 and bias.shape[0] > 1:  # one mask per window, the same for every image
+        bias = bias.unsqueeze(0).expand(images, -1, -1, -1, -1).reshape(-1, heads, n, n)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    o = o.transpose(1, 2).reshape(images, windows.shape[1], -1).index_select(1, inverse)
+    return _linear(attn.proj, o, residual=residual)
+
+
+def _mlp(mlp, x, residual):
+    """residual + mlp(x)."""
+    act = mlp.act
+    if isinstance(act, nn.GELU) and isinstance(mlp.norm, nn.Identity):
+        hidden = _linear(mlp.fc1, x, gelu=act.approximate)
+    else:
+        hidden = mlp.norm(act(mlp.fc1(x)))
+    return _linear(mlp.fc2, hidden, residual=residual)
+
+
+def _linear(layer, x, gelu=None, residual=None):
+    """layer(x), then GELU or + residual, in oneDNN's epilogue when ``layer`` is an nn.Linear."""
+    if type(layer) is nn.Linear:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+        if gelu is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], gelu)
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    y = layer(x)
+    if gelu is not None:
+        return F.gelu(y, approximate=gelu)
+    return y if residual is None else y + residual
+
+
+def _geometry(block, x):
+    """(token order, its inverse, bias + mask per window), cached per block until the map size,
+    bias table or mask change."""
+    attn = block.attn
+    table = attn.relative_position_bias_table
+    dynamic = getattr(block, "dynamic_mask", False)  # a mask made for each map size: key on the size
+    mask = None if dynamic else block.attn_mask
+    key = (x.shape[1], x.shape[2], tuple(block.window_size), tuple(block.shift_size),
+           table.data_ptr(), table._version,
+           None if mask is None else (mask.data_ptr(), mask._version))
+    found = _cache.get(block)
+    if found is not None and found[0] == key:
+        return found[1:]
+    if dynamic:
+        mask = block.get_attn_mask(x)
+    order = window_order(x.shape[1], x.shape[2], block.window_size, block.shift_size)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    n = block.window_size[0] * block.window_size[1]
+    bias = attn._get_rel_pos_bias()  # (1, heads, n, n)
+    if mask is not None:
+        bias = mask.view(-1, 1, n, n).to(bias.dtype) + bias  # (windows, heads, n, n)
+    _cache[block] = (key, order, inverse, bias.to(x.dtype).contiguous())
+    return _cache[block][1:]
+
+
+def window_order(h: int, w: int, window, shift) -> torch.Tensor:
+    """For each token of the shifted map's window partition (window-major, row-major inside),
+    the index of the token of the (h, w) map it comes from: torch.roll by -shift, then timm's
+    window_partition, as one gather."""
+    rows = (torch.arange(h) + shift[0]) % h
+    cols = (torch.arange(w) + shift[1]) % w
+    source = rows[:, None] * w + cols[None, :]
+    return source.view(h // window[0], window[0], w // window[1], window[1]).transpose(1, 2).reshape(-1)
