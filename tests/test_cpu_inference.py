@@ -122,6 +122,31 @@ def test_timms_forward_runs_everywhere_else(case, path_calls):
     if case == "hook":  # only the hooked block leaves the path
         assert len(seen) == 1 and len(path_calls) == 3  # the hook fired: its Linear ran as its module
         assert_close(got, want)
+    elif case == "padding":  # the blocks leave the path; the stem and the merge (no padding) stay
+        assert path_calls == []
+        assert_close(got, want)
     else:
         assert torch.equal(got, want), "timm's forward should have run, bit for bit"
         assert path_calls == []
+
+
+@pytest.mark.parametrize("rows", [cpu_inference.ROWS, 64], ids=["whole-batch", "image-by-image"])
+@torch.no_grad()
+def test_stem_and_merge_are_timms(rows, monkeypatch):
+    monkeypatch.setattr(cpu_inference, "ROWS", rows)  # 64: one image per chunk for both
+    ref, ours = pair()
+    assert type(ours.patch_embed) is dnn.PatchEmbed and type(ours.layers[1].downsample) is dnn.PatchMerging
+    calls = []
+    real = cpu_inference.embed_forward
+    monkeypatch.setattr(cpu_inference, "embed_forward", lambda m, x: calls.append(x.shape) or real(m, x))
+    x = torch.randn(3, 3, 32, 32)
+    assert_close(ours.patch_embed(x), ref.patch_embed(x))
+    assert calls == [x.shape]
+    tokens = torch.randn(3, 16, 16, 32)
+    assert_close(ours.layers[1].downsample(tokens), ref.layers[1].downsample(tokens))
+
+
+def test_the_stem_leaves_wrong_sizes_to_timm():
+    _, ours = pair()
+    with torch.no_grad(), pytest.raises(AssertionError, match="Input height"):
+        ours(torch.randn(1, 3, 48, 32))  # timm's own message: the model was built for 32x32

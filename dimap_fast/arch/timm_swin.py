@@ -109,10 +109,14 @@ class TimmSwin(Adapter):
     def swaps(self) -> dict:
         from timm.models import swin_transformer as timm_swin
 
-        from ..nn.swin_block import SwinBlock  # nn sits above arch: imported only when convert asks
+        from timm import layers as timm_layers
+
+        from ..nn.patch_layers import PatchEmbed, PatchMerging  # nn sits above arch: imported only when convert asks
+        from ..nn.swin_block import SwinBlock
         from ..nn.window_attention import WindowAttention
 
-        return {timm_swin.SwinTransformerBlock: SwinBlock, timm_swin.WindowAttention: WindowAttention}
+        return {timm_swin.SwinTransformerBlock: SwinBlock, timm_swin.WindowAttention: WindowAttention,
+                timm_swin.PatchMerging: PatchMerging, timm_layers.PatchEmbed: PatchEmbed}
 
     # -- building ---------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import Mlp
+from timm.layers import Format, Mlp
 
 from .backend import _recording, get_backend
 
@@ -39,19 +39,64 @@ _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 
 def runs(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``block``'s forward on ``x`` takes this path (else timm's forward runs)."""
-    if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
-        return False
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or block.training
-            or get_backend() != "auto" or torch.is_autocast_enabled("cpu")
-            or not torch.backends.mkldnn.is_available()):
-        return False
-    if _recording(x, block.parameters()) or _hooked(block):
+    if not _eligible(block, x):
         return False
     (wh, ww), (_, h, w, _) = block.window_size, x.shape
     if h % wh or w % ww or not isinstance(block.mlp, Mlp):
         return False
     mask = None if getattr(block, "dynamic_mask", False) else block.attn_mask
     return mask is None or mask.shape[0] == (h // wh) * (w // ww)
+
+
+def _eligible(module: nn.Module, x: torch.Tensor) -> bool:
+    """What every module on this path asks: eager float32 CPU inference that no hook, autograd,
+    autocast or backend choice could tell from timm's forward."""
+    if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
+        return False
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or module.training
+            or get_backend() != "auto" or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.is_available()):
+        return False
+    return not _recording(x, module.parameters()) and not _hooked(module)
+
+
+def embeds(embed: nn.Module, x: torch.Tensor) -> bool:
+    """Whether timm's PatchEmbed ``embed`` runs here on the images ``x``: a patchify convolution
+    (kernel = stride, no padding) to NHWC, on a size it takes without padding."""
+    if not _eligible(embed, x):
+        return False
+    conv, (_, _, h, w) = embed.proj, x.shape
+    if not (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and not embed.flatten and embed.output_fmt == Format.NHWC):
+        return False
+    if embed.img_size is not None and embed.strict_img_size and (h, w) != tuple(embed.img_size):
+        return False  # timm's forward says what is wrong
+    return h % conv.stride[0] == 0 and w % conv.stride[1] == 0
+
+
+def embed_forward(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's PatchEmbed forward as a GEMM on patches (a 3-channel convolution runs at a fraction
+    of the GEMM rate), a few images at a time."""
+    conv = embed.proj
+    (ph, pw), (b, c, h, w) = conv.stride, x.shape
+    weight = conv.weight.reshape(conv.out_channels, -1)  # (out, c * ph * pw): the patch's order
+    out = x.new_empty(b, h // ph, w // pw, conv.out_channels)
+    step = max(1, ROWS // ((h // ph) * (w // pw)))
+    for start in range(0, b, step):
+        chunk = x[start:start + step]
+        patches = chunk.reshape(-1, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(chunk.shape[0], h // ph, w // pw, -1)
+        out[start:start + step] = embed.norm(F.linear(patches, weight, conv.bias))
+    return out
+
+
+def in_chunks(module: nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward(module, x)`` (an image-wise forward on (B, H, W, C)) a few images at a time."""
+    step = max(1, ROWS // (x.shape[1] * x.shape[2]))
+    if step >= x.shape[0]:
+        return forward(module, x)
+    return torch.cat([forward(module, x[s:s + step]) for s in range(0, x.shape[0], step)])
 
 
 def _hooked(block: nn.Module) -> bool:
