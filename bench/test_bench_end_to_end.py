@@ -98,7 +98,8 @@ def _write_doc(lines):
             f"{_LOAD.get('end', 0):.1f} at the end (other work shared the machine when it is above ~2).",
             "Made by `pytest -s bench/test_bench_end_to_end.py`; GFLOPs and parameters as "
             "`dimap_fast.report` counts them (shrunk: the smaller architecture; block: zeroed weights "
-            "removed). Block rows: convert measures each Linear's formats where it runs (its "
+            "removed). Every row runs dimap_fast.nn's drop-in blocks (their CPU inference path; "
+            "test_bench_shrink.py sets them beside timm's eager and compiled forward). Block rows: convert measures each Linear's formats where it runs (its "
             "per-layer choice, in the note); on this CPU torch BSR pays only past ~80-85% tile "
             "sparsity (breakeven_cpu.md), so it keeps dense F.linear on the zero-filled weights.",
             "", "```", *lines, "```", ""]

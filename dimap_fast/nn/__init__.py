@@ -1,8 +1,9 @@
 """Drop-in modules for pruned timm Swins and ``convert``, which swaps them in.
 
-CPU: torch code, results identical to timm's. CUDA (or backend "triton"): the block-sparse linear
-(forward only: training runs F.linear) and the fused window attention (forward and backward) of
-dimap_fast.kernels.
+CPU: timm's torch code, except float32 inference of Swin v1, which runs cpu_inference.py's path
+(timm's logits to float rounding, a few images at a time). CUDA (or backend "triton"): the
+block-sparse linear (forward only: training runs F.linear) and the fused window attention
+(forward and backward) of dimap_fast.kernels.
 """
 
 from .backend import BACKENDS, backend, get_backend, set_backend

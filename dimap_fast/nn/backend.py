@@ -2,7 +2,8 @@
 
 ``"auto"`` (default): the Triton kernels for CUDA tensors, torch otherwise; a kernel without a
 backward (the block-sparse linear) also gives way to torch while gradients are recorded, and a
-shape a kernel does not take (a head dim over its limit) runs torch. ``"torch"``: always torch.
+shape a kernel does not take (a head dim over its limit) runs torch; on the CPU, float32 inference
+of the Swin v1 drop-ins takes cpu_inference.py's path. ``"torch"``: always timm's torch code.
 ``"triton"``: always the kernels, also on CPU tensors when TRITON_INTERPRET=1 was set before
 triton was imported (how the tests run the GPU code path without a GPU); a shape the kernel does
 not take, or gradients through a forward-only kernel, is then an error.
