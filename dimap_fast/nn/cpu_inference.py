@@ -113,13 +113,18 @@ def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     b, h, w, c = x.shape
     order, inverse, bias = _geometry(block, x)
     tokens = x.reshape(b, h * w, c)
-    out = torch.empty_like(tokens)
     step = max(1, ROWS // (h * w))
+    if step >= b:  # one chunk: no copy into an output
+        return _block(block, tokens, order, inverse, bias).view(b, h, w, c)
+    out = torch.empty_like(tokens)
     for start in range(0, b, step):
-        chunk = tokens[start:start + step]
-        mixed = _attention(block, block.norm1(chunk).index_select(1, order), bias, inverse, chunk)
-        out[start:start + step] = _mlp(block.mlp, block.norm2(mixed), mixed)
+        out[start:start + step] = _block(block, tokens[start:start + step], order, inverse, bias)
     return out.view(b, h, w, c)
+
+
+def _block(block, tokens, order, inverse, bias):
+    mixed = _attention(block, block.norm1(tokens).index_select(1, order), bias, inverse, tokens)
+    return _mlp(block.mlp, block.norm2(mixed), mixed)
 
 
 def _attention(block, windows, bias, inverse, residual):
