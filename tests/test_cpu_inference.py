@@ -18,8 +18,8 @@ from tolerances import assert_close
 def path_calls(monkeypatch):
     """How many block forwards took the CPU inference path."""
     calls = []
-    real = cpu_inference.forward
-    monkeypatch.setattr(cpu_inference, "forward", lambda block, x: calls.append(x.shape) or real(block, x))
+    real = dnn.SwinBlock._cpu_forward
+    monkeypatch.setattr(dnn.SwinBlock, "_cpu_forward", lambda block, x: calls.append(x.shape) or real(block, x))
     return calls
 
 
@@ -137,8 +137,8 @@ def test_stem_and_merge_are_timms(rows, monkeypatch):
     ref, ours = pair()
     assert type(ours.patch_embed) is dnn.PatchEmbed and type(ours.layers[1].downsample) is dnn.PatchMerging
     calls = []
-    real = cpu_inference.embed_forward
-    monkeypatch.setattr(cpu_inference, "embed_forward", lambda m, x: calls.append(x.shape) or real(m, x))
+    real = dnn.PatchEmbed._cpu_forward
+    monkeypatch.setattr(dnn.PatchEmbed, "_cpu_forward", lambda m, x: calls.append(x.shape) or real(m, x))
     x = torch.randn(3, 3, 32, 32)
     assert_close(ours.patch_embed(x), ref.patch_embed(x))
     assert calls == [x.shape]

@@ -37,9 +37,23 @@ ROWS = 3136  # tokens per chunk: one 56x56 map (Swin-T's first stage); later sta
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+class OnCpuPath:
+    """Mixin before a timm class: ``forward`` runs ``_cpu_forward`` where ``_cpu_path(x)`` says
+    so, else timm's forward (``_timm_forward``: the subclass names all three). No annotations
+    here: TorchScript reads a module's attribute types from the first class of its bases that has
+    some, which must be timm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._timm_forward(x)
+        if self._cpu_path(x):
+            return self._cpu_forward(x)
+        return self._timm_forward(x)
+
+
 def runs(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``block``'s forward on ``x`` takes this path (else timm's forward runs)."""
-    if not _eligible(block, x):
+    if not eligible(block, x):
         return False
     (wh, ww), (_, h, w, _) = block.window_size, x.shape
     if h % wh or w % ww or not isinstance(block.mlp, Mlp):
@@ -48,7 +62,7 @@ def runs(block: nn.Module, x: torch.Tensor) -> bool:
     return mask is None or mask.shape[0] == (h // wh) * (w // ww)
 
 
-def _eligible(module: nn.Module, x: torch.Tensor) -> bool:
+def eligible(module: nn.Module, x: torch.Tensor) -> bool:
     """What every module on this path asks: eager float32 CPU inference that no hook, autograd,
     autocast or backend choice could tell from timm's forward."""
     if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
@@ -63,7 +77,7 @@ def _eligible(module: nn.Module, x: torch.Tensor) -> bool:
 def embeds(embed: nn.Module, x: torch.Tensor) -> bool:
     """Whether timm's PatchEmbed ``embed`` runs here on the images ``x``: a patchify convolution
     (kernel = stride, no padding) to NHWC, on a size it takes without padding."""
-    if not _eligible(embed, x):
+    if not eligible(embed, x):
         return False
     conv, (_, _, h, w) = embed.proj, x.shape
     if not (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride
@@ -91,12 +105,12 @@ def embed_forward(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def in_chunks(module: nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
-    """``forward(module, x)`` (an image-wise forward on (B, H, W, C)) a few images at a time."""
+def in_chunks(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's forward of ``module`` (image-wise, on (B, H, W, C)) a few images at a time."""
     step = max(1, ROWS // (x.shape[1] * x.shape[2]))
     if step >= x.shape[0]:
-        return forward(module, x)
-    return torch.cat([forward(module, x[s:s + step]) for s in range(0, x.shape[0], step)])
+        return module._timm_forward(x)
+    return torch.cat([module._timm_forward(x[s:s + step]) for s in range(0, x.shape[0], step)])
 
 
 def _hooked(block: nn.Module) -> bool:

@@ -16,10 +16,9 @@ from . import cpu_inference
 from .backend import scriptable_alias
 
 
-class _Adopting:
+class _Adopting(cpu_inference.OnCpuPath):
     """adopt(): turn the timm module into this class in place (no state added) and return it.
-    A subclass names ``timm_class`` (not annotated here: TorchScript reads a module's attribute
-    types from the first class of its bases that has annotations, which must be timm's)."""
+    A subclass names ``timm_class`` (not annotated here: see OnCpuPath)."""
 
     @classmethod
     def adopt(cls, module):
@@ -34,13 +33,8 @@ class PatchEmbed(_Adopting, timm_layers.PatchEmbed):
 
     timm_class = timm_layers.PatchEmbed
     _timm_forward = scriptable_alias(timm_layers.PatchEmbed.forward, "_timm_forward")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._timm_forward(x)
-        if cpu_inference.embeds(self, x):
-            return cpu_inference.embed_forward(self, x)
-        return self._timm_forward(x)
+    _cpu_path = cpu_inference.embeds
+    _cpu_forward = cpu_inference.embed_forward
 
 
 class PatchMerging(_Adopting, timm_swin.PatchMerging):
@@ -48,10 +42,5 @@ class PatchMerging(_Adopting, timm_swin.PatchMerging):
 
     timm_class = timm_swin.PatchMerging
     _timm_forward = scriptable_alias(timm_swin.PatchMerging.forward, "_timm_forward")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._timm_forward(x)
-        if cpu_inference._eligible(self, x):
-            return cpu_inference.in_chunks(self, PatchMerging._timm_forward, x)
-        return self._timm_forward(x)
+    _cpu_path = cpu_inference.eligible
+    _cpu_forward = cpu_inference.in_chunks

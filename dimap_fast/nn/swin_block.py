@@ -20,20 +20,15 @@ from .fused_block import FusedAttentionBlock
 from .window_attention import WindowAttention
 
 
-class SwinBlock(FusedAttentionBlock, timm_swin.SwinTransformerBlock):
+class SwinBlock(cpu_inference.OnCpuPath, FusedAttentionBlock, timm_swin.SwinTransformerBlock):
     """Swin Transformer block (W-MSA or SW-MSA, then MLP) with a fused attention fast path."""
 
     timm_block = timm_swin.SwinTransformerBlock
     attention = WindowAttention
     _torch_path = scriptable_alias(timm_swin.SwinTransformerBlock._attn, "_torch_path")
     _timm_forward = scriptable_alias(timm_swin.SwinTransformerBlock.forward, "_timm_forward")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._timm_forward(x)
-        if cpu_inference.runs(self, x):
-            return cpu_inference.forward(self, x)
-        return self._timm_forward(x)
+    _cpu_path = cpu_inference.runs
+    _cpu_forward = cpu_inference.forward
 
     def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
