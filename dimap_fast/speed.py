@@ -31,13 +31,26 @@ def _images_per_second(model, shape, seconds):
 
 
 def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
-    """Dense base architecture vs ``src.model``, alternating so both see the same machine state."""
+    """Dense base architecture vs ``src.model``, alternating so both see the same machine state;
+    on the CPU, for a family with drop-ins, both also converted (``dimap_fast.nn.convert``, dense
+    Linears: the drop-ins' CPU inference path), as a pruned model would be deployed."""
+    import copy
+
     from .loading import create_timm_model, demo_model_from_metadata
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
     shape = find_adapter(model).input_shape(model, input_size, batch)
-    d1, m1 = images_per_second(dense, shape), images_per_second(model, shape)
-    d2, m2 = images_per_second(dense, shape), images_per_second(model, shape)
-    d, m = max(d1, d2), max(m1, m2)
-    return {"dense": d, "model": m, "speedup": m / d, "batch": batch, "device": str(next(model.parameters()).device)}
+    device = next(model.parameters()).device
+    pairs = {"": (dense, model)}
+    if device.type == "cpu" and find_adapter(model).swaps():
+        from .nn import convert
+
+        pairs["_converted"] = tuple(convert(copy.deepcopy(m), choose="dense") for m in (dense, model))
+    out = {"batch": batch, "device": str(device)}
+    for suffix, (d_model, m_model) in pairs.items():
+        d1, m1 = images_per_second(d_model, shape), images_per_second(m_model, shape)
+        d2, m2 = images_per_second(d_model, shape), images_per_second(m_model, shape)
+        d, m = max(d1, d2), max(m1, m2)
+        out.update({f"dense{suffix}": d, f"model{suffix}": m, f"speedup{suffix}": m / d})
+    return out

@@ -130,6 +130,8 @@ def test_report_throughput_times_dense_against_this_model(small, tmp_path, capsy
     t = rep["throughput"]
     assert t["batch"] == 2 and t["dense"] > 0 and t["model"] > 0
     assert t["speedup"] == pytest.approx(t["model"] / t["dense"])
+    # on the CPU the drop-ins' pair too, as the model would be deployed
+    assert t["dense_converted"] > 0 and t["speedup_converted"] == pytest.approx(t["model_converted"] / t["dense_converted"])
 
 
 def test_bench_prints_a_cpu_table(tmp_path, capsys):

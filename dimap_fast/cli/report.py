@@ -48,4 +48,7 @@ def run(args) -> int:
         t = rep["throughput"]
         print(f"images/s  dense {t['dense']:.1f}   this model {t['model']:.1f}   speed-up {t['speedup']:.2f}x "
               f"(batch {t['batch']}, {t['device']})")
+        if "speedup_converted" in t:
+            print(f"converted (dimap_fast.nn): dense {t['dense_converted']:.1f}   this model "
+                  f"{t['model_converted']:.1f}   speed-up {t['speedup_converted']:.2f}x")
     return 0
