@@ -29,5 +29,5 @@ setup(
         "hf": ["transformers>=4.40"],  # prune Hugging Face Swin / Swinv2 models
         "plot": ["matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["dimap-fast=dimap_fast.cli:main"]},
+    entry_points={"console_scripts": ["dimap-fast=dimap_fast.cli:entry"]},
 )

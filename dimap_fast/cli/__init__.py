@@ -4,6 +4,6 @@ Each command module has ``add_parser(subparsers)``, which registers its flags an
 ``run=`` (a function of the parsed arguments returning the exit code); ``main.COMMANDS`` lists them.
 """
 
-from .main import build_parser, main
+from .main import build_parser, entry, main
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]

@@ -7,6 +7,7 @@ Every refusal is one line on stderr and exit code 2, with nothing written: usage
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import DimapError
@@ -49,10 +50,28 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print("dimap-fast: interrupted; finished outputs are complete, nothing partial was left", file=sys.stderr)
-        return 143 if exc.args == ("SIGTERM",) else 130
+        return INTERRUPTED[1] if exc.args == ("SIGTERM",) else INTERRUPTED[0]
     finally:
         if previous is not None:
             _on_sigterm(previous)
+
+
+INTERRUPTED = (130, 143)  # exit codes after Ctrl-C and SIGTERM
+
+
+def entry() -> None:
+    """The process entry (the ``dimap-fast`` script, ``python -m dimap_fast.cli``): main(), then
+    exit with its code. After an interrupt the process leaves at once (streams flushed, then
+    ``os._exit``): its outputs are complete and its temporary files gone by then, and interpreter
+    shutdown, with torch's worker threads stopped mid-op, can abort ("terminate called without an
+    active exception", SIGABRT), losing the exit code a shell or a scheduler reads (seen once in a
+    loaded test run, PyTorch issue 22924 describes the same)."""
+    code = main()
+    if code in INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _terminate(signum, frame):
