@@ -2,8 +2,8 @@
 
 timm's block runs each step on the whole batch: at Swin-T's first stage (100K tokens x 96
 channels at batch 32) every step streams tens of megabytes through memory, and the stage runs at
-about a third of the GEMM rate of the late stages (54 vs 180 GFLOP/s on the project's
-2-vCPU VM, torch profiler). That stage is where a pruned Swin's time does not fall with its FLOPs: DIMAP
+about a third of the GEMM rate of the late stages (54 vs 180 GFLOP/s on the project's 2-vCPU VM,
+torch profiler). That stage is where a pruned Swin's time does not fall with its FLOPs: DIMAP
 prunes the late stages hardest, so what is left is dominated by the first.
 
 Here a block is computed on chunks of about ``ROWS`` tokens (whole images), so a chunk's
