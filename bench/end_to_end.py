@@ -6,7 +6,9 @@ Variants of one random-init model (seed 0, ``pretrained=False``):
 - shrunk -30% / -50%: channel DIMAP at ``Plan.ratio_for_flops(0.3 / 0.5)``, masks applied, then
   ``dimap_fast.shrink``; the -50% one is checked against the channel-masked model's logits;
 - block 50% / 75%: block DIMAP (32x32 tiles) at ratio 0.5 / 0.75, masks applied, then
-  ``dimap_fast.convert(model, block=32)``.
+  ``dimap_fast.convert(model, block=32)``;
+- block 50% / 75% unconverted (asked for by name, UNCONVERTED): the same masked models left as
+  timm's, on SDPA: what convert is measured against.
 One plan per pattern serves both of its ratios (the plan is ratio-independent).
 On the CPU the dense and shrunk models are converted too (``convert(choose="dense")``), so every
 row runs dimap_fast.nn's drop-in blocks and their CPU inference path (faster than timm's eager
@@ -27,6 +29,7 @@ import dimap_fast
 
 MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_window7_224"}
 VARIANTS = ("dense", "shrunk -30%", "shrunk -50%", "block 50%", "block 75%")
+UNCONVERTED = ("block 50% unconverted", "block 75% unconverted")
 BLOCK = 32
 _SHRUNK = {"shrunk -30%": 0.3, "shrunk -50%": 0.5}
 _BLOCKED = {"block 50%": 0.5, "block 75%": 0.75}
@@ -93,12 +96,18 @@ def build_variants(dense: torch.nn.Module, variants=VARIANTS, block: int = BLOCK
             out[v] = Variant(shrunk, f"channel, ratio {ratio:.3f}", rep["flops"]["dense"] / 1e9,
                              rep["params"]["dense"] / 1e6, note)
             del masked
-    if any(v in _BLOCKED for v in variants):
+    if any(v in _BLOCKED or v in UNCONVERTED for v in variants):
         plan = dimap_fast.plan(dense, pattern="block", block_size=block)
-        for v in (v for v in variants if v in _BLOCKED):
+        for v in (v for v in _BLOCKED if v in variants or f"{v} unconverted" in variants):
             ratio = _BLOCKED[v]
             masked = _sdpa(_masked(dense, plan.masks(ratio)))
             rep = dimap_fast.report(masked)  # counted before convert: the zeros are what it counts
+            if f"{v} unconverted" in variants:
+                out[f"{v} unconverted"] = Variant(copy.deepcopy(masked), f"block {block}, ratio {ratio:.2f}",
+                                                  rep["flops"]["pruned"] / 1e9, rep["params"]["pruned"] / 1e6,
+                                                  "timm's forward, SDPA")
+            if v not in variants:
+                continue
             kw = {"batch_size": batch} if "batch_size" in inspect.signature(dimap_fast.convert).parameters else {}
             # converted where it will run: a per-layer choice measured on the CPU would not hold on a GPU
             model = dimap_fast.convert(masked.to(device, dtype), block=block, **kw)
@@ -106,7 +115,7 @@ def build_variants(dense: torch.nn.Module, variants=VARIANTS, block: int = BLOCK
                              rep["params"]["pruned"] / 1e6, _chosen(model))
     for v in out:
         out[v].model = out[v].model.to(device, dtype)
-        if torch.device(device).type == "cpu" and not v.startswith("block"):
+        if torch.device(device).type == "cpu" and not v.startswith("block"):  # unconverted stays timm's
             out[v].model = dimap_fast.convert(out[v].model, choose="dense")
     return {v: out[v] for v in variants}
 
@@ -123,11 +132,11 @@ def _chosen(model) -> str:
 def table(batch: int, variants: dict[str, Variant], seconds: dict[str, float], title: str) -> list[str]:
     """The printed rows: images/s and the ratio to dense beside FLOPs and parameters."""
     dense = seconds.get("dense")
-    lines = [title, f"{'variant':<13}{'pruning':<23}{'GFLOPs':>8}{'params M':>10}{'images/s':>10}"
+    lines = [title, f"{'variant':<23}{'pruning':<23}{'GFLOPs':>8}{'params M':>10}{'images/s':>10}"
                     f"{'vs dense':>10}  note"]
     for v, var in variants.items():
         t = seconds.get(v)
         ips = f"{batch / t:10.2f}" if t else f"{'missing':>10}"
         ratio = f"{dense / t:9.2f}x" if t and dense else f"{'-':>10}"
-        lines.append(f"{v:<13}{var.how:<23}{var.gflops:8.2f}{var.mparams:10.1f}{ips}{ratio}  {var.note}")
+        lines.append(f"{v:<23}{var.how:<23}{var.gflops:8.2f}{var.mparams:10.1f}{ips}{ratio}  {var.note}")
     return lines

@@ -8,14 +8,14 @@ GPU rows (skipped without CUDA), batch 128 at 224 (window 7) and batch 32 at 384
     TIMM_FUSED_ATTN=2 turns on for Swin), ``torch.compile`` of timm eager, and ours;
   - "block": the whole block, timm eager vs dimap_fast.nn.SwinBlock;
   - "model": whole Swin-B, inference and one training step (autocast fp16), and the peak memory
-    of the training step.
+    of the training step: timm eager, timm on its SDPA path, ours.
 Targets (issue "Fused window attention that trains", H100/H200): attention forward, fp16, Swin-B
 stage 1 >= 3.5x timm eager and >= 1.5x timm SDPA; forward + backward >= 2x timm eager; Swin-B
-fp16 inference >= 1.25x timm, a training step >= 1.15x with lower peak memory. A target whose row
-is missing is not met.
+fp16 inference >= 1.25x timm eager, a training step >= 1.15x with lower peak memory; neither
+slower than timm on SDPA. A target whose row is missing is not met.
 
-CPU row (anywhere): a Swin-T stage-3 block's training step, timm vs the drop-in, which runs
-timm's own code on the CPU: within noise (<= 1.05x).
+CPU row (anywhere), shown, not a target: a Swin-B stage-3 block's training step, timm vs the
+drop-in, which runs timm's own code on the CPU (the same code twice).
 """
 
 import copy
@@ -126,11 +126,14 @@ def test_gpu_block(benchmark, mode, stage, variant):
 def swin_b(variant):
     torch.manual_seed(0)
     model = timm.create_model("swin_base_patch4_window7_224").cuda()
+    for mod in model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = variant == "sdpa"
     return dnn.convert(model) if variant == "fused" else model
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["timm", "fused"])
+@pytest.mark.parametrize("variant", ["timm", "sdpa", "fused"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_gpu_swin_b(benchmark, mode, variant):
     model = swin_b(variant)
@@ -199,8 +202,7 @@ def _speedup(slow, fast):
 def test_summary():
     cpu = _speedup("cpu/block_train/timm", "cpu/block_train/dropin")
     assert cpu is not None, "run the whole file: the CPU rows above record what this compares"
-    print(f"\nCPU Swin-B s3 block training step, timm -> drop-in: {cpu:.2f}x (>= 1/1.05 required)")
-    assert 1.0 / cpu <= 1.05, "the drop-in's training step is slower than timm's on the CPU"
+    print(f"\nCPU Swin-B s3 block training step, timm -> drop-in: {cpu:.2f}x (not a target: timm's code both)")
     if not CUDA:
         return
     print(f"GPU {torch.cuda.get_device_name()}: speed-up of the fused attention over each baseline")
@@ -223,11 +225,15 @@ def test_summary():
             _speedup("gpu/swin_b/infer/timm", "gpu/swin_b/infer/fused"), 1.25),
         "Swin-B training step >= 1.15x": (
             _speedup("gpu/swin_b/train/timm", "gpu/swin_b/train/fused"), 1.15),
+        "Swin-B fp16 inference vs timm SDPA >= 1x": (
+            _speedup("gpu/swin_b/infer/sdpa", "gpu/swin_b/infer/fused"), 1.0),
+        "Swin-B training step vs timm SDPA >= 1x": (
+            _speedup("gpu/swin_b/train/sdpa", "gpu/swin_b/train/fused"), 1.0),
     }
-    peak_t, peak_f = RESULTS.get("gpu/swin_b/peak/timm"), RESULTS.get("gpu/swin_b/peak/fused")
+    peak_t, peak_f = RESULTS.get("gpu/swin_b/peak/sdpa"), RESULTS.get("gpu/swin_b/peak/fused")
     for name, (value, want) in targets.items():
         print(f"  {name:<48} {'missing' if value is None else f'{value:.2f}x'}")
-    print(f"  training step peak memory, timm -> fused: {peak_t} -> {peak_f} GiB")
+    print(f"  training step peak memory, timm SDPA -> fused: {peak_t} -> {peak_f} GiB")
     missing = [n for n, (v, _) in targets.items() if v is None] + (
         ["peak memory"] if None in (peak_t, peak_f) else [])
     assert not missing, f"rows missing (a target whose row is missing is not met): {missing}"

@@ -31,7 +31,8 @@ def _images_per_second(model, shape, seconds):
 
 
 def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
-    """Dense base architecture vs ``src.model``, alternating so both see the same machine state;
+    """Dense base architecture vs ``src.model``, alternating so both see the same machine state,
+    the dense one on the attention path (timm's eager or SDPA) that the model runs;
     on the CPU, for a family with drop-ins, both also converted (``dimap_fast.nn.convert``, dense
     Linears: the drop-ins' CPU inference path), as a pruned model would be deployed."""
     import copy
@@ -40,6 +41,7 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
+    _same_attention_path(dense, model)
     shape = find_adapter(model).input_shape(model, input_size, batch)
     device = next(model.parameters()).device
     pairs = {"": (dense, model)}
@@ -54,3 +56,13 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
         d, m = max(d1, d2), max(m1, m2)
         out.update({f"dense{suffix}": d, f"model{suffix}": m, f"speedup{suffix}": m / d})
     return out
+
+
+def _same_attention_path(dense, model) -> None:
+    """Give ``dense`` the model's ``fused_attn`` (timm's SDPA switch) module by module: a shrunk or
+    loaded model runs SDPA, and a dense model left on timm's eager default would flatter it."""
+    flags = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
+    fallback = any(flags.values())  # a module the model lacks by name: SDPA if the model uses it anywhere
+    for name, m in dense.named_modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = flags.get(name, fallback)

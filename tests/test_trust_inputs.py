@@ -329,10 +329,18 @@ def test_api_refusals_are_one_line_dimap_errors(call, message):
     assert str(info.value) == message
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a second device")
-def test_mixed_devices_refused():
-    state = _state(**{FC1: torch.ones(4, 4, device="cuda")})
-    with pytest.raises(DimapError, match="several devices"):
+def test_mixed_devices_refused(device):
+    """A state dict spread over the CPU and a GPU: on a GPU host a real CUDA tensor; on a CPU host
+    a fake one (torch's FakeTensor carries a device and no storage), which is all the check reads."""
+    if device.type == "cuda":
+        other = torch.ones(4, 4, device=device)
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            other = torch.ones(4, 4, device="cuda")
+    state = _state(**{FC1: other})
+    with pytest.raises(DimapError, match=r"several devices \(cpu, cuda(:0)?\)"):
         dimap_fast.plan(state)
 
 
