@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .modules import non_finite_error
+from .sorting import sort_negated
 
 BLOCK = 64  # ranks per block head: 16 bytes per 64 weights, and a narrow band to recompute per ratio
 CHUNK = 1 << 18  # elements per float64 pass: few enough Python calls to leave the GIL free
@@ -82,7 +83,7 @@ def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
     out = np.empty_like(source)
     # -|w| is w with its sign bit set: one pass instead of abs then negate (NaN stays NaN)
     np.bitwise_or(source.view(bits), bits(1) << bits(8 * source.itemsize - 1), out=out.view(bits))
-    out.sort()
+    sort_negated(out)
     return out
 
 
@@ -126,9 +127,10 @@ def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np
 
 
 def _check_finite(name: str, neg: np.ndarray) -> None:
-    # numpy sorts NaN last and -inf first, so two reads replace a full isfinite pass
-    if np.isnan(neg[-1]) or np.isinf(neg[0]):
-        raise non_finite_error(name, float(neg[-1] if np.isnan(neg[-1]) else -neg[0]))
+    # numpy sorts NaN last, the bit sort first, -inf comes first: three reads, not an isfinite pass
+    bad = neg[-1] if np.isnan(neg[-1]) else neg[0]
+    if not np.isfinite(bad):
+        raise non_finite_error(name, float(bad if np.isnan(bad) else -bad))
 
 
 def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=None, squared=False,
