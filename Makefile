@@ -1,16 +1,19 @@
 # Everything the project needs is installed here: a fresh machine needs only Python 3.11.
 PYTHON ?= python3
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Exact versions of every package (torch 2.14.1, the CUDA build that also runs on the CPU, brings triton).
+LOCK := requirements-lock.txt
+LATEST := .venv-latest
 
-.PHONY: demo test bench install clean gpu-check gpu-wheels
+.PHONY: demo test bench install clean gpu-check gpu-wheels test-latest lock
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# CUDA build of torch that also runs on the CPU; it brings triton
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install -q --no-build-isolation -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,5 +39,18 @@ gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp -d .whl 'timm>=1.0,<1.1'
 
+# Does the newest release of every dependency still work? A fresh environment resolved without the
+# lock, its differences from the lock, then the suite on it. `make lock` adopts it once it passed.
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install -q --no-build-isolation -e '.[dev]'
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | diff <(grep -v '^#' $(LOCK)) - || true
+	$(LATEST)/bin/python -m pytest -q tests && touch $(LATEST)/.passed
+
+lock:
+	test -f $(LATEST)/.passed || { echo "make lock: run 'make test-latest' first; only an environment that passed is locked"; exit 2; }
+	{ grep '^#' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .benchmarks
