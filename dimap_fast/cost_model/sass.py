@@ -1,0 +1,154 @@
+"""A kernel's sm_90 machine code, as a launch would get it: compiled here (no GPU needed), cached
+on disk, and read into instructions with their source lines and the loops among them.
+
+The compile takes the signature, constexprs and attributes triton's own binder derives from a
+launch's arguments (``capture``), so integers equal to 1 and 16-divisible values are specialized
+exactly as on a GPU. ``nvdisasm -g`` gives every SASS instruction its source line; a branch back
+to an earlier label closes a loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TARGET = ("cuda", 90, 32)
+_CACHE = Path(os.environ.get("DIMAP_FAST_CACHE", Path.home() / ".cache" / "dimap_fast")) / "sass"
+
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
+GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG", "UTMASTG")
+
+
+@dataclass
+class Insn:
+    offset: int
+    op: str  # the opcode with its modifiers, e.g. "LDG.E.128"
+    file: str
+    line: int
+
+
+@dataclass
+class Sass:
+    """What one compile produced: resources, and the instructions in program order."""
+
+    regs: int
+    shared: int  # bytes per block, triton's dynamic + the cubin's static
+    spill: int  # bytes per thread: stack frame + local memory
+    num_warps: int
+    insns: list = field(default_factory=list)
+    loops: list = field(default_factory=list)  # (first index, last index) of each loop body
+
+    def count(self, *prefixes: str, lo: int = 0, hi: int | None = None) -> int:
+        hi = len(self.insns) - 1 if hi is None else hi
+        return sum(i.op.split(".")[0] in prefixes for i in self.insns[lo:hi + 1])
+
+    def fenced_atomics_in_loops(self) -> int:
+        """Atomics that a MEMBAR precedes inside a loop body: each one waits for the whole GPU."""
+        n = 0
+        for lo, hi in self.loops:
+            body = [i.op.split(".")[0] for i in self.insns[lo:hi + 1]]
+            if "MEMBAR" in body:
+                n += sum(op in ("ATOMG", "RED", "ATOM") for op in body)
+        return n
+
+
+def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
+    """Instructions (with the source line each came from) and loop bodies of an nvdisasm -g listing."""
+    insns, labels, branches = [], {}, []
+    file, line, pending = "", 0, []
+    for raw in text.splitlines():
+        if m := _LINE.search(raw):
+            file, line = m.group(1), int(m.group(2))
+            continue
+        if m := _LABEL.match(raw):
+            pending.append(m.group(1))
+            continue
+        if m := _INSN.search(raw):
+            op = m.group(3)
+            for name in pending:
+                labels[name] = len(insns)
+            pending = []
+            if op.startswith("BRA") and (t := _TARGET.search(m.group(4))):
+                branches.append((len(insns), t.group(1)))
+            insns.append(Insn(int(m.group(1), 16), op, file, line))
+    # a branch to itself is the trap after EXIT, never a loop that runs
+    loops = sorted((labels[t], i) for i, t in branches if t in labels and labels[t] < i)
+    return insns, loops
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    knob = getattr(triton.knobs.nvidia, name)
+    return knob.path
+
+
+def _read_cubin(cubin: bytes) -> tuple[str, dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        listing = subprocess.run([_tool("nvdisasm"), "-g", "-c", path], capture_output=True,
+                                 text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    line = next(line for line in res.splitlines() if "REG:" in line)
+    return listing, {k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)}
+
+
+def cache_key(module: str, kernel: str, spec: dict) -> str:
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    import importlib
+
+    fn = getattr(importlib.import_module(module), kernel)
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(getattr(fn, "fn", fn))
+    text = json.dumps([triton.__version__, jit.cache_key, spec], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compile_sass(module: str, kernel: str, spec: dict) -> Sass:
+    """Compile ``module.kernel`` for sm_90 with a launch's ``spec`` (signature, constexprs as
+    [[path, value]], attrs as [[path, attr]], options); cached on disk by source and spec."""
+    key = cache_key(module, kernel, spec)
+    path = _CACHE / f"{key}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        data["insns"] = [Insn(**i) for i in data["insns"]]
+        data["loops"] = [tuple(x) for x in data["loops"]]
+        return Sass(**data)
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = getattr(importlib.import_module(module), kernel)
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(getattr(fn, "fn", fn))
+    constexprs = {tuple(p): v for p, v in spec["constexprs"]}
+    attrs = {tuple(p): a for p, a in spec["attrs"]}
+    compiled = triton.compile(ASTSource(jit, spec["signature"], constexprs, attrs),
+                              target=GPUTarget(*TARGET), options=spec["options"])
+    listing, res = _read_cubin(compiled.asm["cubin"])
+    insns, loops = parse(listing)
+    out = Sass(regs=res["REG"], shared=compiled.metadata.shared + res["SHARED"],
+               spill=res["STACK"] + res["LOCAL"], num_warps=compiled.metadata.num_warps,
+               insns=insns, loops=loops)
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(out)))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return out
