@@ -116,6 +116,32 @@ def test_fx_trace_forward_backward_and_run_time_backend(kernel_calls, device):
                            torch.randn(1, 3, 16, 16, device=device), kernel_calls)
 
 
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@torch.no_grad()
+def test_timm_fx_trace_then_torchscript(family, kernel_calls, device):
+    # What timm's test_model_forward_fx_torchscript does to every Swin: trace with timm's fx
+    # tools (its leaf modules), script the graph, compare with the unconverted model.
+    from timm.layers import _fx
+    from test_nn_swinv2 import small_swinv2
+
+    ref = (pair()[0] if family == "v1" else small_swinv2()).eval()
+    ours = dnn.convert(copy.deepcopy(ref), **({"choose": "kernel"} if family == "v1" else {}))
+    last = _fx.get_graph_node_names(ours)[1][-1]
+    traced = _fx.create_feature_extractor(ours, [last])
+    x = torch.randn(2, 3, *ref.patch_embed.img_size)
+    want = ref(x)
+    scripted = torch.jit.script(traced)
+    assert_close(scripted(x)[last], want)
+    assert not any(kernel_calls.values())
+    # The traced graph keeps each drop-in whole, so run in Python it still picks the kernels.
+    ref, traced = ref.to(device), traced.to(device)
+    with dnn.backend("triton"), matmul_precision("ieee"):
+        got = traced(x.to(device))[last]
+    assert kernel_calls["window_attention"] and (family == "v2" or kernel_calls["block_sparse_linear"])
+    with matmul_precision("ieee"):
+        assert_close(got, ref(x.to(device)))
+
+
 def test_torch_compile(kernel_calls, device):
     # A quick backend (inductor gives the same logits too, after a minute of compiling on a CPU).
     torch._dynamo.reset()
