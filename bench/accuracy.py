@@ -36,11 +36,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dimap_fast.masks import removed_fraction  # noqa: E402
-from dimap_fast.plan import plan  # noqa: E402
-from dimap_fast.train import (  # noqa: E402
+from dimap_fast.engine.masks import removed_fraction
+from dimap_fast.engine.plan import plan
+from dimap_fast.train import (
     DEMO_RECIPE, DIGITS_RECIPE, Data, build_swin, digits_datasets, evaluate, small_swin_config, train,
 )
 
@@ -109,7 +108,7 @@ def dense_model(seed: int, data, epochs: int, cache_dir: Path) -> tuple[torch.nn
 
 
 def masked_copy(model, masks):
-    from dimap_fast.demo import pruned_copy
+    from dimap_fast.cli.demo_body import pruned_copy
 
     return pruned_copy(model, masks)
 

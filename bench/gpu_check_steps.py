@@ -143,7 +143,7 @@ def tiny_state(seed: int = 0, dims=(8, 16)) -> dict:
 
 
 def small_swin(img_size: int = 16, seed: int = 0):
-    """The small Swin of tests/test_nn.py (two stages, window 4), eval mode."""
+    """The small Swin of tests/nn/test_modules.py (two stages, window 4), eval mode."""
     import torch
     from timm.models import swin_transformer as timm_swin
 
@@ -311,7 +311,7 @@ def step_finetune(rows: Rows, ctx: Ctx) -> None:
     import torch
 
     from dimap_fast.train import MODEL_FILE, STATE_FILE, load_train_state
-    from dimap_fast.checkpoint import load_pruned
+    from dimap_fast.io.checkpoint import load_pruned
 
     run = ctx.work / "finetune_run"
     shutil.rmtree(run, ignore_errors=True)

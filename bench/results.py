@@ -12,7 +12,7 @@ def write_report(name: str, title: str, body: str, command: str) -> str:
     import datetime
     from pathlib import Path
 
-    from dimap_fast.checkpoint import write_text_atomic
+    from dimap_fast.io.checkpoint import write_text_atomic
     from dimap_fast.host import describe
 
     path = Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.md"

@@ -4,7 +4,7 @@ Target (issue "A pruned Swin that really runs faster"): under 0.5 s on this CPU,
 round plans the model afresh (not timed: planning is the scoring engine's bench) and times the
 plan's first ``ratio_for_flops(0.5)``, which builds the FLOPs budget (a meta-device pass with
 torch's flop counter) and searches the ratio-independent plan; best of 3 rounds. The chosen
-model's FLOPs are checked against the asked reduction (tests/test_budget.py holds the exact
+model's FLOPs are checked against the asked reduction (tests/engine/test_budget.py holds the exact
 checks; here the reduction ``flops_reduction`` gives back for the chosen ratio).
 """
 

@@ -23,8 +23,8 @@ from results import RESULTS, record
 from lamp_reference import lamp_reference_masks
 
 import dimap_fast
-from dimap_fast import sorting
-from dimap_fast.modules import prunable_layers
+from dimap_fast.engine import sorting
+from dimap_fast.engine.prunable import prunable_layers
 
 MODELS = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224"]
 SHORT = {m: m.split("_")[1] for m in MODELS}

@@ -1,15 +1,15 @@
 """dimap-fast: DIMAP pruning (He & Zhou, ICLR 2024) for timm's Swin family."""
 
-from .choice import FlopsReduction, Method, Pattern
+from .engine.values import FlopsReduction, Method, Pattern
+from .arch import SWIN_MODULES
 from .errors import DimapError
-from .flops import report
-from .masks import MaskHandle, apply_masks, make_permanent
-from .modules import SWIN_MODULES
+from .engine.flops import report
+from .engine.masks import MaskHandle, apply_masks, make_permanent
 from .nn import convert
-from .plan import Cutoff, Plan, compute_masks, plan
+from .engine.plan import Cutoff, Plan, compute_masks, plan
 from .prune import Pruning, prune_
-from .checkpoint import save_shrunk
-from .loading import load_shrunk
+from .io.checkpoint import save_shrunk
+from .io.loading import load_shrunk
 from .shrink import shrink
 
 __all__ = [

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .choice import FlopsReduction, Method, Pattern
+from .engine.values import FlopsReduction, Method, Pattern
 from .errors import DimapError, check_ratio
-from .masks import MaskHandle, Pruning, apply_masks  # noqa: F401 - Pruning: the public name is here too
-from .plan import plan
+from .engine.masks import MaskHandle, Pruning, apply_masks  # noqa: F401 - Pruning: the public name is here too
+from .engine.plan import plan
 
 
 def prune_(model: torch.nn.Module, ratio_or_budget, pattern: Pattern | str = "unstructured",

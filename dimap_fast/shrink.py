@@ -1,4 +1,4 @@
-"""Turn a channel-pruned model into a physically smaller one (saved by checkpoint.save_shrunk).
+"""Turn a channel-pruned model into a physically smaller one (saved by io.checkpoint.save_shrunk).
 
 A hidden neuron whose output column (fc2's) is all zero adds nothing to the block's output,
 whatever its input row and bias hold; a head whose output-projection columns are all zero adds
@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .arch import find_adapter
+from .nn.drop_ins import fit_shrunk
 
 
 def shrink(model: nn.Module, align: int = 8, arch=None) -> nn.Module:
@@ -25,7 +26,7 @@ def shrink(model: nn.Module, align: int = 8, arch=None) -> nn.Module:
     ``arch``: the adapter name (default: found from the model). Shrunk timm v1 attentions run timm's
     SDPA path (``fused_attn``): the same outputs.
     """
-    return find_adapter(model, arch).shrink(model, align)
+    return fit_shrunk(find_adapter(model, arch).shrink(model, align))
 
 
 def block_sizes(model: nn.Module, arch=None) -> dict[str, dict[str, int]]:
@@ -38,4 +39,4 @@ def resize(model: nn.Module, sizes: dict, where: str = "the file", arch=None) ->
 
     ``where`` names the source of ``sizes`` in errors (a block the model lacks, a size it cannot have).
     """
-    return find_adapter(model, arch).resize(model, sizes, where)
+    return fit_shrunk(find_adapter(model, arch).resize(model, sizes, where))

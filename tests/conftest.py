@@ -1,5 +1,4 @@
 import os
-import sys
 
 import torch
 
@@ -7,8 +6,6 @@ import torch
 # On a CUDA host the same tests run the compiled kernels on the GPU (see the `device` fixture).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(__file__))  # for tests/reference.py
 
 import pytest  # noqa: E402
 

@@ -62,7 +62,7 @@ def test_checkpoint_and_model_give_the_same_masks(tmp_path, swin_tiny_state):
     """A safetensors file lists names alphabetically; the layer order (and so ties) must not care."""
     from safetensors.torch import save_file
 
-    from dimap_fast.checkpoint import load_state_dict
+    from dimap_fast.io.checkpoint import load_state_dict
 
     state = {k: (v * 8).round() / 8 if k.endswith("weight") else v for k, v in swin_tiny_state.items()}  # ties
     path = tmp_path / "t.safetensors"

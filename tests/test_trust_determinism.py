@@ -7,7 +7,7 @@ import torch
 from statedicts import make_state
 
 import dimap_fast
-from dimap_fast.checkpoint import save_pruned
+from dimap_fast.io.checkpoint import save_pruned
 
 SHAPES = {
     "layers.0.blocks.0.attn.qkv.weight": (96, 32), "layers.0.blocks.0.attn.proj.weight": (32, 32),

@@ -22,7 +22,7 @@ from statedicts import make_state
 import dimap_fast
 from dimap_fast import DimapError
 from dimap_fast.cli import main
-from dimap_fast.checkpoint import load_pruned, load_state_dict
+from dimap_fast.io.checkpoint import load_pruned, load_state_dict
 
 NAMES = [
     "layers.0.blocks.0.attn.qkv.weight", "layers.0.blocks.0.attn.proj.weight",

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import dimap_fast
 from dimap_fast import DimapError
 from dimap_fast.cli import main
-from dimap_fast.checkpoint import load_pruned, load_state_dict, save_pruned
+from dimap_fast.io.checkpoint import load_pruned, load_state_dict, save_pruned
 
 TINY = "swin_tiny_patch4_window7_224"
 FC1 = "layers.0.blocks.0.mlp.fc1.weight"

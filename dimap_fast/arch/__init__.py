@@ -57,5 +57,7 @@ def find_adapter(source=None, arch=None, module_map=None) -> Adapter:
     return Generic(module_map) if module_map is not None else DEFAULT()
 
 
-__all__ = ["ADAPTERS", "Adapter", "FAMILIES", "Generic", "Group", "HFSwin", "HFSwinV2", "Member",
+SWIN_MODULES: dict[str, tuple[str, ...]] = dict(TimmSwin.module_map)  # timm Swin's map: the default
+
+__all__ = ["ADAPTERS", "SWIN_MODULES", "Adapter", "FAMILIES", "Generic", "Group", "HFSwin", "HFSwinV2", "Member",
            "TimmSwin", "TimmSwinV2", "find_adapter", "natural_key"]

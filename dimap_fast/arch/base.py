@@ -3,8 +3,7 @@
 An adapter holds every fact about one model family: which weights are prunable and in which
 DIMAP module (``module_map``), how the weights of a block split into MLP neurons and attention
 heads (``groups``), what else has one entry per head (position-bias columns, logit scales) and
-which attributes follow the head count (``after_resize``), which classes ``convert`` swaps
-(``swaps``), how to rebuild a model from a recorded config (``build``, ``config_of``) and what
+which attributes follow the head count (``after_resize``), how to rebuild a model from a recorded config (``build``, ``config_of``) and what
 input it takes (``input_size``). Everything else in dimap_fast works on the generic ``Group`` below.
 
 A ``Group`` is one layer of units (the neurons of one MLP, the heads of one attention), given as
@@ -170,10 +169,6 @@ class Adapter:
 
     def after_resize(self, model: nn.Module, group: Group, kept: int) -> None:
         """Attributes that follow a group's width (head counts), set after its tensors shrank."""
-
-    def swaps(self) -> dict:
-        """{timm or transformers class: dimap_fast.nn drop-in that adopts it in place}."""
-        return {}
 
     # -- building and feeding the family --------------------------------------------------------
 

@@ -104,27 +104,13 @@ class TimmSwin(Adapter):
             # dominates the shrunk model's CPU time (profiled: 64% of stage 0 is not GEMM).
             attn.fused_attn = True
 
-    # -- convert ----------------------------------------------------------------------------------
-
-    def swaps(self) -> dict:
-        from timm.models import swin_transformer as timm_swin
-
-        from timm import layers as timm_layers
-
-        from ..nn.patch_layers import PatchEmbed, PatchMerging  # nn sits above arch: imported only when convert asks
-        from ..nn.swin_block import SwinBlock
-        from ..nn.window_attention import WindowAttention
-
-        return {timm_swin.SwinTransformerBlock: SwinBlock, timm_swin.WindowAttention: WindowAttention,
-                timm_swin.PatchMerging: PatchMerging, timm_layers.PatchEmbed: PatchEmbed}
-
     # -- building ---------------------------------------------------------------------------------
 
     def build(self, config: Mapping) -> nn.Module:
         """timm's SwinTransformer from its kwargs (the demo model's, or those a checkpoint records)."""
         from timm.models import swin_transformer as timm_swin
 
-        return _build(timm_swin.SwinTransformer, config)
+        return build_timm(timm_swin.SwinTransformer, config)
 
 
 def build_swin(config: Mapping) -> nn.Module:
@@ -132,7 +118,7 @@ def build_swin(config: Mapping) -> nn.Module:
     return TimmSwin().build(config)
 
 
-def _build(cls, config: Mapping) -> nn.Module:
+def build_timm(cls, config: Mapping) -> nn.Module:
     if not isinstance(config, Mapping):
         raise DimapError(f"a model config is a dict of {cls.__name__} kwargs, got {type(config).__name__}")
     config = dict(config)

@@ -7,9 +7,9 @@ the same module map. What differs, in the order data flows:
 - per head there is a ``logit_scale`` row and a row of the continuous-position-bias MLP's last
   Linear (``cpb_mlp.2``), instead of a bias-table column;
 - timm's forward reshapes the attention output to the input width, which a shrunk attention no
-  longer has: shrink turns the attention into the drop-in ``dimap_fast.nn.swinv2.WindowAttentionV2``
-  (timm's forward with the output reshaped to its own width; the one class for shrunk and
-  converted v2 attention). swinv2_cr's attention is not shrunk.
+  longer has: ``shrink`` and ``load_shrunk`` then give the attention its drop-in
+  (``dimap_fast.nn.drop_ins.fit_shrunk``: timm's forward with the output reshaped to its own
+  width). swinv2_cr's attention is not shrunk.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from timm.models import swin_transformer_v2 as timm_v2
 
 from ..errors import DimapError
 from .base import member
-from .timm_swin import TimmSwin, _build
+from .timm_swin import TimmSwin, build_timm
 
 _V2_NAME = re.compile(r"blocks\.\d+\.attn\.(logit_scale|q_bias|cpb_mlp\.\d+\.weight)$")
 
@@ -60,19 +60,9 @@ class TimmSwinV2(TimmSwin):
             return
         attn = model.get_submodule(group.attrs["attn"])
         attn.num_heads = kept
-        if type(attn) is timm_v2.WindowAttention:
-            from ..nn.swinv2 import WindowAttentionV2  # nn sits above arch: imported on demand
 
-            WindowAttentionV2.adopt(attn)
-
-    # -- building and convert ---------------------------------------------------------------------
+    # -- building ---------------------------------------------------------------------
 
     def build(self, config) -> nn.Module:
         """timm's SwinTransformerV2 from its kwargs."""
-        return _build(timm_v2.SwinTransformerV2, config)
-
-    def swaps(self) -> dict:
-        from ..nn.swinv2 import SwinV2Block, WindowAttentionV2  # nn sits above arch: imported on demand
-
-        return {timm_v2.SwinTransformerV2Block: SwinV2Block, timm_v2.WindowAttention: WindowAttentionV2}
-
+        return build_timm(timm_v2.SwinTransformerV2, config)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..choice import BLOCK_SIZES, METHODS, Pattern, check_reduction
+from ..engine.values import TILE_SIZES, METHODS, Pattern, check_reduction
 from ..errors import DimapError, check_ratio
 
 # what --pattern offers: a bare "block" takes --block-size (default 32), "block16" names its size
-PATTERN_NAMES = ("unstructured", "block", *(f"block{b}" for b in BLOCK_SIZES), "channel", "2:4")
+PATTERN_NAMES = ("unstructured", "block", *(f"block{b}" for b in TILE_SIZES), "channel", "2:4")
 
 EXAMPLES = """\
 examples:
@@ -113,7 +113,7 @@ def pattern_args(p: argparse.ArgumentParser, default: str | None = "unstructured
     p.add_argument("--pattern", choices=PATTERN_NAMES, default=default,
                    help=when + "unstructured (the paper), block tiles (block = block32, or block16, block64), "
                         "channel (neurons and heads) or 2:4" + (f"; default {default}" if default else ""))
-    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+    p.add_argument("--block-size", type=int, choices=TILE_SIZES, default=None,
                    help="tile size for --pattern block (default 32)")
     p.combines_pattern = True
 

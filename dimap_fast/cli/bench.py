@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..engine.values import TILE_SIZES
 from .args import positive
 
 
@@ -39,7 +40,7 @@ def sparsities(text: str) -> list[float]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..kernel_bench import CPU_TOKENS, CUDA_TOKENS
+    from .bench_body import CPU_TOKENS, CUDA_TOKENS
 
     p = subparsers.add_parser(
         "bench", help="time the block-sparse linear (and fused window attention on CUDA)",
@@ -49,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Linear sizes INxOUT, comma-separated (default 384x1536,768x3072)")
     p.add_argument("--sparsities", type=sparsities, default=[0.25, 0.5, 0.75],
                    help="fractions of BxB tiles zeroed (default 0.25,0.5,0.75)")
-    p.add_argument("--block", type=int, choices=(16, 32, 64), default=32, help="tile side (default 32)")
+    p.add_argument("--block", type=int, choices=TILE_SIZES, default=32, help="tile side (default 32)")
     p.add_argument("--batch-tokens", type=positive, default=None,
                    help=f"rows of x (default {CPU_TOKENS} on CPU, {CUDA_TOKENS} on CUDA); the "
                         "window-attention rows use batch-tokens // 196 images")
@@ -66,6 +67,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..kernel_bench import run_kernel_bench, save_choices
+    from .bench_body import run_kernel_bench, save_choices
 
     return save_choices(args) if args.save_choices else run_kernel_bench(args)

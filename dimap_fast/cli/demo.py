@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from .demo_body import run_demo
 
     run_demo(Path(args.out_dir), args.ratios)
     return 0

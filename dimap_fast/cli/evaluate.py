@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import looks_like_path
-    from ..masks import bind_masks, removed_fraction
+    from ..io.checkpoint import looks_like_path
+    from ..engine.masks import bind_masks, removed_fraction
     from ..train import evaluate
     from ..train.distributed import cleanup, setup
 
@@ -65,7 +65,7 @@ def recorded_data(path) -> dict | None:
     """The data settings a checkpoint written by finetune records, or None."""
     from safetensors import safe_open
 
-    from ..loading import decode_meta
+    from ..io.loading import decode_meta
 
     if not str(path).endswith(".safetensors") or not Path(path).is_file():
         return None

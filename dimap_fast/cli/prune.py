@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..choice import METHODS
+from ..engine.values import METHODS
 from ..errors import DimapError
 from .args import EXAMPLES, format_sparsity, pattern_args, ratio, reduction
 
@@ -30,12 +30,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..budget import check_budget_pattern, flops_metadata
-    from ..checkpoint import check_output, save_pruned
+    from ..engine.budget import check_budget_pattern, flops_metadata
+    from ..io.checkpoint import check_output, save_pruned
     from ..errors import check_model_name
-    from ..loading import check_architecture, load_source, model_config
-    from ..masks import prune_state
-    from ..plan import plan
+    from ..io.loading import check_architecture, load_source, model_config
+    from ..engine.masks import prune_state
+    from ..engine.plan import plan
 
     out = check_output(args.out, [args.source])
     if out.exists() and not args.overwrite:
@@ -79,9 +79,9 @@ def format_budget(p, target: float, chosen: float, shrunk: bool) -> str:
 
 
 def _prune_and_shrink(args, out) -> int:
-    from ..checkpoint import save_shrunk
-    from ..loading import load_source, model_config
-    from ..plan import plan
+    from ..io.checkpoint import save_shrunk
+    from ..io.loading import load_source, model_config
+    from ..engine.plan import plan
     from ..shrink import block_sizes, shrink
 
     if args.pattern.kind != "channel":

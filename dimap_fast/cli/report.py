@@ -19,9 +19,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import is_shrunk
-    from ..flops import format_report, report, report_json
-    from ..loading import create_timm_model, demo_model_from_metadata, load_source
+    from ..io.checkpoint import is_shrunk
+    from ..engine.flops import format_report, report, report_json
+    from ..io.loading import create_timm_model, demo_model_from_metadata, load_source
 
     src = load_source(args.source, arch=args.model, need_model=True)
     rep = report(src.model if src.model is not None else src.state_dict, input_size=args.input_size)
@@ -31,7 +31,7 @@ def run(args) -> int:
     if args.throughput:
         if src.model is None:
             raise DimapError("--throughput needs an architecture: pass --model NAME")
-        from ..speed import compare_throughput
+        from .throughput import compare_throughput
 
         rep["throughput"] = compare_throughput(src, batch=args.batch, input_size=args.input_size)
     if args.json:

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..sweep import sweep
+    from .sweep_body import sweep
 
     sweep(args.sources, args.ratios, args.methods, Path(args.out_dir), arch=args.model, masks_only=args.masks_only,
           pattern=args.pattern, flops_reductions=args.flops_reductions)

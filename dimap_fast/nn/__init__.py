@@ -9,7 +9,7 @@ block-sparse linear (forward only: training runs F.linear) and the fused window 
 from timm.layers import register_notrace_module
 
 from .backend import BACKENDS, backend, get_backend, set_backend
-from .choice import CANDIDATES, ChoiceTable, LayerChoice, format_choices, measure_table
+from .format_choice import CANDIDATES, ChoiceTable, LayerChoice, format_choices, measure_table
 from .convert import choose_block, convert
 from .patch_layers import PatchEmbed, PatchMerging
 from .sparse_formats import BsrLinear, SemiSparseLinear

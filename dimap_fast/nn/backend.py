@@ -8,19 +8,18 @@ of the Swin v1 drop-ins takes cpu_inference.py's path. ``"torch"``: always timm'
 triton was imported (how the tests run the GPU code path without a GPU); a shape the kernel does
 not take, or gradients through a forward-only kernel, is then an error.
 
-WindowAttention, SwinBlock and SparseLinear reach their kernels through ``dispatch``, which
-decides on each call, so that a converted model keeps working where timm's does:
+Every drop-in's forward is ``dispatch(self, ...)`` (TwoPaths below), which decides on each call
+from the backend, the device, the grad mode and what the kernel takes, so that a converted model
+keeps working where timm's does:
 
 - torch.fx: ``dispatch`` is a leaf (each module file declares ``torch.fx.wrap("dispatch")``): a
-  traced graph holds the call, and the backend, device and grad mode of each run pick the path.
-  The call names its module, so trace a model holding the modules, not one module on its own
-  (FX cannot hand the root module itself to a leaf);
-- torch.compile: dynamo traces the decision (guarding on what it read) and the torch path; the
-  Triton path runs eagerly behind a graph break (``torch.compiler.disable``): its launchers are
+  traced graph holds the call, and each run picks the path. timm's fx tools keep the drop-ins
+  whole instead (registered as notrace modules in ``__init__``);
+- torch.compile: dynamo traces the decision (guarding on what it read) and the torch path; each
+  ``_fast_path`` runs eagerly behind a graph break (``torch.compiler.disable``): the launchers are
   eager code (the packed-weight cache keys on ``data_ptr()``, which dynamo's fake tensors lack),
-  not custom ops. Registering the kernels as ``torch.library.triton_op`` would let inductor see
-  them; until then the graph break keeps compiled models correct and the kernels in use;
-- TorchScript cannot launch Triton: under ``torch.jit.is_scripting()`` each module returns its
+  not custom ops;
+- TorchScript cannot launch Triton: under ``torch.jit.is_scripting()`` each forward returns its
   torch path before ``dispatch``, so the compiler never reads it.
 """
 
@@ -59,41 +58,52 @@ def backend(name: str):
         set_backend(old)
 
 
-def _recording(x: torch.Tensor, params) -> bool:
+def recording(x: torch.Tensor, params) -> bool:
+    """Whether autograd records this forward (grad mode on and x or a parameter needs gradients)."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
                                                                for p in params))
 
 
-def use_triton(x: torch.Tensor, *params, unsupported: str | None = None,
-               differentiable: bool = False) -> bool:
-    """True when this forward should run the Triton kernels. ``unsupported``: why the kernel
-    cannot take this module's shape, if it cannot ("auto" then runs torch, "triton" refuses).
-    ``differentiable``: the kernel has a backward, so recording gradients is no reason to leave."""
-    mode = _state["backend"]
-    if mode == "torch":
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes ``x`` in: autocast's where it is on, else x's own."""
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class TwoPaths:
+    """What ``dispatch`` asks of a drop-in (a mixin before the torch class): the subclass defines
+    ``_torch_path`` (timm's or nn.Linear's code) and ``_fast_path``, and may say why the fast path
+    cannot take an input (``_fast_path_refusal``) or must not run now (``_timm_only``). No
+    annotations here: TorchScript reads a module's attribute types from timm's class."""
+
+    fast_path_is_triton = True  # False: torch's own sparse product, which runs on any device
+    fast_path_trains = False  # True: the fast path has a backward, so recorded gradients may take it
+
+    def _timm_only(self) -> bool:
         return False
-    if mode == "auto":
-        return (x.is_cuda and kernels().HAVE_TRITON and unsupported is None
-                and (differentiable or not _recording(x, params)))
-    if unsupported is not None:
-        raise DimapError(f"dimap_fast.nn backend 'triton': {unsupported}")
-    if not differentiable and _recording(x, params):
-        raise RuntimeError("dimap_fast.nn backend 'triton' is forward-only: run under "
-                           "torch.no_grad() / torch.inference_mode(), or use backend 'auto'")
-    return True
+
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        return None
 
 
 def dispatch(module: torch.nn.Module, *args):
-    """``module._triton_path(*args)`` when ``module._use_triton(*args)``, else
-    ``module._torch_path(*args)``: the one branch between the two code paths of every module."""
-    if module._use_triton(*args):
-        return _eager(module, *args)
-    return module._torch_path(*args)
-
-
-@torch.compiler.disable  # torch.compile: a graph break around the kernels (see above)
-def _eager(module: torch.nn.Module, *args):
-    return module._triton_path(*args)
+    """``module._fast_path(*args)`` or ``module._torch_path(*args)``: the one place that decides."""
+    x, mode = args[0], _state["backend"]
+    if mode == "torch" or module._timm_only():
+        return module._torch_path(*args)
+    refusal = module._fast_path_refusal(x)
+    grads = not module.fast_path_trains and recording(x, module.parameters())
+    if mode == "auto" or not module.fast_path_is_triton:
+        on_device = not module.fast_path_is_triton or (x.is_cuda and kernels().HAVE_TRITON)
+        if refusal is not None or grads or not on_device:
+            return module._torch_path(*args)
+    elif refusal is not None:
+        raise DimapError(f"dimap_fast.nn backend 'triton': {refusal}")
+    elif grads:
+        raise RuntimeError("dimap_fast.nn backend 'triton' is forward-only: run under "
+                           "torch.no_grad() / torch.inference_mode(), or use backend 'auto'")
+    return module._fast_path(*args)
 
 
 def scriptable_alias(fn, name: str):
@@ -106,15 +116,12 @@ def scriptable_alias(fn, name: str):
     return alias
 
 
-def attention_unsupported(head_dim: int, x: torch.Tensor) -> str | None:
+def attention_refusal(head_dim: int, x: torch.Tensor) -> str | None:
     """Why the fused window attention cannot run heads of ``head_dim`` channels on ``x``, or
     None. Under autocast the qkv Linear hands the kernel the autocast dtype, whatever x's."""
-    from dimap_fast.kernels.window_attention_reference import unsupported
+    from dimap_fast.kernels.window_attention import unsupported
 
-    dtype = x.dtype
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    return unsupported(head_dim, dtype)
+    return unsupported(head_dim, compute_dtype(x))
 
 
 def kernels():

@@ -1,8 +1,7 @@
 """``convert(model)``: swap a pruned model's attention and MLP layers, in place.
 
-- the model's architecture adapter (``dimap_fast.arch``) says which of its classes have a drop-in
-  here (``adapter.swaps()``: timm Swin v1 and v2 blocks and window attentions, fused attention
-  fast path). Swapping only changes class, so parameters, buffers and the state_dict stay as they
+- the model's family (its ``dimap_fast.arch`` adapter) names its drop-ins in drop_ins.py (timm
+  Swin v1 and v2 blocks and window attentions, fused attention fast path). Swapping only changes class, so parameters, buffers and the state_dict stay as they
   were. Any other attention module of a family that has drop-ins (swinv2_cr's, say) is left on its
   own code, with a warning naming it; a family without drop-ins (Hugging Face Swin) keeps all of
   its modules and only its Linears are considered;
@@ -32,12 +31,14 @@ import warnings
 from torch import nn
 
 from ..arch import find_adapter
+from ..engine.values import TILE_SIZES
 from ..errors import DimapError, check_choice
-from ..modules import check_module_map
-from .choice import (CHOOSE, ChoiceTable, LayerChoice, LayerKey, agrees, build, candidates_for,
+from ..engine.prunable import check_module_map
+from .format_choice import (CHOOSE, ChoiceTable, LayerChoice, LayerKey, agrees, build, candidates_for,
                      fastest, linear_rows)
+from .drop_ins import drop_ins_for
 from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, semi_structured_supported
-from .sparse_linear import BLOCKS, SparseLinear
+from .sparse_linear import SparseLinear
 
 
 def choose_block(weight, block=None) -> tuple[int, float]:
@@ -46,10 +47,10 @@ def choose_block(weight, block=None) -> tuple[int, float]:
     from dimap_fast.kernels import tile_sparsity
 
     if block is not None:
-        if block not in BLOCKS:
-            raise DimapError(f"block must be one of {BLOCKS} or None (choose per layer), got {block!r}")
+        if block not in TILE_SIZES:
+            raise DimapError(f"block must be one of {TILE_SIZES} or None (choose per layer), got {block!r}")
         return block, tile_sparsity(weight, block)
-    found = {b: tile_sparsity(weight, b) for b in BLOCKS}
+    found = {b: tile_sparsity(weight, b) for b in TILE_SIZES}
     best = max(found.values())
     side = max(b for b, s in found.items() if s >= 0.9 * best)
     return side, found[side]
@@ -77,15 +78,14 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
         raise DimapError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise DimapError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
-    if block is not None and block not in BLOCKS:
-        raise DimapError(f"block must be one of {BLOCKS} or None (choose per layer), got {block!r}")
+    if block is not None and block not in TILE_SIZES:
+        raise DimapError(f"block must be one of {TILE_SIZES} or None (choose per layer), got {block!r}")
     check_choice("choose", choose, CHOOSE)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise DimapError(f"batch_size must be a positive int, got {batch_size!r}")
     patterns = [p for ps in check_module_map(module_map, model).values() for p in ps]
-    # adapter class -> drop-in that adopts it in place (exact types: a subclass may change the forward)
-    swaps = find_adapter(model, module_map=module_map).swaps()
+    swaps = drop_ins_for(find_adapter(model, module_map=module_map).name)
     drop_ins = tuple(swaps.values())
     touched = 0
     left = {}

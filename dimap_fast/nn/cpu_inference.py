@@ -18,7 +18,7 @@ intermediates (at most ROWS x 4C floats) stay in the cache between steps, and wi
 It runs only where nothing can tell it from timm's forward but the time: float32 CPU tensors,
 eval mode, no gradients recorded, no autocast, backend "auto", eager (not under TorchScript,
 torch.compile or torch.fx tracing, which keep timm's code), no padding. Logits agree with timm's
-to float rounding (tests/test_cpu_inference.py). A Linear swapped for a sparse format runs as
+to float rounding (tests/nn/test_cpu_inference.py). A Linear swapped for a sparse format runs as
 its own module, the epilogue done after it.
 """
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import Format, Mlp
 
-from .backend import _recording, get_backend
+from .backend import get_backend, recording
 
 ROWS = 3136  # tokens per chunk: one 56x56 map (Swin-T's first stage); later stages take whole images
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -71,7 +71,7 @@ def eligible(module: nn.Module, x: torch.Tensor) -> bool:
             or get_backend() != "auto" or torch.is_autocast_enabled("cpu")
             or not torch.backends.mkldnn.is_available()):
         return False
-    return not _recording(x, module.parameters()) and not _hooked(module)
+    return not recording(x, module.parameters()) and not _hooked(module)
 
 
 def embeds(embed: nn.Module, x: torch.Tensor) -> bool:

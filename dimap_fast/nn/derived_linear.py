@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import dispatch
+from .backend import TwoPaths, dispatch
 
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
-class DerivedLinear(nn.Linear):
+class DerivedLinear(TwoPaths, nn.Linear):
     """nn.Linear whose forward dispatches between ``F.linear`` and a subclass's fast path
-    (``_use_triton`` / ``_triton_path``, dispatch's names) that reads ``_cached`` weight forms."""
+    (``_fast_path``, see backend.TwoPaths) that reads ``_cached`` weight forms."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

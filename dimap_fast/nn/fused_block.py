@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from .backend import dispatch
+from .backend import TwoPaths, dispatch
 
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
-class FusedAttentionBlock:
+class FusedAttentionBlock(TwoPaths):
     """Mixin before a timm block class; a subclass names ``timm_block`` (the timm class it
     adopts), ``attention`` (the drop-in its ``attn`` becomes), ``_torch_path`` (timm's ``_attn``,
-    via ``scriptable_alias``) and ``_triton_path``."""
+    via ``scriptable_alias``) and ``_fast_path``. Whether the kernel runs is the attention's
+    call: the block asks it."""
 
     timm_block: type
     attention: type
@@ -33,5 +34,10 @@ class FusedAttentionBlock:
             return self._torch_path(x)
         return dispatch(self, x)
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        return self.attn._use_triton(x)
+    fast_path_trains = True
+
+    def _timm_only(self) -> bool:
+        return self.attn._timm_only()
+
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        return self.attn._fast_path_refusal(x)

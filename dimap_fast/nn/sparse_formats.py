@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .backend import _recording, get_backend
+from .backend import compute_dtype
 from .derived_linear import DerivedLinear
 
 BSR_DTYPES = {"cpu": (torch.float32, torch.float64),
@@ -62,15 +62,15 @@ class _SparseCopyLinear(DerivedLinear):
     def _supports(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
 
-    # dispatch's names for "the fast path": here it is torch's sparse product, not Triton
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        w = self.weight
-        return (get_backend() != "torch" and not _recording(x, (w, self.bias))
-                and x.dtype == w.dtype and x.device == w.device
-                and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
-                and self._supports(x))
+    fast_path_is_triton = False  # torch's sparse product: any device, and backend "triton" too
 
-    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        w = self.weight
+        if x.dtype != w.dtype or x.device != w.device or compute_dtype(x) != x.dtype:
+            return "the sparse copy multiplies in the weight's own dtype, on its device, outside autocast"
+        return None if self._supports(x) else f"{x.dtype} on {x.device.type}"
+
+    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return F.linear(x, self.sparse_weight(), self.bias)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import kernels, use_triton
+from ..engine.values import TILE_SIZES
+from .backend import compute_dtype, kernels
 from .derived_linear import DerivedLinear
 
-BLOCKS = (16, 32, 64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -23,8 +23,8 @@ class SparseLinear(DerivedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block: int = 32,
                  device=None, dtype=None):
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if block not in TILE_SIZES:
+            raise ValueError(f"block must be one of {TILE_SIZES}, got {block!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.block = int(block)
 
@@ -43,14 +43,14 @@ class SparseLinear(DerivedLinear):
         """Fraction of the weight's BxB tiles that are all zero."""
         return kernels().tile_sparsity(self.weight, self.block)
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        dtype = (torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda")
-                 and torch.is_autocast_enabled(x.device.type) else x.dtype)
-        unsupported = None if dtype in _KERNEL_DTYPES else (
-            f"{dtype} inputs: the block-sparse kernel takes float32, float16 and bfloat16")
-        return use_triton(x, self.weight, self.bias, unsupported=unsupported)
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        dtype = compute_dtype(x)
+        if dtype in _KERNEL_DTYPES:
+            return None
+        return f"{dtype} inputs: the block-sparse kernel takes float32, float16 and bfloat16"
 
-    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
+    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast F.linear computes in the autocast dtype; so do the tiles and x here.
         dtype = self.weight.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -71,8 +71,8 @@ def zero_smallest_tiles_(weight: torch.Tensor, ratio: float, block: int = 32) ->
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    if block not in TILE_SIZES:
+        raise ValueError(f"block must be one of {TILE_SIZES}, got {block!r}")
     n, k = weight.shape
     r, c = -(-n // block), -(-k // block)
     with torch.no_grad():

@@ -30,7 +30,8 @@ class SwinBlock(cpu_inference.OnCpuPath, FusedAttentionBlock, timm_swin.SwinTran
     _cpu_path = cpu_inference.runs
     _cpu_forward = cpu_inference.forward
 
-    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
+    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         a = kernels().window_attention(attn.qkv(x), attn.relative_position_bias_table,
                                        attn.num_heads, self.window_size, self.shift_size,

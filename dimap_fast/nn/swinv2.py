@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from timm.models import swin_transformer_v2 as timm_v2
 
-from .backend import attention_unsupported, dispatch, kernels, scriptable_alias, use_triton
+from .backend import TwoPaths, attention_refusal, dispatch, kernels, scriptable_alias
 from .fused_block import FusedAttentionBlock
 
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
@@ -50,7 +50,7 @@ def cosine_qkv(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor) -> 
     return torch.cat([q.to(v.dtype), k.to(v.dtype), v], dim=-1)
 
 
-class WindowAttentionV2(timm_v2.WindowAttention):
+class WindowAttentionV2(TwoPaths, timm_v2.WindowAttention):
     """SwinV2 window attention (cosine scores, continuous position bias), fused on the GPU."""
 
     @classmethod
@@ -98,12 +98,13 @@ class WindowAttentionV2(timm_v2.WindowAttention):
         x = (attn @ v).transpose(1, 2).reshape(b_, n, -1)  # timm: reshape(B_, N, C), the input width
         return self.proj_drop(self.proj(x))
 
-    def _use_triton(self, x: torch.Tensor, mask=None) -> bool:
-        """Whether this forward runs the fused kernel (dropout at train time never does)."""
-        if self.training and self.attn_drop.p > 0:
-            return False
-        head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, unsupported=attention_unsupported(head_dim, x), differentiable=True)
+    fast_path_trains = True
+
+    def _timm_only(self) -> bool:
+        return self.training and self.attn_drop.p > 0  # the kernel has no attention dropout
+
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        return attention_refusal(self.qkv.out_features // (3 * self.num_heads), x)
 
     def fused(self, x_tokens: torch.Tensor, window_size, shift_size, mask=None) -> torch.Tensor:
         """Attention of a (B, H, W, C) token map, projected: the fused path of both drop-ins."""
@@ -117,7 +118,8 @@ class WindowAttentionV2(timm_v2.WindowAttention):
                                          scale=1.0)
         return self.proj_drop(self.proj(out))
 
-    def _triton_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
+    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b_, n, c = x.shape
         wh, ww = self.window_size
         if n != wh * ww:
@@ -133,5 +135,6 @@ class SwinV2Block(FusedAttentionBlock, timm_v2.SwinTransformerV2Block):
     attention = WindowAttentionV2
     _torch_path = scriptable_alias(timm_v2.SwinTransformerV2Block._attn, "_torch_path")
 
-    def _triton_path(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
+    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.fused(x, self.window_size, self.shift_size)

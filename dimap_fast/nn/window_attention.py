@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import attention_unsupported, dispatch, kernels, scriptable_alias, use_triton
+from .backend import TwoPaths, attention_refusal, dispatch, kernels, scriptable_alias
 
 torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
-class WindowAttention(timm_swin.WindowAttention):
+class WindowAttention(TwoPaths, timm_swin.WindowAttention):
     """Window multi-head self-attention with relative position bias (W-MSA / SW-MSA)."""
 
     @classmethod
@@ -34,14 +34,16 @@ class WindowAttention(timm_swin.WindowAttention):
 
     _torch_path = scriptable_alias(timm_swin.WindowAttention.forward, "_torch_path")  # timm's code
 
-    def _use_triton(self, x: torch.Tensor, mask=None) -> bool:
-        """Whether this forward runs the Triton kernel (dropout at train time never does)."""
-        if self.training and self.attn_drop.p > 0:
-            return False
-        head_dim = self.qkv.out_features // (3 * self.num_heads)
-        return use_triton(x, unsupported=attention_unsupported(head_dim, x), differentiable=True)
+    fast_path_trains = True
 
-    def _triton_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _timm_only(self) -> bool:
+        return self.training and self.attn_drop.p > 0  # the kernel has no attention dropout
+
+    def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
+        return attention_refusal(self.qkv.out_features // (3 * self.num_heads), x)
+
+    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
+    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b_, n, _ = x.shape
         wh, ww = self.window_size
         if n != wh * ww:

@@ -6,7 +6,7 @@ folders), ``distributed`` (torchrun), ``evaluate`` (top-1 / top-5), ``state`` (t
 """
 
 from .data import Data, digits_datasets, image_folder_datasets, load_data
-from .demo_model import DEMO_ASSET, build_swin, load_demo_model, small_swin, small_swin_config
+from ..io.demo_model import DEMO_ASSET, build_swin, load_demo_model, small_swin, small_swin_config
 from .distributed import Dist
 from .evaluate import evaluate, flush_denormals
 from .loop import train

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import save_pruned
+from ..io.checkpoint import save_pruned
 from ..errors import DimapError
-from ..masks import MaskHandle, removed_fraction
+from ..engine.masks import MaskHandle, removed_fraction
 from .data import Data
 from .distributed import Dist
 from .evaluate import evaluate, flush_denormals

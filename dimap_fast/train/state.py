@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_state_dict, save_atomic
+from ..io.checkpoint import load_state_dict, save_atomic
 from ..errors import DimapError
 
 MODEL_FILE = "model.safetensors"
