@@ -1,15 +1,14 @@
 """dimap-fast: DIMAP pruning (He & Zhou, ICLR 2024) for timm's Swin family."""
 
-from .engine.values import FlopsReduction, Method, Pattern
 from .arch import SWIN_MODULES
-from .errors import DimapError
 from .engine.flops import report
-from .engine.masks import MaskHandle, apply_masks, make_permanent
-from .nn import convert
+from .engine.masks import MaskHandle, Pruning, apply_masks, make_permanent
 from .engine.plan import Cutoff, Plan, compute_masks, plan
-from .prune import Pruning, prune_
-from .io.checkpoint import save_shrunk
-from .io.loading import load_shrunk
+from .engine.values import FlopsReduction, Method, Pattern
+from .errors import DimapError
+from .io.models import load_shrunk, save_shrunk
+from .nn import convert
+from .prune import prune_
 from .shrink import shrink
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 
 from .engine.values import FlopsReduction, Method, Pattern
 from .errors import DimapError, check_ratio
-from .engine.masks import MaskHandle, Pruning, apply_masks  # noqa: F401 - Pruning: the public name is here too
+from .engine.masks import MaskHandle, Pruning, apply_masks
 from .engine.plan import plan
 
 

@@ -1,4 +1,4 @@
-"""Turn a channel-pruned model into a physically smaller one (saved by io.checkpoint.save_shrunk).
+"""Turn a channel-pruned model into a physically smaller one (saved by io.models.save_shrunk).
 
 A hidden neuron whose output column (fc2's) is all zero adds nothing to the block's output,
 whatever its input row and bias hold; a head whose output-projection columns are all zero adds

@@ -67,7 +67,7 @@ def test_pytest_from_the_root_builds_hugging_face_swins(tmp_path):
 
 def test_the_console_script_from_the_root_rebuilds_a_hugging_face_swin(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from dimap_fast.io.checkpoint import save_shrunk
+    from dimap_fast.io.models import save_shrunk
 
     config = transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                        window_size=4)

@@ -8,8 +8,8 @@ import torch
 
 import dimap_fast
 from dimap_fast import DimapError
-from dimap_fast.io.checkpoint import save_shrunk
-from dimap_fast.io.loading import load_shrunk
+from dimap_fast.io.models import save_shrunk
+from dimap_fast.io.models import load_shrunk
 from dimap_fast.shrink import block_sizes, shrink
 
 CONFIG = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)

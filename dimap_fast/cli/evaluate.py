@@ -65,7 +65,7 @@ def recorded_data(path) -> dict | None:
     """The data settings a checkpoint written by finetune records, or None."""
     from safetensors import safe_open
 
-    from ..io.loading import decode_meta
+    from ..io.models import decode_meta
 
     if not str(path).endswith(".safetensors") or not Path(path).is_file():
         return None

@@ -106,7 +106,7 @@ def _check_prune_flags(args) -> None:
 
 def prepare(args, data_spec: str | None, max_train: int | None = None, split_seed: int = 0):
     """(Loaded model, Data) for a command's MODEL, --data and pruning flags."""
-    from ..io.loading import fit_head, load_model, model_image_size, prune_model
+    from ..io.models import fit_head, load_model, model_image_size, prune_model
     from ..train import load_data
 
     _check_prune_flags(args)
@@ -142,7 +142,7 @@ def _finetune(args, dist) -> int:
     import torch
 
     from ..io.checkpoint import save_atomic
-    from ..io.loading import build_model
+    from ..io.models import build_model
     from ..engine.masks import removed_fraction
     from ..train import DIGITS_RECIPE, MODEL_FILE, PAPER_RECIPE, STATE_FILE, Recipe, load_data, load_train_state, train
 

@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..engine.budget import check_budget_pattern, flops_metadata
     from ..io.checkpoint import check_output, save_pruned
     from ..errors import check_model_name
-    from ..io.loading import check_architecture, load_source, model_config
+    from ..io.models import check_architecture, load_source, model_config
     from ..engine.masks import prune_state
     from ..engine.plan import plan
 
@@ -79,8 +79,8 @@ def format_budget(p, target: float, chosen: float, shrunk: bool) -> str:
 
 
 def _prune_and_shrink(args, out) -> int:
-    from ..io.checkpoint import save_shrunk
-    from ..io.loading import load_source, model_config
+    from ..io.models import save_shrunk
+    from ..io.models import load_source, model_config
     from ..engine.plan import plan
     from ..shrink import block_sizes, shrink
 

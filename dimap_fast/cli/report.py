@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..io.checkpoint import is_shrunk
     from ..engine.flops import format_report, report, report_json
-    from ..io.loading import create_timm_model, demo_model_from_metadata, load_source
+    from ..io.models import create_timm_model, demo_model_from_metadata, load_source
 
     src = load_source(args.source, arch=args.model, need_model=True)
     rep = report(src.model if src.model is not None else src.state_dict, input_size=args.input_size)

@@ -27,7 +27,7 @@ from ..engine.values import METHODS, Pattern, as_pattern, check_reduction, suppo
 from ..errors import DimapError, check_choice, check_model_name, check_ratio
 from ..io.checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, remove_stale_temps,
                          safetensors_header, save_pruned, write_text_atomic)
-from ..io.loading import check_architecture
+from ..io.models import check_architecture
 
 SUMMARY = "summary.csv"
 
@@ -45,13 +45,13 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
           pattern: Pattern | str = "unstructured", block_size: int | None = None, flops_reductions=None) -> list[dict]:
     """Prune every source at every ratio (or FLOPs reduction) with every method; returns the summary rows.
 
-    pattern: a Pattern, or its name (with ``block_size`` for "block", as version 0.1 passed it).
+    pattern: a Pattern, or its name (with ``block_size`` for "block").
     """
     from tqdm import tqdm
 
     from ..engine.masks import prune_state
     from ..engine.plan import plan
-    from ..io.loading import load_source
+    from ..io.models import load_source
 
     by_flops = flops_reductions is not None
     if by_flops and ratios is not None:

@@ -37,7 +37,7 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
     Linears: the drop-ins' CPU inference path), as a pruned model would be deployed."""
     import copy
 
-    from ..io.loading import create_timm_model, demo_model_from_metadata
+    from ..io.models import create_timm_model, demo_model_from_metadata
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)

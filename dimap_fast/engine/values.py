@@ -110,7 +110,7 @@ class Pattern:
 
     @property
     def name(self) -> str:
-        """The name version 0.1 used, without the block size: "block", "2:4"."""
+        """The pattern's name without the block size: "block", "2:4" (the ``pattern=`` keyword's spelling)."""
         return f"{self.n}:{self.m}" if self.kind == "n:m" else self.kind
 
     @property
@@ -144,7 +144,7 @@ class Pattern:
 
 
 def as_pattern(pattern, block_size=None) -> Pattern:
-    """A Pattern from a value, or from version 0.1's (pattern name, block_size) pair."""
+    """A Pattern from a value, or from a (pattern name, block_size) pair as the keywords take them."""
     if isinstance(pattern, Pattern):
         if block_size is not None:
             raise DimapError(f"{pattern!r} carries its own block size: drop block_size={block_size!r}")

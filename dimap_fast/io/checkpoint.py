@@ -167,7 +167,7 @@ def check_fits(own: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...
                 f"{path} does not fit this architecture: {key} has shape {tuple(shape)}, "
                 f"the model expects {tuple(own[key])}; pass the right --model"
             )
-    # timm rebuilds the relative-position index from the window size; older files may lack it
+    # timm rebuilds the relative-position index from the window size, so a file need not hold it
     missing = [k for k in own if k not in shapes and not k.endswith("relative_position_index")]
     unexpected = [k for k in shapes if k not in own]
     if missing or unexpected:
@@ -354,42 +354,3 @@ def load_pruned(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
 
 def is_shrunk(metadata: dict[str, str]) -> bool:
     return metadata.get("format") == SHRUNK_FORMAT
-
-
-def save_shrunk(model: torch.nn.Module, path, arch: str | None = None, config: dict | None = None) -> Path:
-    """Weights plus the per-block sizes and the base architecture, so ``load_shrunk`` needs nothing else.
-
-    ``arch`` is a timm name; ``config`` what the model's adapter builds it from (a timm Swin's kwargs,
-    the demo's). Without either: timm's ``pretrained_cfg`` name, else the adapter's own record of the
-    model (a Hugging Face Swin's class and config). The adapter's name goes in with a config.
-    """
-    from ..arch import find_adapter
-    from ..shrink import block_sizes
-
-    adapter = find_adapter(model)
-    if arch is None and config is None:
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if not arch:
-            config = adapter.config_of(model)
-    if not arch and config is None:
-        raise DimapError("save_shrunk needs the base architecture: pass arch='swin_tiny_patch4_window7_224' or config=")
-    meta = {"format": SHRUNK_FORMAT, "block_sizes": json.dumps(block_sizes(model))}
-    if arch:
-        meta["timm_model"] = arch
-    if config is not None:
-        meta["model_config"] = json.dumps(config)
-        meta["adapter"] = adapter.name
-    return save_atomic(path, model.state_dict(), meta)
-
-
-def read_shrunk(path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]], dict[str, str]]:
-    """(weights, per-block sizes, metadata) of a file written by ``save_shrunk``."""
-    state, meta = load_state_dict(path)
-    if not is_shrunk(meta):
-        raise DimapError(f"{path} is not a shrunk model written by dimap-fast (no block sizes in it)")
-    try:
-        sizes = json.loads(meta["block_sizes"])
-        sizes = {str(k): {"heads": int(v["heads"]), "hidden": int(v["hidden"])} for k, v in sizes.items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DimapError(f"{path}: its block sizes are unreadable: the file is damaged; shrink the model again") from None
-    return state, sizes, meta

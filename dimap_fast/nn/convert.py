@@ -65,8 +65,7 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
     ``min_sparsity``: a Linear with fewer all-zero tiles than this stays dense, unmeasured.
     ``module_map``: which Linear weights may become sparse (default: the map of the model's family).
     ``choose``: "measured" (default) runs each Linear in the fastest format for its work;
-    "dense" keeps every nn.Linear; "kernel" (``SparseLinear`` wherever ``min_sparsity`` is met:
-    the rule before measuring), "bsr" or "2:4" force that format where it applies.
+    "dense" keeps every nn.Linear; "kernel" (``SparseLinear`` wherever ``min_sparsity`` is met), "bsr" or "2:4" force that format where it applies.
     ``example_input``: a batch like those the model will run, to learn each Linear's rows per
     call (default: one image of the model's input size, times ``batch_size``, default 32).
     ``table``: the ChoiceTable of timings (default: the cache file, see choice.py).
@@ -150,7 +149,7 @@ def _choose_linears(model, linears, block, min_sparsity, choose, table, example_
         row.block, sparsity = choose_block(lin.weight, block)
         row.tile_density = 1.0 - sparsity
         found = candidates_for(lin.weight, sparsity, min_sparsity)
-        if choose == "kernel":  # the rule before measuring: the kernel wherever it skips enough
+        if choose == "kernel":  # the kernel wherever it skips enough, unmeasured
             ok = sparsity >= min_sparsity and sparsity > 0
             row.chosen, row.note = ("kernel", "asked") if ok else ("dense", "below min_sparsity")
         elif choose != "measured":

@@ -120,18 +120,6 @@ def test_family_module_maps_claim_exactly_the_block_linears():
     assert find_adapter({"swin.encoder.layers.0.blocks.0.attention.q_proj.weight": 0}).name == "hf-swin"
 
 
-def test_timm_adapters_name_the_convert_drop_ins():
-    from timm.models import swin_transformer as timm_swin
-    from timm.models import swin_transformer_v2 as timm_v2
-
-    from dimap_fast.nn.swin_block import SwinBlock
-    from dimap_fast.nn.swinv2 import SwinV2Block
-
-    assert ADAPTERS["timm-swin"]().swaps()[timm_swin.SwinTransformerBlock] is SwinBlock
-    assert ADAPTERS["timm-swinv2"]().swaps()[timm_v2.SwinTransformerV2Block] is SwinV2Block
-    assert ADAPTERS["hf-swin"]().swaps() == {}
-
-
 def test_channel_refuses_a_map_that_splits_a_group():
     """A neuron is fc1's row and fc2's column together: a map holding fc1 alone cannot prune neurons."""
     from timm.models.swin_transformer import SwinTransformer

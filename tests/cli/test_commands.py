@@ -15,7 +15,7 @@ import dimap_fast
 from dimap_fast import Pattern
 from dimap_fast.cli import main
 from dimap_fast.cli.main import build_parser
-from dimap_fast.io.loading import load_shrunk, load_source
+from dimap_fast.io.models import load_shrunk, load_source
 from dimap_fast.shrink import block_sizes
 from dimap_fast.io.demo_model import build_swin
 

@@ -14,7 +14,7 @@ import torch
 
 from dimap_fast.errors import DimapError
 from dimap_fast.cli import main
-from dimap_fast.io.loading import load_model, prune_model
+from dimap_fast.io.models import load_model, prune_model
 from dimap_fast.engine.masks import MaskHandle, MaskLeakError
 from dimap_fast.train import MODEL_FILE, STATE_FILE, Recipe, load_data, load_train_state, make_scheduler, train
 from dimap_fast.train.distributed import Dist

@@ -9,8 +9,8 @@ import torch
 
 import dimap_fast
 from dimap_fast import DimapError
-from dimap_fast.io.checkpoint import SHRUNK_FORMAT, load_state_dict, read_shrunk, save_atomic, save_pruned, save_shrunk
-from dimap_fast.io.loading import check_architecture, load_into, load_shrunk, load_source
+from dimap_fast.io.checkpoint import SHRUNK_FORMAT, load_state_dict, save_atomic, save_pruned
+from dimap_fast.io.models import check_architecture, load_into, load_shrunk, load_source, read_shrunk, save_shrunk
 from dimap_fast.shrink import block_sizes, shrink
 
 PACKAGE = Path(dimap_fast.__file__).parent
@@ -81,7 +81,7 @@ def test_the_shipped_demo_checkpoint_loads_as_a_model():
 
 def test_the_shrunk_format_has_one_home():
     homes = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "dimap-fast/shrunk-1" in p.read_text()]
-    assert homes == ["checkpoint.py"]
+    assert homes == ["io/checkpoint.py"]
 
 
 @pytest.mark.parametrize("kind", ["hf-swin", "hf-swinv2"])
@@ -137,7 +137,7 @@ def test_one_home_for_the_input_size(tmp_path):
     transformers = pytest.importorskip("transformers")
     from dimap_fast.arch import find_adapter
     from dimap_fast.engine.flops import input_shape
-    from dimap_fast.io.loading import model_image_size
+    from dimap_fast.io.models import model_image_size
     from dimap_fast.train import small_swin
 
     timm_model = small_swin(image_size=32)

@@ -1,8 +1,9 @@
-"""The one model loader: what a user names (a timm name, a checkpoint, the shipped demo) as a model.
+"""Models in and out: what a user names (a timm name, a checkpoint, the shipped demo) as a model,
+and shrunk models saved with what rebuilds them (``save_shrunk``) and rebuilt (``load_shrunk``).
 
 Every command goes through here: ``load_source`` (prune, report, sweep, demo) and ``load_model``
 (finetune, eval) share the timm factory, the architecture check and the shrunk-model rebuild.
-The files themselves are read and written by ``checkpoint``.
+The tensor files themselves are read and written by ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..arch import find_adapter
-from .checkpoint import check_fits, is_shrunk, load_pruned, looks_like_path, read_shrunk
+from .checkpoint import (SHRUNK_FORMAT, check_fits, is_shrunk, load_pruned, load_state_dict, looks_like_path,
+                         save_atomic)
 from ..errors import DimapError, check_model_name
 
 
@@ -117,8 +119,46 @@ def check_architecture(shapes: dict[str, tuple[int, ...]], arch: str, path) -> N
 # ----------------------------------------------------------------------------- shrunk models
 
 
+def save_shrunk(model: torch.nn.Module, path, arch: str | None = None, config: dict | None = None) -> Path:
+    """Weights plus the per-block sizes and the base architecture, so ``load_shrunk`` needs nothing else.
+
+    ``arch`` is a timm name; ``config`` what the model's adapter builds it from (a timm Swin's kwargs,
+    the demo's). Without either: timm's ``pretrained_cfg`` name, else the adapter's own record of the
+    model (a Hugging Face Swin's class and config). The adapter's name goes in with a config.
+    """
+    from ..shrink import block_sizes
+
+    adapter = find_adapter(model)
+    if arch is None and config is None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not arch:
+            config = adapter.config_of(model)
+    if not arch and config is None:
+        raise DimapError("save_shrunk needs the base architecture: pass arch='swin_tiny_patch4_window7_224' or config=")
+    meta = {"format": SHRUNK_FORMAT, "block_sizes": json.dumps(block_sizes(model))}
+    if arch:
+        meta["timm_model"] = arch
+    if config is not None:
+        meta["model_config"] = json.dumps(config)
+        meta["adapter"] = adapter.name
+    return save_atomic(path, model.state_dict(), meta)
+
+
+def read_shrunk(path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]], dict[str, str]]:
+    """(weights, per-block sizes, metadata) of a file written by ``save_shrunk``."""
+    state, meta = load_state_dict(path)
+    if not is_shrunk(meta):
+        raise DimapError(f"{path} is not a shrunk model written by dimap-fast (no block sizes in it)")
+    try:
+        sizes = json.loads(meta["block_sizes"])
+        sizes = {str(k): {"heads": int(v["heads"]), "hidden": int(v["hidden"])} for k, v in sizes.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DimapError(f"{path}: its block sizes are unreadable: the file is damaged; shrink the model again") from None
+    return state, sizes, meta
+
+
 def load_shrunk(path) -> torch.nn.Module:
-    """Rebuild a model written by ``checkpoint.save_shrunk`` from the file alone, in eval mode.
+    """Rebuild a model written by ``save_shrunk`` from the file alone, in eval mode.
 
     The base model comes from the timm name the file records, or from the config it records, built
     by the adapter it names (timm Swin kwargs, a Hugging Face config and class): nothing is downloaded.
