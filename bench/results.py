@@ -17,6 +17,10 @@ def write_report(name: str, title: str, body: str, command: str) -> str:
 
     path = Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
+    import os
+
     today = datetime.date.today().isoformat()
-    write_text_atomic(path, f"# {title}\n\nMeasured {today} on {describe()}.\nMade by `{command}`.\n\n{body.rstrip()}\n")
+    load = os.getloadavg()[0]  # above the core count, other work shared the machine and timings swing
+    write_text_atomic(path, f"# {title}\n\nMeasured {today} on {describe()}; load average {load:.1f} at the end.\n"
+                            f"Made by `{command}`.\n\n{body.rstrip()}\n")
     return str(path)
