@@ -11,6 +11,7 @@ measured once on a synthetic weight of that shape and density (so one measuremen
 layer with the same key) and saved to ``linear_choices.json`` in the cache directory:
 ``$DIMAP_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/dimap_fast``, else ``~/.cache/dimap_fast``.
 A sparse candidate must beat dense by ``MARGIN`` to be chosen: timing noise never makes a layer slower.
+The kernel is not even a candidate where the static model says it cannot win (``kernel_can_win``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,22 @@ def build(kind: str, linear: nn.Linear, block: int) -> nn.Module:
     raise DimapError(f"unknown linear format {kind!r}: choose one of {', '.join(CANDIDATES)}")
 
 
+def kernel_can_win(out_features: int, in_features: int, density: float, dtype: torch.dtype) -> bool:
+    """Whether skipping tiles can beat dense by MARGIN on a GPU, by the static cost model's H100
+    constants: per row of x, both move (in + out) elements, dense does 2*in*out FLOPs (at cuBLAS's
+    share of the tensor peak) and the kernel ``density`` of them. Where dense is bound by its
+    bytes (Swin stage 1: K=128, the output write dominates), the kernel can only tie: no."""
+    from ..cost_model.hardware import H100
+
+    es = torch.empty((), dtype=dtype).element_size()
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "tf32")
+    if kind == "tf32" and torch.get_float32_matmul_precision() == "highest":
+        kind = "fp32"
+    flop_s = 2.0 * in_features * out_features / (H100.tensor_peak(kind) * H100.cublas_fraction)
+    byte_s = H100.memory_seconds((in_features + out_features) * es)
+    return max(flop_s, byte_s) / max(density * flop_s, byte_s) >= 1.0 / (1.0 - MARGIN)
+
+
 def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: float) -> list[str]:
     """The formats that can run this weight, in CANDIDATES order; dense always."""
     from .backend import kernels
@@ -142,7 +159,8 @@ def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: flo
     dev = weight.device
     if tile_sparsity >= min_sparsity and tile_sparsity > 0:
         if dev.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in (
-                torch.float32, torch.float16, torch.bfloat16):
+                torch.float32, torch.float16, torch.bfloat16) and kernel_can_win(
+                *weight.shape, 1.0 - tile_sparsity, weight.dtype):
             found.append("kernel")
         if weight.dtype in BSR_DTYPES.get(dev.type, ()):
             found.append("bsr")
