@@ -34,6 +34,7 @@ def unique_bytes(t: torch.Tensor) -> int:
 class _Tally:
     def __init__(self, gpu: Gpu):
         self.gpu, self.bytes, self.seconds, self.count, self.syncs = gpu, 0.0, 0.0, 0, 0
+        self.sort_bytes = 0.0  # the part of ``bytes`` that sorts moved
 
     def add(self, nbytes: float, flops: float = 0.0, dtype=torch.float16) -> None:
         peak = self.gpu.tensor_peak(_PEAK.get(dtype, "tf32"))
@@ -60,7 +61,10 @@ class _Bytes(TorchDispatchMode):
             a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
             flops = 2.0 * math.prod(a.shape) * b.shape[-1]
         dtype = tensors[0].dtype if tensors else torch.float16
-        self.tally.add(sum(unique_bytes(t) for t in tensors), flops, dtype)
+        nbytes = sum(unique_bytes(t) for t in tensors)
+        if func.overloadpacket in (aten.sort, aten.argsort):
+            self.tally.sort_bytes += nbytes
+        self.tally.add(nbytes, flops, dtype)
         return out
 
 
