@@ -4,11 +4,15 @@
   half of a block (timm's ``_attn`` from the normed tokens, gradients to the tokens and every
   parameter) against qkv Linear + fused kernel + proj, as SwinBlock trains;
 - ``speed.v2_attn.<stage>.fp16.fused_vs_eager``: SwinV2's cosine attention half, forward;
-- ``speed.model_attn.swin_b.fp16``: whole Swin-B, dense weights, inference: timm against the
-  converted model (the fused attention alone: nothing is sparse);
+- ``speed.model_attn.swin_b.fp16``: whole Swin-B, dense weights, inference: timm on its SDPA
+  path against the converted model (the fused attention alone: nothing is sparse); ``.vs_eager``
+  the same against timm's eager default, ``.vs_compile`` (an info job) against
+  ``torch.compile`` of timm's eager model;
 - ``speed.train.swin_b.fp16`` and ``speed.train_memory.swin_b.fp16``: one training step of Swin-B
-  under fp16 autocast (AdamW, batch 64): time ratio and peak-memory ratio, timm over ours (> 1:
-  ours is faster / smaller).
+  under fp16 autocast (AdamW, batch 64): time ratio and peak-memory ratio, timm on SDPA over ours
+  (> 1: ours is faster / smaller); ``.vs_eager`` the time against timm's eager default.
+Every "fused_vs_sdpa" / unsuffixed row is over timm's SDPA path (``fused_attn = True``); rows
+over timm's eager attention say so in their name.
 A dry run makes the same rows on tiny CPU shapes under the interpreter (values mean nothing).
 """
 
@@ -16,7 +20,8 @@ from __future__ import annotations
 
 import copy
 
-from gpu_check_steps import Ctx, Rows, small_swin, timm_swin_model
+from gpu_check_models import sdpa_path, small_swin, timm_swin_model
+from gpu_check_steps import Ctx, Rows
 
 # stage -> (resolution, channels, heads, window, batch)
 TRAIN_STAGES = {"swin_b.s1": (56, 128, 4, 7, 128), "swin_b384.s1": (96, 128, 4, 12, 32)}
@@ -41,9 +46,12 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
     import dimap_fast.nn as dnn
 
     dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dt])
+    t_sdpa = t_ours = None
     with rows.row(f"speed.attn_train.{stage}.{dt}.fused_vs_eager", "x") as c:
         timm_blk, x = _block(SwinTransformerBlock, TRAIN_STAGES[stage], _dev(ctx), dtype, ctx.dry)
         ours = dnn.SwinBlock.adopt(copy.deepcopy(timm_blk))
+        timm_blk.attn.fused_attn = False
+        sdpa_blk = sdpa_path(copy.deepcopy(timm_blk))
         x.requires_grad_(True)
         g = torch.randn_like(x)
 
@@ -57,8 +65,14 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
         with _triton(ctx):
             t_ours = timer.ms(step(ours))
         t_timm = timer.ms(step(timm_blk))
+        t_sdpa = timer.ms(step(sdpa_blk))
         c.value = t_timm / t_ours
         c.note = f"forward + backward of the attention half: timm eager {t_timm:.3f} ms, fused {t_ours:.3f} ms"
+    name = f"speed.attn_train.{stage}.{dt}.fused_vs_sdpa"
+    if t_sdpa is not None:
+        rows.add(name, t_sdpa / t_ours, "x", f"timm SDPA {t_sdpa:.3f} ms, fused {t_ours:.3f} ms")
+    else:
+        rows.add(name, None, "x", error=f"see speed.attn_train.{stage}.{dt}.fused_vs_eager")
 
 
 def v2_attention(rows: Rows, ctx: Ctx, timer, stage: str) -> None:
@@ -83,16 +97,43 @@ def swin_b_inference(rows: Rows, ctx: Ctx, timer) -> None:
 
     import dimap_fast.nn as dnn
 
+    eager_row = None
     with rows.row("speed.model_attn.swin_b.fp16", "x") as c, torch.inference_mode():
-        dense, x = _model(ctx, 128)
-        dense, x = dense.half(), x.half()
-        ours = dnn.convert(copy.deepcopy(dense))  # dense weights: only the attention changes
+        eager, x = _model(ctx, 128)
+        eager, x = eager.half(), x.half()
+        sdpa = sdpa_path(copy.deepcopy(eager))
+        ours = dnn.convert(copy.deepcopy(eager))  # dense weights: only the attention changes
         with _triton(ctx):
             t_ours = timer.ms(lambda: ours(x))
-        t_timm = timer.ms(lambda: dense(x))
+        t_sdpa = timer.ms(lambda: sdpa(x))
+        t_eager = timer.ms(lambda: eager(x))
         n = x.shape[0]
-        c.value = t_timm / t_ours
-        c.note = f"timm {n / t_timm * 1e3:.0f} img/s, fused attention {n / t_ours * 1e3:.0f} img/s; batch {n}"
+        c.value = t_sdpa / t_ours
+        c.note = f"timm SDPA {n / t_sdpa * 1e3:.0f} img/s, fused attention {n / t_ours * 1e3:.0f} img/s; batch {n}"
+        eager_row = t_eager / t_ours, f"eager comparison: timm eager {n / t_eager * 1e3:.0f} img/s"
+    _add_or_missing(rows, "speed.model_attn.swin_b.fp16.vs_eager", eager_row)
+
+
+def swin_b_compiled(rows: Rows, ctx: Ctx, timer) -> None:
+    """Info: the converted Swin-B against torch.compile of timm's eager model (minutes of
+    inductor on a cold machine: the last job, reported missing when no time is left)."""
+    import torch
+
+    import dimap_fast.nn as dnn
+
+    with rows.row("speed.model_attn.swin_b.fp16.vs_compile", "x", optional=True) as c:
+        if ctx.dry:
+            c.note = "not run in a dry run (compiles for minutes on a CPU)"
+            return
+        with torch.inference_mode():
+            eager, x = _model(ctx, 128)
+            eager, x = eager.half(), x.half()
+            ours = dnn.convert(copy.deepcopy(eager))
+            compiled = torch.compile(eager, dynamic=False)
+            t_compiled = timer.ms(lambda: compiled(x))
+            t_ours = timer.ms(lambda: ours(x))
+        c.value = t_compiled / t_ours
+        c.note = f"torch.compile(timm eager) {t_compiled:.1f} ms, fused attention {t_ours:.1f} ms; batch {x.shape[0]}"
 
 
 def swin_b_training(rows: Rows, ctx: Ctx, timer) -> None:
@@ -105,8 +146,9 @@ def swin_b_training(rows: Rows, ctx: Ctx, timer) -> None:
     with rows.row("speed.train.swin_b.fp16", "x") as c:
         timm_model, x = _model(ctx, 64)
         labels = torch.randint(0, timm_model.num_classes, (x.shape[0],), device=x.device)
-        for name in ("fused", "timm"):
-            model = dnn.convert(copy.deepcopy(timm_model)) if name == "fused" else timm_model
+        for name in ("fused", "sdpa", "eager"):
+            model = (dnn.convert(copy.deepcopy(timm_model)) if name == "fused" else
+                     sdpa_path(copy.deepcopy(timm_model)) if name == "sdpa" else timm_model)
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -122,14 +164,22 @@ def swin_b_training(rows: Rows, ctx: Ctx, timer) -> None:
                 peak = _peak_bytes(ctx, step)
             measured[name] = (t, peak)
             del model, opt
-        (t_f, p_f), (t_t, p_t) = measured["fused"], measured["timm"]
-        c.value = t_t / t_f
-        c.note = f"batch {x.shape[0]}, fp16 autocast, AdamW: timm {t_t:.1f} ms, fused {t_f:.1f} ms"
-    if measured.get("fused") and measured.get("timm"):
-        rows.add("speed.train_memory.swin_b.fp16", p_t / p_f if p_f else None, "x",
-                 f"peak memory of a step: timm {p_t / 2**30:.2f} GiB, fused {p_f / 2**30:.2f} GiB")
+        (t_f, p_f), (t_s, p_s), (t_e, _) = measured["fused"], measured["sdpa"], measured["eager"]
+        c.value = t_s / t_f
+        c.note = f"batch {x.shape[0]}, fp16 autocast, AdamW: timm SDPA {t_s:.1f} ms, fused {t_f:.1f} ms"
+    have = all(k in measured for k in ("fused", "sdpa", "eager"))
+    _add_or_missing(rows, "speed.train.swin_b.fp16.vs_eager",
+                    (t_e / t_f, f"eager comparison: timm eager {t_e:.1f} ms") if have else None)
+    _add_or_missing(rows, "speed.train_memory.swin_b.fp16",
+                    (p_s / p_f if p_f else None, f"peak memory of a step: timm SDPA {p_s / 2**30:.2f} GiB, "
+                     f"fused {p_f / 2**30:.2f} GiB") if have else None)
+
+
+def _add_or_missing(rows: Rows, name: str, value_note) -> None:
+    if value_note is None:
+        rows.add(name, None, "x", error="see the row this one is measured with")
     else:
-        rows.add("speed.train_memory.swin_b.fp16", None, "x", error="see speed.train.swin_b.fp16")
+        rows.add(name, value_note[0], "x", value_note[1])
 
 
 def _model(ctx: Ctx, batch: int):

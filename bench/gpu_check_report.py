@@ -20,6 +20,22 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def archive_logs(out: Path, logs: Path) -> None:
+    """Every step's log as one file, logs.tar.gz, replaced atomically (the folder stays small)."""
+    import tarfile
+
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".logs.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for log in sorted(logs.glob("*.log")):
+                tar.add(log, arcname=f"logs/{log.name}")
+        os.replace(tmp, out / "logs.tar.gz")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -75,8 +91,14 @@ def render_markdown(report: dict) -> str:
              f"- started {report['started']}, {report['seconds']:.0f} s",
              f"- **{met} of {len(targets)} targets met**",
              *([f"- break-even plot: {report['breakeven_plot']}"] if report.get("breakeven_plot") else []), "",
-             "| step | status | seconds | error |", "|---|---|---:|---|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['error'] or ''} |" for s in report["steps"]]
+             "Budgets are for a cold machine: work other than compiling plus the Triton compiles counted "
+             "for the step with nothing run (planned; at the estimated seconds each), beside those a real "
+             "run counted.", "",
+             "| step | status | seconds | budget s | compiles planned | compile s (est.) | compiles counted | error |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {_fmt(s.get('budget_s'))} | "
+              f"{_fmt(s.get('compiles_planned'))} | {_fmt(s.get('compile_s_estimate'))} | "
+              f"{_fmt(s.get('compiles_counted'))} | {s['error'] or ''} |" for s in report["steps"]]
     for step in dict.fromkeys(r["step"] for r in rows):
         lines += ["", f"## {step}", "", "| row | value | unit | target | met | note |", "|---|---:|---|---|---|---|"]
         for r in (r for r in rows if r["step"] == step):
@@ -93,7 +115,10 @@ def print_summary(report: dict, out: Path) -> None:
     ``kernels``) fold into one line when all are met, every speed target has a line."""
     print("\n" + ("DRY RUN (timings meaningless) " if report["dry_run"] else "") + f"summary, {report['card']}:")
     for s in report["steps"]:
-        print(f"  {s['name']:<9} {s['status']:<8} {s['seconds']:7.1f} s" + (f"  {s['error']}" if s["error"] else ""))
+        plan = (f"  budget {s['budget_s']} s, {s['compiles_planned']} compiles planned"
+                + (f", {s['compiles_counted']} counted" if s.get("compiles_counted") is not None else "")
+                if "budget_s" in s else "")
+        print(f"  {s['name']:<9} {s['status']:<8} {s['seconds']:7.1f} s{plan}" + (f"  {s['error']}" if s["error"] else ""))
     targets = [r for r in report["results"] if r["target"] is not None]
     groups: dict[str, list[dict]] = {}
     for r in targets:

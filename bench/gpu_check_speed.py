@@ -30,16 +30,13 @@ import time
 import traceback
 
 import gpu_check_attention as attn
-from gpu_check_steps import Ctx, Rows, block_prune_, small_swin, timm_swin_model, tiny_state
+import gpu_check_sparse as sparse
+from gpu_check_models import block_prune_, sdpa_path, small_swin, timm_swin_model, tiny_state
+from gpu_check_steps import Ctx, Rows
 
 BATCH = 128
 # stage -> (resolution, channels, heads) at 224, window 7, shift 3
 ATTN = {"swin_t.s1": (56, 96, 3), "swin_t.s3": (14, 384, 12), "swin_b.s1": (56, 128, 4), "swin_b.s3": (14, 512, 16)}
-# group -> (tokens per image, [(in, out)]): Swin-B's MLP and attention Linears at stages 1 and 3
-LINEAR = {"s1_mlp": (3136, [(128, 512), (512, 128)]), "s1_attn": (3136, [(128, 384), (128, 128)]),
-          "s3_mlp": (196, [(512, 2048), (2048, 512)]), "s3_attn": (196, [(512, 1536), (512, 512)])}
-TINY_LINEAR = {"s1_mlp": (64, [(64, 128), (128, 64)]), "s1_attn": (64, [(64, 192), (64, 64)]),
-               "s3_mlp": (32, [(64, 128), (128, 64)]), "s3_attn": (32, [(64, 192), (64, 64)])}
 MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_window7_224"}
 INFO_RESERVE_S = 25  # an info job starts only with this much time left (torch.compile: 3x)
 
@@ -85,41 +82,70 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
 
     torch.set_float32_matmul_precision("highest")  # fp32 rows: torch's default, no TF32
     s = Speed(rows, ctx)
-    # (target?, kind, job), targets first; a dry run keeps one info job of each kind
-    jobs = [(True, "plan", lambda: s.plan("swin_b")), (False, "plan", lambda: s.plan("swin_t"))]
-    jobs += [(True, "attn", lambda st=st: s.attention(st, "fp16")) for st in ATTN]
-    jobs += [(True, "linear", lambda g=g: s.linear(g, "fp16", [(64, 0.75)])) for g in ("s1_mlp", "s3_mlp")]
-    jobs += [(True, "model", lambda m=m, d=d: s.model(m, d)) for m, d in (("swin_b", "fp16"), ("swin_t", "fp16"),
-                                                                           ("swin_b", "fp32"), ("swin_t", "fp32"))]
-    jobs += [(True, "attn_train", lambda: attn.attention_train(rows, ctx, s.timer, "swin_b.s1", "fp16")),
-             (True, "v2_attn", lambda: attn.v2_attention(rows, ctx, s.timer, "swinv2_b.s1")),
-             (True, "model_attn", lambda: attn.swin_b_inference(rows, ctx, s.timer)),
-             (True, "train", lambda: attn.swin_b_training(rows, ctx, s.timer))]
+    lin = "speed.linear.{}.{}.b{}.t{}"
+    # (target?, kind, job, the rows it makes), targets first; a dry run keeps one info job of each kind
+    jobs = [(True, "plan", lambda: s.plan("swin_b"), ["speed.plan.swin_b"]),
+            (False, "plan", lambda: s.plan("swin_t"), ["speed.plan.swin_t"])]
+    jobs += [(True, "attn", lambda st=st: s.attention(st, "fp16"),
+              [f"speed.block_attn.{st}.fp16.fused_vs_{b}" for b in ("eager", "sdpa")]
+              + (["speed.attn_memory_floor.swin_b.s1.fp16"] if st == "swin_b.s1" else [])) for st in ATTN]
+    jobs += [(True, "linear", lambda g=g: sparse.linear(s, g, "fp16", [(64, 0.75)]), [lin.format(g, "fp16", 64, 75)])
+             for g in ("s1_mlp", "s3_mlp")]
+    jobs += [(True, "model", lambda m=m, d=d: s.model(m, d), [f"speed.model.{m}.{d}", f"speed.model.{m}.{d}.vs_eager"])
+             for m, d in (("swin_b", "fp16"), ("swin_t", "fp16"), ("swin_b", "fp32"), ("swin_t", "fp32"))]
+    jobs += [(True, "attn_train", lambda: attn.attention_train(rows, ctx, s.timer, "swin_b.s1", "fp16"),
+              [f"speed.attn_train.swin_b.s1.fp16.fused_vs_{b}" for b in ("eager", "sdpa")]),
+             (True, "v2_attn", lambda: attn.v2_attention(rows, ctx, s.timer, "swinv2_b.s1"),
+              ["speed.v2_attn.swinv2_b.s1.fp16.fused_vs_eager"]),
+             (True, "model_attn", lambda: attn.swin_b_inference(rows, ctx, s.timer),
+              ["speed.model_attn.swin_b.fp16", "speed.model_attn.swin_b.fp16.vs_eager"]),
+             (True, "train", lambda: attn.swin_b_training(rows, ctx, s.timer),
+              ["speed.train.swin_b.fp16", "speed.train.swin_b.fp16.vs_eager", "speed.train_memory.swin_b.fp16"])]
     # issue 14's end-to-end rows last among the targets: building the pruned models plans on the host
-    jobs += [(True, "e2e", lambda m=m: s.end_to_end(m)) for m in ("swin_b", "swin_t")]
-    jobs += [(False, "breakeven", lambda: s.breakeven("fp16"))]  # issue 14's plot: first of the info jobs
-    jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32")) for st in ATTN]
-    jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d))
+    jobs += [(True, "e2e", lambda m=m: s.end_to_end(m), [f"speed.e2e.{m}.fp16.{v}" for v in E2E_KEYS.values()])
+             for m in ("swin_b", "swin_t")]
+    be = [f"speed.breakeven.s3_mlp.{{}}.b{b}.{c}" for b in (16, 32, 64) for c in ("ours", "torch_bsr")]
+    jobs += [(False, "breakeven", lambda: sparse.breakeven(s, "fp16"),  # issue 14's plot: first of the info jobs
+              [n.format("fp16") for n in be] + ["speed.breakeven.s3_mlp.fp16.two_four"])]
+    jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32"),
+              [f"speed.block_attn.{st}.fp32.fused_vs_{b}" for b in ("eager", "sdpa")]) for st in ATTN]
+    jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d),
+              [f"speed.attn_train.{st}.{d}.fused_vs_{b}" for b in ("eager", "sdpa")])
              for st, d in (("swin_b384.s1", "fp16"), ("swin_b.s1", "bf16"), ("swin_b.s1", "fp32"))]
     rest16 = [(b, t) for b in (32, 64) for t in (0.5, 0.75) if (b, t) != (64, 0.75)]
-    jobs += [(False, "linear16", lambda g=g: s.linear(g, "fp16", ([] if g.endswith("mlp") else [(64, 0.75)]) + rest16))
-             for g in LINEAR]
-    jobs += [(False, "linear32", lambda g=g: s.linear(g, "fp32", [(32, 0.75), (64, 0.75)])) for g in LINEAR]
-    jobs += [(False, "breakeven_bf16", lambda: s.breakeven("bf16"))]
-    jobs += [(False, "compile", lambda st=st: s.compiled(st)) for st in ATTN]
-    seen = set()
-    for target, kind, job in jobs:
-        if not target and ctx.dry and kind in seen:
-            continue
+    for g in sparse.LINEAR:
+        combos = ([] if g.endswith("mlp") else [(64, 0.75)]) + rest16
+        jobs.append((False, "linear16", lambda g=g, c=combos: sparse.linear(s, g, "fp16", c),
+                     [lin.format(g, "fp16", b, round(t * 100)) for b, t in combos]))
+    jobs += [(False, "linear32", lambda g=g: sparse.linear(s, g, "fp32", [(32, 0.75), (64, 0.75)]),
+              [lin.format(g, "fp32", b, 75) for b in (32, 64)]) for g in sparse.LINEAR]
+    jobs += [(False, "breakeven_bf16", lambda: sparse.breakeven(s, "bf16"),
+              [n.format("bf16") for n in be] + ["speed.breakeven.s3_mlp.bf16.two_four"])]
+    jobs += [(False, "compile", lambda st=st: s.compiled(st), [f"speed.block_attn.{st}.fp16.fused_vs_compile"])
+             for st in ATTN]
+    jobs += [(False, "model_compile", lambda: attn.swin_b_compiled(rows, ctx, s.timer),
+              ["speed.model_attn.swin_b.fp16.vs_compile"])]
+    seen, selected = set(), []
+    for target, kind, job, names in jobs:
+        if target or not ctx.dry or kind not in seen:
+            selected.append((target, kind, job, names))
         seen.add(kind)
-        if not target and ctx.left() < INFO_RESERVE_S * (3 if kind == "compile" else 1):
-            print(f"skipping an info job: {ctx.left():.0f} s left", flush=True)
+    rows.plan([n for *_, names in selected for n in names])  # a row planned and not measured is reported missing
+    for target, kind, job, names in selected:
+        need = INFO_RESERVE_S * (3 if "compile" in kind else 1)
+        if not target and ctx.left() < need:
+            for name in names:  # reported, never dropped
+                rows.add(name, None, "", "missing", f"not measured: {ctx.left():.0f} s left of the step's budget, "
+                                                    f"this job starts with {need} s or more")
             continue
         try:
             job()
         except Exception:  # noqa: BLE001 - outside any row: that job's rows are reported missing
             traceback.print_exc()
             rows.failed = rows.failed or target
+
+
+E2E_KEYS = {"shrunk -30%": "shrunk30", "shrunk -50%": "shrunk50", "block 50%": "block50", "block 75%": "block75"}
 
 
 class Speed:
@@ -266,76 +292,46 @@ class Speed:
             c.note = f"torch.compile(block._attn) {t:.3f} ms (compiled in {took:.0f} s), fused {fused:.3f} ms"
         self._free()
 
-    # ---- block-sparse linear ----
-
-    def linear(self, group: str, dt: str, combos) -> None:
-        import torch
-        import torch.nn.functional as F
-
-        import dimap_fast.nn as dnn
-        from dimap_fast.kernels import block_sparse_linear, pack_block_sparse
-
-        tokens, shapes = (TINY_LINEAR if self.dry else LINEAR)[group]
-        m = tokens if self.dry else BATCH * tokens
-        dtype = self.dtypes[dt]
-        g = torch.Generator().manual_seed(0)
-        xs = {k: torch.randn(m, k, device=self.dev, dtype=dtype) for k in {k for k, _ in shapes}}
-        ws = {(k, n): (torch.randn(n, k, generator=g) * k ** -0.5).to(self.dev, dtype) for k, n in shapes}
-        bs = {n: torch.zeros(n, device=self.dev, dtype=dtype).normal_(0, 0.1) for _, n in shapes}
-        with torch.inference_mode():
-            dense = sum(self.timer.ms(lambda k=k, n=n: F.linear(xs[k], ws[k, n], bs[n])) for k, n in shapes)
-            for block, ratio in combos:
-                name = f"speed.linear.{group}.{dt}.b{block}.t{round(ratio * 100)}"
-                with self.rows.row(name, "x") as c:
-                    sparse, bsr, how = 0.0, 0.0, None
-                    for k, n in shapes:
-                        w = dnn.zero_smallest_tiles_(ws[k, n].clone(), ratio, block)
-                        packed = pack_block_sparse(w, block)
-                        sparse += self.timer.ms(lambda: block_sparse_linear(xs[k], packed, bs[n]))
-                        if bsr is None:
-                            continue
-                        try:
-                            how, fn = _torch_bsr(w, bs[n], block, xs[k])
-                            bsr += self.timer.ms(lambda: fn(xs[k]))
-                        except Exception as exc:  # noqa: BLE001 - torch's BSR support varies by dtype
-                            how, bsr = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:80]}", None
-                    c.value = dense / sparse
-                    b_txt = (f"torch BSR {how}" if bsr is None
-                             else f"torch BSR ({how}) {bsr:.3f} ms = {dense / bsr:.2f}x")
-                    c.note = (f"sparse {sparse:.3f} ms, F.linear {dense:.3f} ms, {b_txt}; {m} rows, "
-                              f"{' + '.join(f'{k}->{n}' for k, n in shapes)}")
-        del xs, ws
-        self._free()
-
     # ---- whole models ----
 
     def model(self, short: str, dt: str) -> None:
+        """The block-pruned model converted to the block-sparse kernel over the same model on
+        timm's SDPA path (the row) and on timm's eager default (the ``.vs_eager`` row)."""
         import torch
 
         import dimap_fast.nn as dnn
 
         dtype = self.dtypes[dt]
-        with self.rows.row(f"speed.model.{short}.{dt}", "x") as c:
+        name = f"speed.model.{short}.{dt}"
+        eager_row = None
+        with self.rows.row(name, "x") as c:
             if self.dry and dt in self.dry_models:  # one small Swin stands in for both models
-                c.value, c.note = self.dry_models[dt]
-                return
-            if self.dry:
-                dense, block, x = block_prune_(small_swin(16), 0.5, 16), 16, torch.randn(1, 3, 16, 16)
+                (c.value, c.note), eager_row = self.dry_models[dt]
             else:
-                dense = block_prune_(timm_swin_model(MODELS[short]).to(self.dev), 0.5, 32)
-                block, x = 32, torch.randn(BATCH, 3, 224, 224, device=self.dev)
-            dense = dense.to(self.dev, dtype)
-            conv = dnn.convert(copy.deepcopy(dense))
-            x = x.to(self.dev, dtype)
-            with torch.inference_mode(), self._backend():
-                t_dense = self.timer.ms(lambda: dense(x))
-                t_conv = self.timer.ms(lambda: conv(x))
-            n = x.shape[0]
-            c.value = t_dense / t_conv
-            c.note = (f"dense {n / t_dense * 1e3:.0f} img/s, converted {n / t_conv * 1e3:.0f} img/s; batch {n}, "
-                      f"50% of {block}x{block} tiles zeroed")
-            self.dry_models[dt] = c.value, c.note
-            del dense, conv
+                if self.dry:
+                    dense, block, x = block_prune_(small_swin(16), 0.5, 16), 16, torch.randn(1, 3, 16, 16)
+                else:
+                    dense = block_prune_(timm_swin_model(MODELS[short]).to(self.dev), 0.5, 32)
+                    block, x = 32, torch.randn(BATCH, 3, 224, 224, device=self.dev)
+                dense = dense.to(self.dev, dtype)
+                sdpa = sdpa_path(copy.deepcopy(dense))
+                conv = dnn.convert(copy.deepcopy(dense), block=block, choose="kernel")  # the kernel, not a choice
+                x = x.to(self.dev, dtype)
+                with torch.inference_mode(), self._backend():
+                    t_conv = self.timer.ms(lambda: conv(x))
+                    t_sdpa = self.timer.ms(lambda: sdpa(x))
+                    t_eager = self.timer.ms(lambda: dense(x))
+                n = x.shape[0]
+                c.value = t_sdpa / t_conv
+                c.note = (f"timm SDPA {n / t_sdpa * 1e3:.0f} img/s, converted {n / t_conv * 1e3:.0f} img/s; "
+                          f"batch {n}, 50% of {block}x{block} tiles zeroed, every prunable Linear on the kernel")
+                eager_row = (t_eager / t_conv, f"eager comparison: timm eager {n / t_eager * 1e3:.0f} img/s")
+                self.dry_models[dt] = (c.value, c.note), eager_row
+                del dense, sdpa, conv
+        if eager_row:
+            self.rows.add(f"{name}.vs_eager", eager_row[0], "x", eager_row[1])
+        else:
+            self.rows.add(f"{name}.vs_eager", None, "x", error=f"see {name}")
         self._free()
 
     # ---- issue 14's end-to-end rows and break-even sweep ----
@@ -347,7 +343,6 @@ class Speed:
 
         from end_to_end import VARIANTS, build_variants, timm_model
 
-        keys = {"shrunk -30%": "shrunk30", "shrunk -50%": "shrunk50", "block 50%": "block50", "block 75%": "block75"}
         prefix = f"speed.e2e.{short}.fp16"
         try:
             if self.dry:  # one small Swin (block 16 fits its 32/64 widths) stands in for both models
@@ -366,13 +361,13 @@ class Speed:
             traceback.print_exc()
             from gpu_check_steps import error_line
 
-            for v in keys.values():
+            for v in E2E_KEYS.values():
                 self.rows.add(f"{prefix}.{v}", None, "x", error=error_line(exc))
             self.rows.failed = True
             return
         n = x.shape[0]
         for v in VARIANTS[1:]:
-            with self.rows.row(f"{prefix}.{keys[v]}", "x") as c, torch.inference_mode(), self._backend():
+            with self.rows.row(f"{prefix}.{E2E_KEYS[v]}", "x") as c, torch.inference_mode(), self._backend():
                 t = self.timer.ms(lambda m=models[v]: m(x))
                 var, dense = built[v], built["dense"]
                 c.value = t_dense / t
@@ -381,87 +376,3 @@ class Speed:
                           f"params; batch {n}" + (f"; {var.note}" if var.note else ""))
         del models, built
         self._free()
-
-    def breakeven(self, dt: str) -> None:
-        """Speed-up over F.linear vs tile sparsity on Swin-B's stage-3 MLP, per block size, for the
-        block-sparse kernel and torch BSR (and 2:4 at 50%): one row per curve, its value the
-        break-even sparsity, its points in the row (gpu_check_report draws breakeven_gpu.png)."""
-        import torch
-
-        import breakeven as be
-        from gpu_check_steps import error_line
-
-        tokens, shapes = (TINY_LINEAR if self.dry else LINEAR)["s3_mlp"]
-        m, dtype = (tokens if self.dry else BATCH * tokens), self.dtypes[dt]
-        grid = (0.0, 0.5, 0.9) if self.dry else tuple(sorted(set(be.SPARSITIES + (0.75,))))
-        g = torch.Generator().manual_seed(1)
-        xs = [torch.randn(m, k, generator=g).to(self.dev, dtype) for k, _ in shapes]
-        prefix = f"speed.breakeven.s3_mlp.{dt}"
-        shape_txt = f"{m} rows, {' + '.join(f'{k}->{n}' for k, n in shapes)}"
-        with torch.inference_mode(), self._backend():
-            t_dense = self.timer.ms(be.dense_fn(be.tiled_weights(0.0, 16, dtype, self.dev, shapes), xs))
-            for block in be.BLOCKS:
-                for cand in ("ours", "torch_bsr"):
-                    name, points = f"{prefix}.b{block}.{cand}", {}
-                    try:
-                        how = (be.pick_bsr_way(block, dtype, self.dev, xs, self.timer.sync, shapes)
-                               if cand == "torch_bsr" else "Triton kernel")
-                        for s in grid:
-                            layers = be.tiled_weights(s, block, dtype, self.dev, shapes)
-                            fn = (be.ours_fn(layers, block, xs) if cand == "ours"
-                                  else be.bsr_fn(layers, block, how, xs))
-                            points[s] = t_dense / self.timer.ms(fn)
-                    except Exception as exc:  # noqa: BLE001 - an info row: the error is its result
-                        traceback.print_exc()
-                        self.rows.add(name, None, "tile sparsity", f"{cand}; {shape_txt}", error_line(exc))
-                        continue
-                    even = be.break_even(points)
-                    curve = ", ".join(f"{s:.0%} {v:.2f}x" for s, v in points.items())
-                    _add_row(self.rows, name, even, "tile sparsity",
-                             f"{how}; break-even {be.fmt_break_even(even)}; speed-up {curve}; F.linear "
-                             f"{t_dense:.3f} ms; {shape_txt}", {f"{s:g}": v for s, v in points.items()})
-            try:
-                sparse, dense = be.two_four_fn(dtype, self.dev, xs, shapes)
-                value, note = self.timer.ms(dense) / self.timer.ms(sparse), f"to_sparse_semi_structured; {shape_txt}"
-                _add_row(self.rows, f"{prefix}.two_four", value, "x", note, {"0.5": value})
-            except Exception as exc:  # noqa: BLE001 - needs sm80+ and torch's fp16/bf16 2:4 kernels
-                self.rows.add(f"{prefix}.two_four", None, "x", f"2:4 at 50%; {shape_txt}", error_line(exc))
-        del xs
-        self._free()
-
-
-def _add_row(rows: Rows, name: str, value, unit: str, note: str, points: dict) -> None:
-    """``rows.add`` plus the curve's points ({sparsity: speed-up}), which the report draws."""
-    import json
-    import os
-
-    row = {"name": name, "value": value, "unit": unit, "note": note, "points": points}
-    fd = os.open(rows.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row) + "\n").encode())
-    finally:
-        os.close(fd)
-    print(f"  {name} = {value} {unit}  ({note})", flush=True)
-
-
-def _torch_bsr(w, bias, block: int, x):
-    """(how, fn): the first way torch multiplies by a BSR weight here that gives F.linear's result."""
-    import torch
-    import torch.nn.functional as F
-
-    bsr = w.to_sparse_bsr((block, block))
-    ways = [("F.linear", lambda x: F.linear(x, bsr, bias)),
-            ("torch.sparse.mm", lambda x: torch.sparse.mm(bsr, x.t()).t() + bias),
-            ("torch.addmm", lambda x: torch.addmm(bias[:, None], bsr, x.t()).t())]
-    want = F.linear(x[:256].float(), w.float(), bias.float())
-    last = None
-    for how, fn in ways:
-        try:
-            got = fn(x)[:256].float()
-        except Exception as exc:  # noqa: BLE001
-            last = exc
-            continue
-        if float((got - want).norm() / want.norm()) < 2e-2:
-            return how, fn
-        last = RuntimeError(f"{how} gives a different result")
-    raise last

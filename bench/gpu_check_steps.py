@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +22,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpu_check_models import block_prune_, small_swin, timm_swin_model, tiny_state
+
 ROOT = Path(__file__).resolve().parents[1]
-PRUNABLE = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 # ---- plumbing ----
@@ -65,14 +67,23 @@ class Rows:
             row["note"] = note
         if error:
             row["error"] = error
+        self._write(row)
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {name} = {shown} {unit}" + (f"  ({note})" if note else "") + (f"  ERROR {error}" if error else ""),
+              flush=True)
+
+    def plan(self, names: list[str]) -> None:
+        """Name the rows this step sets out to measure: the driver reports any it did not make
+        (the step crashed or was killed first) as missing with the step's error."""
+        self._write({"name": f"{names[0].split('.')[0]}.planned_rows", "value": len(names), "unit": "rows",
+                     "planned": names})
+
+    def _write(self, row: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (json.dumps(row) + "\n").encode())
         finally:
             os.close(fd)
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        print(f"  {name} = {shown} {unit}" + (f"  ({note})" if note else "") + (f"  ERROR {error}" if error else ""),
-              flush=True)
 
     @contextlib.contextmanager
     def row(self, name: str, unit: str, optional: bool = False):
@@ -100,81 +111,46 @@ def run_step(args) -> int:
     else:
         fn = {"tests": step_tests, "plan": step_plan, "convert": step_convert, "finetune": step_finetune}[args.step]
     print(f"step {args.step}{' (dry run)' if ctx.dry else ''}, {ctx.left():.0f} s", flush=True)
+    from gpu_check_compiles import count_compiles
+
+    compiles = count_compiles()
     try:
         fn(rows, ctx)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 3
+    finally:
+        if compiles() is not None and not (args.step == "kernels" and ctx.parts is None):
+            rows.add(f"{args.step}.compiles" + (f".{ctx.parts}" if ctx.parts else ""), compiles(), "compiles",
+                     "triton compiles in this process (its jit_cache_hook)")
     return 1 if rows.failed else 0
 
 
 def run_bounded(cmd, timeout: float, **kw) -> tuple[int | None, str]:
-    """(exit code or None on timeout, stdout + stderr) of ``cmd``; past the timeout it gets
-    SIGTERM (torchrun passes that on to its workers), then SIGKILL."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    """(exit code or None on timeout, stdout + stderr) of ``cmd``, in a process group of its own;
+    past the timeout the whole group (torchrun and its workers, pytest and its xdist workers) gets
+    SIGTERM, then SIGKILL."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out + err
     except subprocess.TimeoutExpired:
-        proc.terminate()
+        _signal_group(proc, signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=10)
+            out, err = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             out, err = proc.communicate()
+        _signal_group(proc, signal.SIGKILL)  # a worker that outlived its launcher
         return None, (out or "") + (err or "")
 
 
-def tiny_state(seed: int = 0, dims=(8, 16)) -> dict:
-    """A small state dict with Swin parameter names, with ties and zeros as checkpoints have."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for i, c in enumerate(dims):
-        for b in range(2):
-            p = f"layers.{i}.blocks.{b}."
-            for name, shape in (("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)), ("mlp.fc1", (4 * c, c)),
-                                ("mlp.fc2", (c, 4 * c))):
-                sd[f"{p}{name}.weight"] = torch.randn(shape, generator=g)
-    sd["layers.0.blocks.0.mlp.fc2.weight"] = torch.round(sd["layers.0.blocks.0.mlp.fc2.weight"] * 2) / 2
-    sd["layers.1.blocks.0.mlp.fc1.weight"][:4] = 0
-    return sd
-
-
-def small_swin(img_size: int = 16, seed: int = 0):
-    """The small Swin of tests/nn/test_modules.py (two stages, window 4), eval mode."""
-    import torch
-    from timm.models import swin_transformer as timm_swin
-
-    torch.manual_seed(seed)
-    model = timm_swin.SwinTransformer(img_size=img_size, patch_size=2, window_size=4, embed_dim=32,
-                                      depths=(2, 2), num_heads=(2, 4), num_classes=10)
-    return model.eval()
-
-
-def block_prune_(model, ratio: float = 0.5, block: int = 32):
-    """Zero the smallest BxB tiles of every prunable Linear, and make the bias tables matter."""
-    import torch
-    from torch import nn
-
-    import dimap_fast.nn as dnn
-
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and name.endswith(PRUNABLE):
-                dnn.zero_smallest_tiles_(mod.weight, ratio, block)
-            if hasattr(mod, "relative_position_bias_table"):
-                mod.relative_position_bias_table.normal_()
-    return model
-
-
-def timm_swin_model(name: str, seed: int = 0):
-    import timm
-    import torch
-
-    torch.manual_seed(seed)
-    return timm.create_model(name).eval()
+def _signal_group(proc, sig) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 # ---- tests: the GPU subset of the test suite ----
@@ -183,7 +159,11 @@ _PROGRESS = re.compile(r"^([.FEsxX]+)\s*(\[\s*\d+%\])?$")
 
 
 def step_tests(rows: Rows, ctx: Ctx) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
+    """The GPU subset: none may fail or skip, and every collected test passes (a test that
+    skips on a GPU host is a check that did not run)."""
+    from gpu_check_compiles import TESTS_WORKERS
+
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
     if ctx.dry:  # the interpreter run of these tests is part of `make test` already
         cmd.insert(3, "--collect-only")
     else:
@@ -191,7 +171,7 @@ def step_tests(rows: Rows, ctx: Ctx) -> None:
         if importlib.util.find_spec("xdist") is not None:
             # Triton compiles each kernel variant on first use, one at a time per process: spread
             # the tests over the GPU machine's cores (they share the one GPU).
-            cmd[3:3] = ["-n", "8"]
+            cmd[3:3] = ["-n", str(TESTS_WORKERS)]
     timeout = max(10.0, ctx.left() - 3)
     t0 = time.time()
     rc, out = run_bounded(cmd, timeout, cwd=ROOT)
@@ -205,25 +185,36 @@ def step_tests(rows: Rows, ctx: Ctx) -> None:
             c.value = int(m.group(1)) if m else 0
             c.note = f"pytest --collect-only -m gpu, {time.time() - t0:.0f} s"
         return
-    summary = [l for l in out.splitlines() if re.search(r"\b(passed|failed|errors?|no tests ran)\b", l)
+    summary = [l for l in out.splitlines() if re.search(r"\b(passed|failed|errors?|skipped|no tests ran)\b", l)
                and re.search(r" in [\d.]+s", l)]
+    items = re.search(r"\[(\d+) items?\]", out)  # xdist's "N workers [M items]"
     if late:
         prog = "".join(m.group(1) for m in map(_PROGRESS.match, out.splitlines()) if m)
+        why = f"pytest timed out after {timeout:.0f} s"
         rows.add("tests.failed", prog.count("F") + prog.count("E"), "tests",
-                 f"{prog.count('.')} passed before the timeout", f"pytest timed out after {timeout:.0f} s")
+                 f"{prog.count('.')} passed before the timeout", why)
+        for name in ("tests.skipped", "tests.not_passed"):
+            rows.add(name, None, "tests", "missing: the run did not finish", why)
         rows.failed = True
         return
-    counts = {k: 0 for k in ("passed", "failed", "error", "skipped")}
-    for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary[-1] if summary else ""):
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "deselected")}
+    for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)",
+                              summary[-1] if summary else ""):
         counts[kind.rstrip("s") if kind.startswith("error") else kind] += int(n)
     failed_names = [l.split()[1] for l in out.splitlines() if l.startswith(("FAILED ", "ERROR "))][:5]
+    skipped_why = [l for l in out.splitlines() if l.startswith("SKIPPED ")][:3]
+    ran = sum(v for k, v in counts.items() if k != "deselected")
+    collected = int(items.group(1)) if items else ran
     with rows.row("tests.failed", "tests") as c:
         if rc not in (0, 1):
             raise RuntimeError(f"pytest exit {rc}: {_tail(out)}")
         c.value = counts["failed"] + counts["error"]
         c.note = (f"{counts['passed']} passed, {counts['skipped']} skipped, {time.time() - t0:.0f} s"
                   + (f"; failed: {', '.join(failed_names)}" if failed_names else ""))
+    rows.add("tests.skipped", counts["skipped"], "tests", "; ".join(skipped_why) or None)
+    rows.add("tests.collected", collected, "tests", "selected by -m gpu" + ("" if items else " (sum of outcomes)"))
     rows.add("tests.passed", counts["passed"], "tests")
+    rows.add("tests.not_passed", collected - counts["passed"], "tests", "collected less passed")
 
 
 def _tail(text: str) -> str:
@@ -280,8 +271,10 @@ def step_convert(rows: Rows, ctx: Ctx) -> None:
         model, block, dev = block_prune_(small_swin(16), 0.5, 16), 16, "cpu"
         x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     else:
+        from gpu_check_compiles import CONVERT_BATCH
+
         model, block, dev = block_prune_(timm_swin_model("swin_tiny_patch4_window7_224"), 0.5, 32), 32, "cuda"
-        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(CONVERT_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.set_float32_matmul_precision("highest")
         ref32 = copy.deepcopy(model).to(dev)(x.to(dev)).double()
@@ -290,9 +283,12 @@ def step_convert(rows: Rows, ctx: Ctx) -> None:
         with rows.row(f"convert.swin_t.{variant}", "max abs err / max |logit|") as c:
             torch.set_float32_matmul_precision(precision)
             dense = copy.deepcopy(model).to(dev, dtype)
-            conv = dnn.convert(copy.deepcopy(dense))
+            # the kernel is what this checks: convert's measured per-layer choice could keep F.linear
+            conv = dnn.convert(copy.deepcopy(dense), block=block, choose="kernel")
             n_sparse = sum(isinstance(m, dnn.SparseLinear) for m in conv.modules())
             n_blocks = sum(isinstance(m, dnn.SwinBlock) for m in conv.modules())
+            if n_sparse == 0:
+                raise RuntimeError("convert(choose='kernel') made no SparseLinear: the kernel was not checked")
             with torch.inference_mode(), dnn.backend("triton"):  # the kernels, never a silent torch path
                 want = dense(x.to(dev, dtype)).double()
                 got = conv(x.to(dev, dtype)).double()

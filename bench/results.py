@@ -1,6 +1,12 @@
-"""Benchmarks record their best times here; summary tests turn them into ratios of one run."""
+"""Benchmarks record their best times here; summary tests turn them into ratios of one run and
+write what they measured to docs/bench/, where the README quotes it."""
+
+import datetime
+import os
+from pathlib import Path
 
 RESULTS: dict[str, float] = {}
+REPORTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 
 def record(key: str, benchmark) -> None:
@@ -8,15 +14,13 @@ def record(key: str, benchmark) -> None:
 
 
 def write_report(name: str, title: str, body: str, command: str) -> str:
-    """docs/bench/<name>.md: what a bench measured, with its date, machine and command (the README quotes it)."""
-    import datetime
-    from pathlib import Path
-
-    from dimap_fast.io.checkpoint import write_text_atomic
+    """docs/bench/<name>.md: what a bench measured, with its date, machine and command."""
+    from dimap_fast.atomic import write_text_atomic
     from dimap_fast.host import describe
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    REPORTS.mkdir(parents=True, exist_ok=True)
     today = datetime.date.today().isoformat()
-    write_text_atomic(path, f"# {title}\n\nMeasured {today} on {describe()}.\nMade by `{command}`.\n\n{body.rstrip()}\n")
+    load = os.getloadavg()[0]  # above the core count, other work shared the machine and timings swing
+    path = write_text_atomic(REPORTS / f"{name}.md", f"# {title}\n\nMeasured {today} on {describe()}; load "
+                             f"average {load:.1f} at the end.\nMade by `{command}`.\n\n{body.rstrip()}\n")
     return str(path)

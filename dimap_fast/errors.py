@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 
-
 class DimapError(ValueError):
     """Bad input: the message says what is wrong and what to do, on one line."""
 
@@ -42,3 +41,13 @@ def check_model_name(name) -> str:
         raise DimapError(f"unknown model name {name!r}{hint}: see timm.list_models('swin*')")
     return name
 
+
+def short_reason(exc: BaseException, limit: int = 100, sentence: bool = True) -> str:
+    """What went wrong in a library's exception, short enough for one line of a DimapError: an
+    OSError's strerror, else its message's first sentence (``sentence``), cut at ``limit``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if sentence:
+        text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -91,6 +91,18 @@ class LaunchConfig:
         return cls(kernel, name, sig, dict(constexprs), num_warps, num_stages)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One launch a launcher would make for given shapes, for reading its compiled code without
+    a GPU: the compile (``config``), the grid, and every non-constexpr argument's value (a
+    number, or for a pointer the (shape, dtype) of the tensor it points to). A launch
+    specializes integers equal to 1 and multiples of 16 on these values."""
+
+    config: LaunchConfig
+    grid: tuple
+    args: dict
+
+
 def interpreting(kernel) -> bool:
     """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"

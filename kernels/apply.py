@@ -3,19 +3,20 @@
 Rule per layer l: keep |w| > cut[l]; of the weights with |w| == cut[l], keep the first
 keep[l] - count(|w| > cut[l]) by flat index; zero the rest.
 
-Two launches over layer-aligned blocks: ``_count_block`` counts > and == per block; torch turns
-those into each block's tie quota (integer scans: exact); ``_apply_block`` keeps its block's
-first ``quota`` ties, writes the mask, zeroes the dropped weights and counts what it kept.
+Two launches over layer-aligned blocks of every layer at once: ``_count_block`` counts > and ==
+per block; torch turns those into each block's tie quota (integer scans: exact); ``_apply_block``
+keeps its block's first ``quota`` ties, writes the mask, zeroes the dropped weights (or, for masks
+only, leaves them) and counts what it kept.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._common import (
     FLOAT_DTYPES,
     LaunchConfig,
-    block_table,
     check_1d,
     check_block,
     check_offsets,
@@ -53,7 +54,7 @@ def _count_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, gt_p
 
 @triton.jit
 def _apply_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, quota_ptr, mask_ptr,
-                 kept_ptr, BLOCK: tl.constexpr):
+                 kept_ptr, BLOCK: tl.constexpr, ZERO: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blk_layer_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
@@ -68,7 +69,8 @@ def _apply_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, quot
     tie_rank = tl.cumsum(eq, 0) - eq  # ties before this one in the block (integers: exact)
     keep = valid & ((a > cut) | ((eq != 0) & (tie_rank < quota)))
     tl.store(mask_ptr + idx, keep.to(tl.uint8), mask=valid)
-    tl.store(w_ptr + idx, tl.zeros_like(w), mask=valid & ~keep)
+    if ZERO:
+        tl.store(w_ptr + idx, tl.zeros_like(w), mask=valid & ~keep)
     tl.store(kept_ptr + pid, tl.sum(keep.to(tl.int64), 0))
 
 
@@ -84,6 +86,56 @@ def _check(w, offsets, cut, keep):
     return offsets_host
 
 
+class ApplyTables:
+    """The block table of some layer sizes, built on the host once (no device reads) and kept."""
+
+    def __init__(self, sizes, device, block: int):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        nblk = -(-sizes // block)
+        blk_off = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(nblk, out=blk_off[1:])
+        offsets = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        layer = np.repeat(np.arange(sizes.size), nblk)
+        start = offsets[layer] + (np.arange(layer.size) - blk_off[layer]) * block
+        self.block, self.layers, self.blocks, self.n = block, int(sizes.size), int(layer.size), int(offsets[-1])
+        put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        self.offsets, self.blk_layer, self.blk_start = put(offsets), put(layer.astype(np.int32)), put(start)
+        self.blk_layer_l, self.layer_first_blk = put(layer), put(blk_off[:-1].copy())
+
+
+def default_tables(sizes, device) -> ApplyTables:
+    return ApplyTables(sizes, device, default_block(_apply_block, _GPU_BLOCK, _INTERP_BLOCK))
+
+
+def cut_from_tables(w: torch.Tensor, t: ApplyTables, cut: torch.Tensor, keep: torch.Tensor, *,
+                    zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_cutoffs without the checks: ``t`` fits ``w``, cut and keep are on its device.
+    ``zero=False`` only writes the mask."""
+    dev = w.device
+    nb, nl = t.blocks, t.layers
+    gt = torch.empty(nb, dtype=torch.int64, device=dev)
+    eq = torch.empty_like(gt)
+    mask = torch.empty(w.numel(), dtype=torch.uint8, device=dev)
+    kept_blk = torch.empty_like(gt)
+    warps = _block_warps(t.block)
+    with device_guard(dev):
+        _count_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, gt, eq, BLOCK=t.block,
+                            num_warps=warps)
+        # Ties of earlier blocks of the same layer; an inclusive global scan minus the layer's
+        # base is fine here because integers do not round.
+        eq_incl = torch.cumsum(eq, 0)
+        layer_base = (eq_incl - eq)[t.layer_first_blk]
+        eq_before = eq_incl - eq - layer_base[t.blk_layer_l]
+        gt_layer = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, t.blk_layer_l, gt)
+        need = (keep - gt_layer).clamp_min(0)
+        quota = (need[t.blk_layer_l] - eq_before).clamp_min(0)
+        _apply_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, quota, mask, kept_blk,
+                            BLOCK=t.block, ZERO=zero, num_warps=warps)
+    kept = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, t.blk_layer_l, kept_blk)
+    return mask.view(torch.bool), kept
+
+
 def apply_cutoffs(w: torch.Tensor, offsets: torch.Tensor, cut: torch.Tensor, keep: torch.Tensor,
                   *, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero pruned weights of flat ``w`` in place; return (bool mask, int64 kept per layer)."""
@@ -93,33 +145,8 @@ def apply_cutoffs(w: torch.Tensor, offsets: torch.Tensor, cut: torch.Tensor, kee
     check_runnable(_apply_block, w.device, "apply_cutoffs")
     block = check_block(block_size or default_block(_apply_block, _GPU_BLOCK, _INTERP_BLOCK))
     dev = w.device
-    nl = offsets_host.numel() - 1
-    offs = offsets.to(dev)
-    cut = cut.to(dev).contiguous()
-    keep = keep.to(dev)
-    blk_layer, blk_start, blk_off = block_table(offsets_host, block, dev)
-    nb = blk_layer.numel()
-    gt = torch.empty(nb, dtype=torch.int64, device=dev)
-    eq = torch.empty_like(gt)
-    mask = torch.empty(w.numel(), dtype=torch.uint8, device=dev)
-    kept_blk = torch.empty_like(gt)
-    blk_layer_l = blk_layer.long()
-    warps = _block_warps(block)
-    with device_guard(dev):
-        _count_block[(nb,)](w, offs, blk_layer, blk_start, cut, gt, eq, BLOCK=block,
-                            num_warps=warps)
-        # Ties of earlier blocks of the same layer; an inclusive global scan minus the layer's
-        # base is fine here because integers do not round.
-        eq_incl = torch.cumsum(eq, 0)
-        layer_base = (eq_incl - eq)[blk_off[:-1]]
-        eq_before = eq_incl - eq - layer_base[blk_layer_l]
-        gt_layer = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, blk_layer_l, gt)
-        need = (keep - gt_layer).clamp_min(0)
-        quota = (need[blk_layer_l] - eq_before).clamp_min(0)
-        _apply_block[(nb,)](w, offs, blk_layer, blk_start, cut, quota, mask, kept_blk,
-                            BLOCK=block, num_warps=warps)
-    kept = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, blk_layer_l, kept_blk)
-    return mask.view(torch.bool), kept
+    t = ApplyTables(np.diff(offsets_host.numpy()), dev, block)
+    return cut_from_tables(w, t, cut.to(dev).contiguous(), keep.to(dev), zero=True)
 
 
 def apply_cutoffs_reference(w: torch.Tensor, offsets: torch.Tensor, cut: torch.Tensor,
@@ -155,7 +182,8 @@ def launch_configs() -> list[LaunchConfig]:
         out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}",
                                    dict(table, w_ptr=w, gt_ptr=i64, eq_ptr=i64),
                                    dict(BLOCK=_GPU_BLOCK), warps))
-        out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label}",
-                                   dict(table, w_ptr=w, quota_ptr=i64, mask_ptr=pointer(torch.uint8),
-                                        kept_ptr=i64), dict(BLOCK=_GPU_BLOCK), warps))
+        for zero in (True, False):
+            out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label} ZERO={zero}",
+                                       dict(table, w_ptr=w, quota_ptr=i64, mask_ptr=pointer(torch.uint8),
+                                            kept_ptr=i64), dict(BLOCK=_GPU_BLOCK, ZERO=zero), warps))
     return out

@@ -1,31 +1,33 @@
-"""DIMAP / LAMP scores of a module: sq_j / (sq_0 + ... + sq_j) per layer, in float64.
+"""DIMAP / LAMP scores of many layers at once: sq_j / S_j per layer, in float64.
 
-Three launches over layer-aligned blocks (a block never crosses a layer boundary):
+S_j, the float64 sum of a layer's squares up to rank j, has one summation order, shared bit for
+bit with the CPU plan (dimap_fast.scores), so the two paths cut at the same weights even where a
+score sits within an ulp of a threshold. Ranks fall in blocks of ``BLOCK`` and blocks in groups
+of ``GROUP``; every sum runs left to right: p_j the squares of j's block up to j, T_k a block's
+total, q_k the totals of the earlier blocks of its group, U_g a group's total, R_g the U of the
+layer's earlier groups, and S_j = R_g + (q_k + p_j). S never decreases along the ranks (at a
+block's end q_k + T_k is q_{k+1}, at a group's end R_g + U_g is R_{g+1}), so scores never rise.
 
-1. ``_block_totals``: per block, the float64 in-block prefix sum of squares; store its maximum.
-2. ``_layer_carries`` (one program per layer, tiny): per block, the float64 prefix of the
-   earlier blocks' totals (the carry) and the running maximum of (carry + block total).
-3. ``_block_scores``: recompute the in-block prefix, add the carry, divide.
-
-A parallel scan's association differs from element to element, so its float64 prefixes can
-step down by an ulp. Selection relies on scores being non-increasing in rank, so the prefix
-S is forced non-decreasing with exact running maxima (in-block cummax, then the cross-block
-maximum from launch 2). That changes S by at most its own rounding error.
+Three launches whatever the layer count, over layer-aligned groups (a group never crosses a layer):
+1. ``_group_sums``: a program per group, a lane per block summing its 64 squares in order; then
+   q by a left-to-right pass over the lanes, and U.
+2. ``_layer_tops``: a program per layer, R by a left-to-right pass over its groups' U.
+3. ``_group_scores``: the block sums again, S = R + (q + p), the score.
+A left-to-right pass over lanes extracts one lane at a time with a masked sum: adding zeros to
+one value is exact, so the order stays the one above.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._common import (
     FLOAT_DTYPES,
     LaunchConfig,
-    block_table,
     check_1d,
-    check_block,
     check_offsets,
     check_runnable,
-    default_block,
     device_guard,
     interpreting,
     pointer,
@@ -33,146 +35,176 @@ from ._common import (
     triton,
 )
 
-_GPU_BLOCK = 2048  # 8 warps: ~90 registers, two programs per SM, no spills (ptxas sm_90a)
-_GPU_CHUNK = 1024  # blocks per carry step; three steps cover a 4.2M-weight layer
-_INTERP_BLOCK = 128
-_INTERP_CHUNK = 16
-_CARRY_WARPS = 4
-# The interpreter's cumsum is numpy's sequential accumulate, already monotone on non-negative
-# input, and its generic scan calls the combine function once per element in Python; so the
-# in-block cummax is skipped there unless a test forces it.
-_FORCE_CUMMAX = False
-
-
-def _block_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+BLOCK = 64  # ranks per block: part of the summation order (dimap_fast.scores.BLOCK)
+GROUP = 64  # blocks per group: part of the summation order (dimap_fast.scores.GROUP)
+_GROUP_WARPS = 2  # a lane per block: 64 lanes
+_TOPS_CHUNK = 64
+_INTERP_TOPS_CHUNK = 8  # the interpreter pays per operation: fewer lanes, same order
 
 
 @triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _block_totals(mags_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, tot_ptr,
-                  BLOCK: tl.constexpr, CUMMAX: tl.constexpr):
-    # The prefix code is repeated verbatim in _block_scores: both launches must compute
-    # bit-identical in-block prefixes (a shared @jit helper would do, but costs the interpreter
-    # a re-patch of triton.language per call).
+def _group_sums(mags_ptr, offsets_ptr, grp_layer_ptr, grp_start_ptr, q_ptr, u_ptr,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr):
     pid = tl.program_id(0)
-    layer = tl.load(blk_layer_ptr + pid)
-    start = tl.load(blk_start_ptr + pid)
+    layer = tl.load(grp_layer_ptr + pid)
+    start = tl.load(grp_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
-    idx = start + tl.arange(0, BLOCK)
-    valid = idx < end
-    x = tl.load(mags_ptr + idx, mask=valid, other=0.0).to(tl.float64)
-    sq = x * x  # exact: a 24-bit mantissa squared fits float64
-    run = tl.cumsum(sq, 0)
-    if CUMMAX:
-        run = tl.associative_scan(run, 0, _max_combine)
-    tl.store(tot_ptr + pid, tl.max(run, 0))
+    lane = tl.arange(0, GROUP)
+    base = start + lane.to(tl.int64) * BLOCK
+    total = tl.zeros((GROUP,), tl.float64)
+    for i in range(BLOCK):
+        idx = base + i
+        x = tl.load(mags_ptr + idx, mask=idx < end, other=0.0).to(tl.float64)
+        total = total + x * x  # the square is exact (24-bit mantissas), so a fused add is too
+    run = tl.zeros((), tl.float64)
+    q = tl.zeros((GROUP,), tl.float64)
+    for k in range(GROUP):
+        q = tl.where(lane == k, run, q)
+        run = run + tl.sum(tl.where(lane == k, total, 0.0), 0)
+    tl.store(q_ptr + pid * GROUP + lane, q)
+    tl.store(u_ptr + pid, run)
 
 
 @triton.jit
-def _layer_carries(tot_ptr, blk_off_ptr, carry_ptr, guard_ptr, CHUNK: tl.constexpr):
+def _layer_tops(u_ptr, grp_off_ptr, r_ptr, CHUNK: tl.constexpr):
     layer = tl.program_id(0)
-    b0 = tl.load(blk_off_ptr + layer)
-    b1 = tl.load(blk_off_ptr + layer + 1)
-    acc = tl.zeros((), tl.float64)  # sum of all earlier chunks' totals
-    guard = tl.zeros((), tl.float64)  # max over earlier blocks of (carry + total)
-    for c0 in range(b0, b1, CHUNK):
-        b = c0 + tl.arange(0, CHUNK)
-        ok = b < b1
-        tot = tl.load(tot_ptr + b, mask=ok, other=0.0)
-        # Exclusive prefix summed directly from the shifted totals, never inclusive minus own.
-        prev = tl.load(tot_ptr + b - 1, mask=ok & (b > c0), other=0.0)
-        carry = acc + tl.cumsum(prev, 0)
-        g = tl.maximum(guard, tl.associative_scan(carry + tot, 0, _max_combine))
-        tl.store(carry_ptr + b, carry, mask=ok)
-        tl.store(guard_ptr + b, g, mask=ok)  # inclusive: block b+1 reads entry b
-        acc = acc + tl.sum(tot, 0)
-        guard = tl.maximum(guard, tl.max(g, 0))
+    g0 = tl.load(grp_off_ptr + layer)
+    g1 = tl.load(grp_off_ptr + layer + 1)
+    lane = tl.arange(0, CHUNK)
+    acc = tl.zeros((), tl.float64)
+    for c0 in range(g0, g1, CHUNK):
+        g = c0 + lane
+        ok = g < g1
+        u = tl.load(u_ptr + g, mask=ok, other=0.0)
+        r = tl.zeros((CHUNK,), tl.float64)
+        for k in range(CHUNK):
+            r = tl.where(lane == k, acc, r)
+            acc = acc + tl.sum(tl.where(lane == k, u, 0.0), 0)
+        tl.store(r_ptr + g, r, mask=ok)
 
 
 @triton.jit
-def _block_scores(mags_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, carry_ptr, guard_ptr,
-                  out_ptr, BLOCK: tl.constexpr, CUMMAX: tl.constexpr):
+def _group_scores(mags_ptr, offsets_ptr, grp_layer_ptr, grp_start_ptr, q_ptr, r_ptr, out_ptr,
+                  BLOCK: tl.constexpr, GROUP: tl.constexpr):
     pid = tl.program_id(0)
-    layer = tl.load(blk_layer_ptr + pid)
-    start = tl.load(blk_start_ptr + pid)
+    layer = tl.load(grp_layer_ptr + pid)
+    start = tl.load(grp_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
-    idx = start + tl.arange(0, BLOCK)
-    valid = idx < end
-    x = tl.load(mags_ptr + idx, mask=valid, other=0.0).to(tl.float64)
-    sq = x * x
-    run = tl.cumsum(sq, 0)
-    if CUMMAX:
-        run = tl.associative_scan(run, 0, _max_combine)
-    first = start == tl.load(offsets_ptr + layer)
-    carry = tl.load(carry_ptr + pid)
-    guard = tl.load(guard_ptr + pid - 1, mask=~first, other=0.0)
-    s = tl.maximum(carry + run, guard)
-    # An all-zero prefix scores 0, never 0/0.
-    score = tl.where(s > 0.0, sq / tl.where(s > 0.0, s, 1.0), 0.0)
-    tl.store(out_ptr + idx, score, mask=valid)
+    lane = tl.arange(0, GROUP)
+    base = start + lane.to(tl.int64) * BLOCK
+    q = tl.load(q_ptr + pid * GROUP + lane)
+    top = tl.load(r_ptr + pid)
+    p = tl.zeros((GROUP,), tl.float64)
+    for i in range(BLOCK):
+        idx = base + i
+        ok = idx < end
+        x = tl.load(mags_ptr + idx, mask=ok, other=0.0).to(tl.float64)
+        sq = x * x
+        p = p + sq
+        s = top + (q + p)
+        # An all-zero prefix scores 0, never 0/0.
+        score = tl.where(s > 0.0, sq / tl.where(s > 0.0, s, 1.0), 0.0)
+        tl.store(out_ptr + idx, score, mask=ok)
 
 
-def module_scores(mags: torch.Tensor, offsets: torch.Tensor, *, block_size: int | None = None
+class ScoreTables:
+    """The group table of some layer sizes, built on the host once (no device reads) and kept."""
+
+    def __init__(self, sizes, device, block: int = BLOCK, group: int = GROUP):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        span = block * group
+        ngroups = -(-sizes // span)
+        grp_off = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(ngroups, out=grp_off[1:])
+        offsets = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        layer = np.repeat(np.arange(sizes.size), ngroups)
+        start = offsets[layer] + (np.arange(layer.size) - grp_off[layer]) * span
+        self.block, self.group, self.n, self.groups = block, group, int(offsets[-1]), int(layer.size)
+        self.layers = int(sizes.size)
+        put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        self.offsets, self.grp_layer = put(offsets), put(layer.astype(np.int32))
+        self.grp_start, self.grp_off = put(start), put(grp_off)
+
+
+def scores_from_tables(mags: torch.Tensor, t: ScoreTables) -> torch.Tensor:
+    """module_scores without the checks: ``t`` was built for ``mags``' layer sizes."""
+    dev = mags.device
+    q = torch.empty(t.groups * t.group, dtype=torch.float64, device=dev)
+    u = torch.empty(t.groups, dtype=torch.float64, device=dev)
+    r = torch.empty_like(u)
+    out = torch.empty(t.n, dtype=torch.float64, device=dev)
+    chunk = _INTERP_TOPS_CHUNK if interpreting(_layer_tops) else _TOPS_CHUNK
+    with device_guard(dev):
+        _group_sums[(t.groups,)](mags, t.offsets, t.grp_layer, t.grp_start, q, u, BLOCK=t.block,
+                                 GROUP=t.group, num_warps=_GROUP_WARPS)
+        _layer_tops[(t.layers,)](u, t.grp_off, r, CHUNK=chunk, num_warps=1)
+        _group_scores[(t.groups,)](mags, t.offsets, t.grp_layer, t.grp_start, q, r, out,
+                                   BLOCK=t.block, GROUP=t.group, num_warps=_GROUP_WARPS)
+    return out
+
+
+def module_scores(mags: torch.Tensor, offsets: torch.Tensor, *, order: tuple[int, int] = (BLOCK, GROUP)
                   ) -> torch.Tensor:
-    """Float64 score sq_j / S_j of every weight of a module, layers given rank-sorted descending."""
+    """Float64 score sq_j / S_j of every weight, layers given rank-sorted descending.
+
+    ``order``: (block, group) of the summation order; only tests change it, to reach several
+    groups with few weights.
+    """
     check_1d(mags, "mags", FLOAT_DTYPES, "float32, float16 or bfloat16")
     offsets_host = check_offsets(offsets, mags.numel())
-    check_runnable(_block_scores, mags.device, "module_scores")
-    block = check_block(block_size or default_block(_block_scores, _GPU_BLOCK, _INTERP_BLOCK))
-    chunk = default_block(_layer_carries, _GPU_CHUNK, _INTERP_CHUNK)
-    dev = mags.device
-    mags = mags.contiguous()
-    offs = offsets.to(dev)
-    blk_layer, blk_start, blk_off = block_table(offsets_host, block, dev)
-    nb = blk_layer.numel()
-    nl = offsets_host.numel() - 1
-    tot = torch.empty(nb, dtype=torch.float64, device=dev)
-    carry = torch.empty_like(tot)
-    guard = torch.empty_like(tot)
-    out = torch.empty(mags.numel(), dtype=torch.float64, device=dev)
-    cummax = _FORCE_CUMMAX or not interpreting(_block_scores)
-    warps = _block_warps(block)
-    with device_guard(dev):
-        _block_totals[(nb,)](mags, offs, blk_layer, blk_start, tot, BLOCK=block, CUMMAX=cummax,
-                             num_warps=warps)
-        _layer_carries[(nl,)](tot, blk_off, carry, guard, CHUNK=chunk, num_warps=_CARRY_WARPS)
-        _block_scores[(nb,)](mags, offs, blk_layer, blk_start, carry, guard, out, BLOCK=block,
-                             CUMMAX=cummax, num_warps=warps)
-    return out
+    check_runnable(_group_scores, mags.device, "module_scores")
+    block, group = _check_order(order)
+    sizes = np.diff(offsets_host.numpy())
+    return scores_from_tables(mags.contiguous(), ScoreTables(sizes, mags.device, block, group))
 
 
-def module_scores_reference(mags: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Plain-torch module_scores: per-layer float64 cumsum of squares, literally."""
+def module_scores_reference(mags: torch.Tensor, offsets: torch.Tensor, *,
+                            order: tuple[int, int] = (BLOCK, GROUP)) -> torch.Tensor:
+    """Plain-torch module_scores: each level of the summation order as a left-to-right cumsum."""
     check_1d(mags, "mags", FLOAT_DTYPES, "float32, float16 or bfloat16")
     offsets_host = check_offsets(offsets, mags.numel()).tolist()
+    block, group = _check_order(order)
     out = torch.empty(mags.numel(), dtype=torch.float64, device=mags.device)
     for a, b in zip(offsets_host[:-1], offsets_host[1:]):
-        sq = mags[a:b].to(torch.float64) ** 2
-        s = torch.cumsum(sq, 0)
-        out[a:b] = torch.where(s > 0, sq / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
+        sq = mags[a:b].detach().cpu().to(torch.float64) ** 2
+        nb = -(-sq.numel() // block)
+        ng = -(-nb // group)
+        p = torch.zeros(ng * group * block, dtype=torch.float64)
+        p[: sq.numel()] = sq
+        p = torch.cumsum(p.view(ng * group, block), 1)
+        totals = p[:, -1].reshape(ng, group)
+        q = torch.zeros_like(totals)
+        q[:, 1:] = torch.cumsum(totals[:, :-1], 1)
+        tops = torch.zeros(ng, dtype=torch.float64)
+        tops[1:] = torch.cumsum(torch.cumsum(totals, 1)[:, -1], 0)[:-1]
+        s = tops.repeat_interleave(group * block).view(-1, block) + (q.reshape(-1, 1) + p)
+        s = s.reshape(-1)[: sq.numel()]
+        out[a:b] = torch.where(s > 0, sq / torch.where(s > 0, s, torch.ones_like(s)), 0.0).to(out.device)
     return out
+
+
+def _check_order(order) -> tuple[int, int]:
+    block, group = (int(v) for v in order)
+    for v in (block, group):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"order must be two positive powers of two, got {tuple(order)}")
+    return block, group
 
 
 def launch_configs() -> list[LaunchConfig]:
-    """What module_scores launches on a GPU at its default block (the engine never passes one)."""
+    """What module_scores launches on a GPU (the engine always uses the shared order)."""
     f64, i64 = pointer(torch.float64), pointer(torch.int64)
-    table = dict(offsets_ptr=i64, blk_layer_ptr=pointer(torch.int32), blk_start_ptr=i64)
-    block = dict(BLOCK=_GPU_BLOCK, CUMMAX=True)  # a GPU always takes the in-block cummax
-    warps = _block_warps(_GPU_BLOCK)
-    out = [LaunchConfig.of(_layer_carries, f"importance _layer_carries CHUNK={_GPU_CHUNK}",
-                           dict(tot_ptr=f64, blk_off_ptr=i64, carry_ptr=f64, guard_ptr=f64),
-                           dict(CHUNK=_GPU_CHUNK), _CARRY_WARPS)]
+    table = dict(offsets_ptr=i64, grp_layer_ptr=pointer(torch.int32), grp_start_ptr=i64)
+    order = dict(BLOCK=BLOCK, GROUP=GROUP)
+    out = [LaunchConfig.of(_layer_tops, f"importance _layer_tops CHUNK={_TOPS_CHUNK}",
+                           dict(u_ptr=f64, grp_off_ptr=i64, r_ptr=f64), dict(CHUNK=_TOPS_CHUNK), 1)]
     for dtype in FLOAT_DTYPES:
         mags = pointer(dtype)
-        label = f"{mags[1:]} BLOCK={_GPU_BLOCK}"
-        out.append(LaunchConfig.of(_block_totals, f"importance _block_totals {label}",
-                                   dict(table, mags_ptr=mags, tot_ptr=f64), block, warps))
-        out.append(LaunchConfig.of(_block_scores, f"importance _block_scores {label}",
-                                   dict(table, mags_ptr=mags, carry_ptr=f64, guard_ptr=f64,
-                                        out_ptr=f64), block, warps))
+        label = f"{mags[1:]} BLOCK={BLOCK} GROUP={GROUP}"
+        out.append(LaunchConfig.of(_group_sums, f"importance _group_sums {label}",
+                                   dict(table, mags_ptr=mags, q_ptr=f64, u_ptr=f64), order, _GROUP_WARPS))
+        out.append(LaunchConfig.of(_group_scores, f"importance _group_scores {label}",
+                                   dict(table, mags_ptr=mags, q_ptr=f64, r_ptr=f64, out_ptr=f64),
+                                   order, _GROUP_WARPS))
     return out

@@ -1,18 +1,21 @@
-"""Per-layer keep counts for many global keep totals at once, exact under the total order.
+"""Per-layer keep counts for many (ratio, group) keep totals in one launch, exact under the total order.
 
-Total order: score descending, then layer ascending, then rank ascending. Scores are
-non-negative and non-increasing in rank within a layer, so every layer keeps a prefix of its
+A group is a run of consecutive layers that share one threshold (a DIMAP module, or every layer).
+Total order inside a group: score descending, then layer ascending, then rank ascending. Scores
+are non-negative and non-increasing in rank within a layer, so every layer keeps a prefix of its
 ranks and counting "scores >= t" in a layer is a binary search.
 
-One launch, each program a few keep totals M: find t* = the M-th largest score exactly by a
-radix select over the float64 bit patterns (non-negative doubles order like their int64
-bits), counting every layer's scores >= a candidate by a binary search vectorised over
-(ratio, candidate, layer); then each layer keeps its scores > t* plus, in layer order, as
-many of its ties (== t*) as the total still needs.
+One program per (ratio, group): find t* = the M-th largest score of the group exactly by a radix
+select over the float64 bit patterns (non-negative doubles order like their int64 bits), 4 bits
+a round, counting each layer's scores >= each of the 16 candidates by a binary search vectorised
+over (candidate, layer); then each layer keeps its scores > t* plus, in layer order, as many of
+its ties (== t*) as the total still needs. Layers are searched ``BLOCK_L`` at a time whatever the
+group's size, so the registers do not grow with the layer count.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._common import (
@@ -27,169 +30,189 @@ from ._common import (
     triton,
 )
 
-_RADIX_BITS = 3  # 8 candidates per round, 21 rounds cover the 63 bits of a non-negative key
-_ROUNDS = 63 // _RADIX_BITS
-_GPU_LAYERS = 128  # layers searched side by side (Swin modules have <= 96)
-_GPU_RATIOS = 2
+_RADIX_BITS = 4  # 16 candidates a round; 16 rounds cover the 63 bits of a non-negative key
+_ROUNDS = 16
+_GPU_LAYERS = 32  # [16 candidates, 32 layers] of int64 over 4 warps: 4 lanes' worth per thread
 _WARPS = 4
 _INTERP_LAYERS = 8
-_INTERP_RATIOS = 16  # the interpreter pays per operation, not per lane: batch ratios widely
 
 
 @triton.jit
-def _keep_counts(keys_ptr, offsets_ptr, keep_ptr, out_ptr, R, L, SEARCH_STEPS,
+def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, G, L, SEARCH_STEPS,
                  ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    m = tl.load(keep_ptr + rows, mask=row_ok, other=0)
+                 BLOCK_L: tl.constexpr):
+    pid = tl.program_id(0)
+    row = pid // G
+    g = pid % G
+    lo = tl.load(groups_ptr + g)
+    hi = tl.load(groups_ptr + g + 1)
+    m = tl.load(keep_ptr + pid)
     digit = tl.arange(0, RADIX).to(tl.int64)
+    lane = tl.arange(0, BLOCK_L)
 
     # Radix select from the top bit down: t holds the high bits of t* found so far, and
-    # count(keys >= t) >= m always holds (every key is >= 0). Each round tests the 8 values of
-    # the next 3 bits at once; counts fall as the candidate grows, so the passing digits are a
-    # prefix and the largest of them is (number passing - 1).
-    t = tl.zeros((BLOCK_R,), tl.int64)
+    # count(keys >= t) >= m always holds (every key is >= 0). Counts fall as the candidate grows,
+    # so the passing digits are a prefix; a candidate past the sign bit wraps below t and is
+    # left out.
+    t = tl.zeros((), tl.int64)
     for i in range(ROUNDS):
         shift = (ROUNDS - 1 - i) * RADIX_BITS
-        cand = t[:, None] + (digit[None, :] << shift)  # [R, RADIX]
-        total = tl.zeros((BLOCK_R, RADIX), tl.int64)
-        for l0 in range(0, L, BLOCK_L):
-            lay = l0 + tl.arange(0, BLOCK_L)
-            ok = lay < L
-            first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, None, :]
-            a = first + tl.zeros((BLOCK_R, RADIX, BLOCK_L), tl.int64)
-            b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)[None, None, :] + \
-                tl.zeros((BLOCK_R, RADIX, BLOCK_L), tl.int64)
+        cand = t + (digit << shift)
+        total = tl.zeros((RADIX,), tl.int64)
+        for l0 in range(lo, hi, BLOCK_L):
+            lay = l0 + lane
+            ok = lay < hi
+            first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, :]
+            a = first + tl.zeros((RADIX, BLOCK_L), tl.int64)
+            b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
             # Keys descend within a layer: the first rank with key < cand is the count >= cand.
             for _s in range(SEARCH_STEPS):
                 act = a < b
                 c = a + (b - a) // 2
                 key = tl.load(keys_ptr + c, mask=act, other=0)
-                ge = key >= cand[:, :, None]
+                ge = key >= cand[:, None]
                 a = tl.where(act & ge, c + 1, a)
                 b = tl.where(act & ~ge, c, b)
-            total += tl.sum(a - first, 2)
-        passing = tl.sum((total >= m[:, None]).to(tl.int64), 1)
+            total += tl.sum(a - first, 1)
+        passing = tl.sum(((total >= m) & (cand >= t)).to(tl.int64), 0)
         t += (passing - 1) << shift
 
     # t is now t*, the m-th largest key (all ones when m == 0: nothing reaches it). Keep the
     # scores > t*, then hand out ties (== t*) in layer order, chunk by chunk.
-    n_gt = tl.zeros((BLOCK_R,), tl.int64)
-    for l0 in range(0, L, BLOCK_L):
-        lay = l0 + tl.arange(0, BLOCK_L)
-        ok = lay < L
-        first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, :]
-        a = first + tl.zeros((BLOCK_R, BLOCK_L), tl.int64)
-        b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)[None, :] + \
-            tl.zeros((BLOCK_R, BLOCK_L), tl.int64)
+    n_gt = tl.zeros((), tl.int64)
+    for l0 in range(lo, hi, BLOCK_L):
+        lay = l0 + lane
+        ok = lay < hi
+        first = tl.load(offsets_ptr + lay, mask=ok, other=0)
+        a = first
+        b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)
         for _s in range(SEARCH_STEPS):
             act = a < b
             c = a + (b - a) // 2
             key = tl.load(keys_ptr + c, mask=act, other=0)
-            ge = key > t[:, None]
+            ge = key > t
             a = tl.where(act & ge, c + 1, a)
             b = tl.where(act & ~ge, c, b)
-        n_gt += tl.sum(a - first, 1)
+        n_gt += tl.sum(a - first, 0)
     ties_left = m - n_gt
-    for l0 in range(0, L, BLOCK_L):
-        lay = l0 + tl.arange(0, BLOCK_L)
-        ok = lay < L
-        first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, :]
-        end = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)[None, :]
+    for l0 in range(lo, hi, BLOCK_L):
+        lay = l0 + lane
+        ok = lay < hi
+        first = tl.load(offsets_ptr + lay, mask=ok, other=0)
+        end = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)
         # Two searches side by side: (a, b) for > t*, (a2, b2) for >= t*.
-        a = first + tl.zeros((BLOCK_R, BLOCK_L), tl.int64)
-        b = end + tl.zeros((BLOCK_R, BLOCK_L), tl.int64)
-        a2 = a
-        b2 = b
+        a = first
+        b = end
+        a2 = first
+        b2 = end
         for _s in range(SEARCH_STEPS):
             act = a < b
             c = a + (b - a) // 2
             key = tl.load(keys_ptr + c, mask=act, other=0)
-            ge = key > t[:, None]
+            ge = key > t
             a = tl.where(act & ge, c + 1, a)
             b = tl.where(act & ~ge, c, b)
             act2 = a2 < b2
             c2 = a2 + (b2 - a2) // 2
             key2 = tl.load(keys_ptr + c2, mask=act2, other=0)
-            ge2 = key2 >= t[:, None]
+            ge2 = key2 >= t
             a2 = tl.where(act2 & ge2, c2 + 1, a2)
             b2 = tl.where(act2 & ~ge2, c2, b2)
         gt = a - first
         eq = a2 - a
-        before = tl.cumsum(eq, 1) - eq  # ties of earlier layers in this chunk (integers: exact)
-        take = tl.minimum(tl.maximum(ties_left[:, None] - before, 0), eq)
-        tl.store(out_ptr + rows[:, None] * L + lay[None, :], gt + take,
-                 mask=row_ok[:, None] & ok[None, :])
-        ties_left -= tl.sum(take, 1)
+        before = tl.cumsum(eq, 0) - eq  # ties of earlier layers in this chunk (integers: exact)
+        take = tl.minimum(tl.maximum(ties_left - before, 0), eq)
+        tl.store(out_ptr + row * L + lay, gt + take, mask=ok)
+        ties_left -= tl.sum(take, 0)
 
 
-def _check(scores, offsets, keep):
-    check_1d(scores, "scores", (torch.float64,), "float64")
-    offsets_host = check_offsets(offsets, scores.numel())
-    check_1d(keep, "keep", (torch.int64,), "int64")
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) > scores.numel()):
-        raise ValueError(f"keep totals must lie in [0, {scores.numel()}]")
-    return offsets_host
+class SelectTables:
+    """Layer offsets and group bounds on the device, built on the host once (no device reads)."""
+
+    def __init__(self, sizes, groups, device):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        offsets = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        groups = np.asarray(groups, dtype=np.int64)
+        self.layers, self.groups = int(sizes.size), int(groups.size - 1)
+        self.steps = int(sizes.max()).bit_length() if sizes.size else 0
+        self.group_sizes = offsets[groups[1:]] - offsets[groups[:-1]]
+        self.offsets = torch.from_numpy(offsets).to(device, non_blocking=True)
+        self.bounds = torch.from_numpy(groups).to(device, non_blocking=True)
 
 
-def select_keep_counts(scores: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor, *,
-                       block_layers: int | None = None) -> torch.Tensor:
-    """Int64 [R, L] per-layer keep counts whose union is exactly the top keep[r] scores."""
-    offsets_host = _check(scores, offsets, keep)
-    check_runnable(_keep_counts, scores.device, "select_keep_counts")
-    dev = scores.device
-    nl = offsets_host.numel() - 1
-    out = torch.empty((keep.numel(), nl), dtype=torch.int64, device=dev)
-    if keep.numel() == 0:
+def counts_from_tables(keys: torch.Tensor, t: SelectTables, keep: torch.Tensor) -> torch.Tensor:
+    """select_keep_counts without the checks: ``keep`` is int64 [R, G] on the keys' device."""
+    dev = keys.device
+    rows = keep.shape[0]
+    out = torch.empty((rows, t.layers), dtype=torch.int64, device=dev)
+    if rows == 0 or t.groups == 0:
         return out
-    interp = interpreting(_keep_counts)
-    if block_layers is None:
-        block_layers = _INTERP_LAYERS if interp else _GPU_LAYERS
-    block_layers = min(triton.next_power_of_2(int(block_layers)), triton.next_power_of_2(nl))
-    r = keep.numel()
-    block_r = min(_INTERP_RATIOS if interp else _GPU_RATIOS, triton.next_power_of_2(r))
-    # The search compares bit patterns; the kernel never reinterprets bits itself.
-    keys = scores.contiguous().view(torch.int64)
-    longest = int((offsets_host[1:] - offsets_host[:-1]).max())
+    block_l = _INTERP_LAYERS if interpreting(_keep_counts) else _GPU_LAYERS
     with device_guard(dev):
-        _keep_counts[(triton.cdiv(r, block_r),)](
-            keys, offsets.to(dev), keep.to(dev).contiguous(), out, r, nl, longest.bit_length(),
-            ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_R=block_r,
-            BLOCK_L=block_layers, num_warps=_WARPS,
+        _keep_counts[(rows * t.groups,)](
+            keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, t.groups, t.layers,
+            t.steps, ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l,
+            num_warps=_WARPS,
         )
     return out
 
 
-def select_keep_counts_reference(scores: torch.Tensor, offsets: torch.Tensor,
-                                 keep: torch.Tensor) -> torch.Tensor:
-    """Plain-torch select_keep_counts: stable sort by score descending, take the top M, count."""
-    offsets_host = _check(scores, offsets, keep)
-    # The flat order is already (layer, rank) ascending, so a stable descending sort by score
-    # is the total order.
-    order = torch.sort(scores.detach().cpu(), descending=True, stable=True).indices
-    layer_of = torch.bucketize(order, offsets_host[1:], right=True)
-    nl = offsets_host.numel() - 1
-    rows = [torch.bincount(layer_of[: int(m)], minlength=nl) for m in keep.cpu().tolist()]
-    out = torch.stack(rows) if rows else torch.empty((0, nl), dtype=torch.int64)
-    return out.to(torch.int64).to(scores.device)
+def _check(scores, offsets, keep, groups):
+    check_1d(scores, "scores", (torch.float64,), "float64")
+    offsets_host = check_offsets(offsets, scores.numel()).numpy()
+    nl = offsets_host.size - 1
+    groups = np.array([0, nl]) if groups is None else np.asarray(groups, dtype=np.int64)
+    if groups.ndim != 1 or groups.size < 2 or groups[0] != 0 or groups[-1] != nl or (np.diff(groups) <= 0).any():
+        raise ValueError(f"groups must be increasing layer bounds from 0 to {nl}, got {groups.tolist()}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64:
+        raise ValueError(f"keep must be an int64 tensor, got {getattr(keep, 'dtype', type(keep).__name__)}")
+    ng = groups.size - 1
+    if keep.dim() == 1 and ng == 1:
+        keep = keep[:, None]
+    if keep.dim() != 2 or keep.shape[1] != ng:
+        raise ValueError(f"keep must be [R] for one group or [R, {ng}], got shape {tuple(keep.shape)}")
+    keep_host = keep.detach().cpu().numpy()
+    sizes = offsets_host[groups[1:]] - offsets_host[groups[:-1]]
+    if keep_host.size and ((keep_host < 0).any() or (keep_host > sizes).any()):
+        raise ValueError(f"keep totals must lie in [0, the group's size {sizes.tolist()}]")
+    return offsets_host, groups, keep
 
 
-def _powers_of_two(top: int) -> list[int]:
-    """1, 2, 4, ... up to triton.next_power_of_2(top), the sizes a launch clamps its blocks to."""
-    return [1 << i for i in range((top - 1).bit_length() + 1)]
+def select_keep_counts(scores: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor, *,
+                       groups=None) -> torch.Tensor:
+    """Int64 [R, L] per-layer keep counts whose union in each group is exactly its top keep[r, g]
+    scores. ``groups``: layer bounds [0, ..., L] of the groups (default: one group of all layers);
+    ``keep``: int64 [R, G] ([R] for one group)."""
+    offsets_host, groups, keep = _check(scores, offsets, keep, groups)
+    check_runnable(_keep_counts, scores.device, "select_keep_counts")
+    t = SelectTables(np.diff(offsets_host), groups, scores.device)
+    return counts_from_tables(scores.contiguous(), t, keep.to(scores.device))
+
+
+def select_keep_counts_reference(scores: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor, *,
+                                 groups=None) -> torch.Tensor:
+    """Plain-torch select_keep_counts: per group, stable sort by score descending, take the top M, count."""
+    offsets_host, groups, keep = _check(scores, offsets, keep, groups)
+    nl = offsets_host.size - 1
+    out = torch.zeros((keep.shape[0], nl), dtype=torch.int64)
+    s = scores.detach().cpu()
+    for g, (l0, l1) in enumerate(zip(groups[:-1], groups[1:])):
+        a, b = int(offsets_host[l0]), int(offsets_host[l1])
+        # The flat order is already (layer, rank) ascending, so a stable descending sort by score
+        # is the total order.
+        order = torch.sort(s[a:b], descending=True, stable=True).indices + a
+        layer_of = torch.bucketize(order, torch.from_numpy(offsets_host[1:]), right=True)
+        for r, m in enumerate(keep[:, g].cpu().tolist()):
+            out[r] += torch.bincount(layer_of[:m], minlength=nl)
+    return out.to(scores.device)
 
 
 def launch_configs() -> list[LaunchConfig]:
-    """What select_keep_counts launches on a GPU at its default block_layers (the engine never
-    passes one): blocks shrink to the next power of two of the ratio and layer counts."""
+    """What select_keep_counts launches on a GPU: one configuration whatever the layer count."""
     i64 = pointer(torch.int64)
-    types = dict(keys_ptr=i64, offsets_ptr=i64, keep_ptr=i64, out_ptr=i64, R="i32", L="i32",
-                 SEARCH_STEPS="i32")
-    return [
-        LaunchConfig.of(_keep_counts, f"select _keep_counts BLOCK_R={block_r} BLOCK_L={block_l}",
-                        types, dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
-                                    BLOCK_R=block_r, BLOCK_L=block_l), _WARPS)
-        for block_r in _powers_of_two(_GPU_RATIOS)
-        for block_l in _powers_of_two(_GPU_LAYERS)
-    ]
+    types = dict(keys_ptr=i64, offsets_ptr=i64, groups_ptr=i64, keep_ptr=i64, out_ptr=i64, G="i32",
+                 L="i32", SEARCH_STEPS="i32")
+    return [LaunchConfig.of(_keep_counts, f"select _keep_counts RADIX_BITS={_RADIX_BITS} BLOCK_L={_GPU_LAYERS}",
+                            types, dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
+                                        BLOCK_L=_GPU_LAYERS), _WARPS)]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ._common import (
     FLOAT_DTYPES,
     HAVE_TRITON,
+    Launch,
     LaunchConfig,
     check_runnable,
     device_guard,
@@ -259,6 +260,34 @@ def block_sparse_linear_reference(x: torch.Tensor, packed: BlockSparseWeight,
     w = unpack_block_sparse(packed).float()
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def launch_plan(rows: int, in_features: int, out_features: int, block: int = 32,
+                kept_tiles: int | None = None, dtype: torch.dtype = torch.float16,
+                bias: bool = True) -> list[Launch]:
+    """The launches ``block_sparse_linear`` may make on a GPU for x (rows, in_features) and a
+    weight with ``kept_tiles`` BxB tiles (default all): one per autotune config, of which the
+    autotuner runs the fastest (each compile with its grid and argument values)."""
+    block = _check_block(block)
+    r, c = -(-out_features // block), -(-in_features // block)
+    nnz = r * c if kept_tiles is None else int(kept_tiles)
+    t = pointer(dtype)
+    types = dict(x_ptr=t, tiles_ptr=t, row_ptr=pointer(torch.int64), col_ptr=pointer(torch.int32),
+                 bias_ptr=t, y_ptr=t, M="i32", N="i32", K="i32", R="i32", stride_xm="i32",
+                 stride_ym="i32")
+    args = dict(x_ptr=((rows, in_features), dtype), tiles_ptr=((nnz, block, block), dtype),
+                row_ptr=((r + 1,), torch.int64), col_ptr=((nnz,), torch.int32),
+                bias_ptr=((out_features,) if bias else (rows, out_features), dtype),
+                y_ptr=((rows, out_features), dtype), M=rows, N=out_features, K=in_features, R=r,
+                stride_xm=in_features, stride_ym=out_features)
+    plan = []
+    for bm, rows_per, warps, stages in _TUNE_CONFIGS:
+        constexprs = dict(HAS_BIAS=bias, BM=bm, B=block, ROWS=rows_per, STAGES=stages,
+                          PREC=_precision(dtype), UPCAST=False)
+        cfg = LaunchConfig.of(_bsr_linear, f"sparse_linear {t[1:]} B={block} BM={bm} ROWS={rows_per} "
+                              f"w{warps} s{stages}", types, constexprs, warps, stages)
+        plan.append(Launch(cfg, (triton.cdiv(rows, bm) * triton.cdiv(r, rows_per),), dict(args)))
+    return plan
 
 
 def launch_configs() -> list[LaunchConfig]:

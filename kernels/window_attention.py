@@ -3,56 +3,67 @@
 Input is the qkv projection of the un-partitioned token map, (B, H, W, 3*C) with channels laid
 out as timm's (3, heads, head_dim); output is (B, H, W, C) with channels (heads, head_dim), ready
 for the output projection. ``window_attention`` is differentiable (a torch.autograd.Function
-over the kernels of window_attention_kernels.py) with respect to the qkv tokens, the bias table
-and the qkv bias.
+over the kernels of window_attention_kernels.py and window_attention_backward_kernels.py) with
+respect to the qkv tokens, the bias table and the qkv bias.
 
 - the cyclic shift and the window partition are index arithmetic: window token (y, x) of the
   shifted, padded grid reads token ((y + shift_h) % H, (x + shift_w) % W), and its output is
   written back to that same token, which is the reverse partition and reverse shift;
 - grid positions past H or W (resolution not a multiple of the window) are timm's zero padding
   put through the qkv Linear, so their q, k, v are the qkv bias; their outputs are dropped;
-- the relative-position bias is expanded from timm's (2*Wh-1)*(2*Ww-1) x heads table into a
-  dense float32 (heads, N, N) tensor by torch on every call (a few KB; autograd takes the
-  gradient back to the table), which the kernels read with contiguous loads instead of
-  gathering through an index tile: a gathered (64, 64) tile of 64-bit pointers spilled;
-- the shifted-window mask is computed from the grid coordinates: timm's nine regions (three per
-  shifted axis), -100 between tokens of different regions; alternatively an explicit additive
-  mask (n_mask, N, N), window ``(b * windows_per_image + w) % n_mask`` as in timm, is added to
-  the dense bias beforehand, giving (n_mask, heads, N, N);
+- the relative-position bias, the shifted-window mask (timm's nine regions, -100 between
+  regions; only four window classes differ: last window row or not, last column or not) or an
+  explicit additive mask (n_mask, N, N), window ``(b * windows_per_image + w) % n_mask`` as in
+  timm, and the padding of the window to whole BLOCKs are folded by torch into one float32 tile
+  per (class, head) (``folded_bias_tile``), cached while the table and mask are unchanged (same
+  tensors, same version counters); the kernels add it with contiguous unmasked loads. Its
+  gradient is summed over windows by the backward kernels and taken back to the table here;
 - keys are visited BLOCK at a time with an online softmax, so the on-chip footprint depends on
   BLOCK and the head dim, never on the window: 12x12 and 16x16 windows fit Hopper's shared
-  memory in every dtype. Window, head count, head dim, shift and mask are runtime values; only
-  the padded head dim, BLOCK and the dot precision are compiled in, so ``launch_configs()``
-  lists every configuration the launchers can pick (checked by dimap_fast.hopper_fit).
+  memory in every dtype. ``launch_plan`` gives the launches the launchers make for given shapes,
+  ``launch_configs`` the compiles they can ask for (checked by dimap_fast.hopper_fit).
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 
-from ._common import FLOAT_DTYPES, LaunchConfig, check_runnable, device_guard, interpreting, pointer, triton
-from .window_attention_kernels import _window_attn_bwd_dkdv, _window_attn_bwd_dq, _window_attn_fwd
+from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device_guard,
+                      interpreting, pointer, triton)
+from .window_attention_backward_kernels import (_window_attn_bwd_dkdv, _window_attn_bwd_dq,
+                                                _window_attn_bwd_one)
+from .window_attention_kernels import _window_attn_fwd
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
     MAX_HEAD_DIM,
     check_inputs,
     check_mask_count,
     dense_position_bias,
+    folded_bias_tile,
     grid_dims,
+    region_class_masks,
     relative_position_index,
     shifted_window_mask,
+    unfold_bias_grad,
     unsupported,
     window_attention_reference,
 )
 
-# Dot precision -> padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, chosen
-# from sm_90 compiles (dimap_fast.hopper_fit). Tensor-core dots (fp16, bf16, tf32): at most
-# 131 KB of shared memory and no spills up to head dim 64. ieee float32 dots run on the FMA
-# units and ptxas spilled kilobytes per thread at 64-token tiles, so they get smaller tiles and
-# no pipelining. 64-token tiles waste 1.3x per axis on a 7x7 window (49 tokens).
-_GPU_TILES = {"tf32": {16: (64, 8, 2), 32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 4, 2)},
+# Dot precision -> padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, read
+# from sm_90 compiles. Tensor-core dots: one warpgroup (4 warps) owns a 64-token tile, the
+# M of one wgmma, so no two warpgroups compute the same scores; a 7x7 window (49 tokens) is one
+# tile. Three stages keep the q, k and v of the next two heads in flight while one computes
+# (the backward takes two: its registers are the limit). ieee float32 dots run on the FMA units
+# and spill at 64-token tiles: smaller tiles there.
+_GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32, 4, 2)},
               "ieee": {16: (32, 4, 1), 32: (32, 4, 1), 64: (16, 4, 1), 128: (16, 4, 1)}}
+_BWD_ONE_WARPS = 4
+_BWD_STAGES = 2
 _HEADS_PER_PROGRAM = 4
+_SMS = 132  # H100 SXM: a backward program sums the bias gradient over about windows*heads/(8*SMs)
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
 
 
@@ -68,83 +79,164 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 class _Geometry:
-    """Launch arguments shared by the forward and both backward kernels."""
+    """Everything the kernels are launched with, from the shapes alone (tensors may be meta)."""
 
-    def __init__(self, qkv: torch.Tensor, num_heads: int, win, shift, n_bias: int, regions: bool,
-                 has_bias: bool, scale: float):
+    def __init__(self, qkv: torch.Tensor, num_heads: int, win, shift, n_mask: int | None,
+                 has_bias: bool, scale: float, precision: str | None = None,
+                 interp: bool | None = None):
         bsz, h, w, c3 = qkv.shape
-        self.c, self.heads = c3 // 3, num_heads
-        self.hd = self.c // num_heads
+        c = c3 // 3
+        hd = c // num_heads
         hp, wp, n_win, n_win_w = grid_dims(h, w, win)
-        self.bsz, self.h, self.w, self.win, self.n_win = bsz, h, w, win, n_win
-        n = win[0] * win[1]
-        hdp = _head_dim_pad(self.hd)
-        prec = _precision(qkv.dtype)
-        block, self.warps, self.stages = _GPU_TILES[prec][hdp]
-        interp = interpreting(_window_attn_fwd)
-        if interp:  # the interpreter pays per element: tiny windows get tiny tiles there
-            block = min(block, max(16, triton.next_power_of_2(n)))
-        # Up to 4 heads per program (all of Swin-T/B's first stage): the program then uses whole
-        # 128-byte lines of its tokens' q, k and v (4 heads x 32 channels x 2 bytes), and the
-        # grid stays large enough to fill the GPU at the later stages' 8 to 32 heads.
-        hpp = min(num_heads, _HEADS_PER_PROGRAM)
-        self.grid = (bsz * n_win, triton.cdiv(num_heads, hpp), triton.cdiv(n, block))
-        self.runtime = (h, w, n_win, n_win_w, shift[0], shift[1], hp, wp, n_bias, scale)
-        self.shape = (self.c, num_heads, self.hd, win[0], win[1], int(regions), int(has_bias), hpp)
-        self.const = dict(HDP=hdp, BLOCK=block, PREC=prec,
-                          UPCAST=qkv.dtype == torch.bfloat16 and interp)
+        self.bsz, self.h, self.w, self.c, self.heads, self.win = bsz, h, w, c, num_heads, win
+        self.n = win[0] * win[1]
+        self.n_windows = bsz * n_win
+        hdp = _head_dim_pad(hd)
+        self.prec = precision or _precision(qkv.dtype)
+        block, self.warps, self.stages = _GPU_TILES[self.prec][hdp]
+        self.bwd_stages = min(self.stages, _BWD_STAGES)
+        self.interp = interpreting(_window_attn_fwd) if interp is None else interp
+        if self.interp:  # the interpreter pays per element: tiny windows get tiny tiles there
+            block = min(block, max(16, triton.next_power_of_2(self.n)))
+        self.block, self.nb = block, triton.cdiv(self.n, block)
+        self.hpp = min(num_heads, _HEADS_PER_PROGRAM)
+        self.groups = triton.cdiv(num_heads, self.hpp)
+        regions = n_mask is None
+        self.scalars = dict(
+            H=h, W=w, n_win=n_win, n_win_w=n_win_w, n_win_h=hp // win[0], shift_h=shift[0],
+            shift_w=shift[1], n_mask=n_mask or 1, cls_h=int(regions and shift[0] > 0),
+            cls_w=int(regions and shift[1] > 0), scale=scale, s_qb=qkv.stride(0),
+            s_qh=qkv.stride(1), s_qw=qkv.stride(2), s_ob=h * w * c, s_oh=w * c, s_ow=c, C=c,
+            HEADS=num_heads, HD=hd, WH=win[0], WW=win[1])
+        self.const = dict(HDP=hdp, BLOCK=block, PAD=bool(has_bias and (hp > h or wp > w)),
+                          EVEN_D=hd == hdp, PREC=self.prec,
+                          UPCAST=qkv.dtype == torch.bfloat16 and self.interp)
+        self.dtype = qkv.dtype
 
-    def launch(self, kernel, pointers, qkv_strides, out_strides, flag: int):
-        with device_guard(pointers[0].device):
-            kernel[self.grid](*pointers, *self.runtime, *qkv_strides, *out_strides, *self.shape,
-                              flag, **self.const, num_warps=self.warps, num_stages=self.stages)
+    @property
+    def windows_per_program(self) -> int:
+        if self.interp:
+            return 2  # several windows per program, and a partial last run, in small tests
+        return max(1, min(64, self.n_windows * self.heads // (8 * _SMS)))
+
+    def launches(self, train: bool, backward: bool, want_bias: bool = True,
+                 want_qkv_bias: bool = True) -> list:
+        """(kernel, grid, scalar args, constexprs, warps, stages) of the forward, or of the
+        backward, in launch order."""
+        blocked = dict(NB=self.nb, **self.const)
+        split = (self.n_windows * self.groups * self.nb,)
+        common = dict(self.scalars, heads_per_program=self.hpp, n_groups=self.groups)
+        if not backward:
+            return [(_window_attn_fwd, split, dict(common, store_lse=int(train)), blocked,
+                     self.warps, self.stages)]
+        if self.nb == 1:
+            wpp = self.windows_per_program
+            args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
+                        want_dbias=int(want_bias), want_dqkv_bias=int(want_qkv_bias))
+            return [(_window_attn_bwd_one, (triton.cdiv(self.n_windows, wpp) * self.heads,), args,
+                     self.const, _BWD_ONE_WARPS, self.bwd_stages)]
+        return [(_window_attn_bwd_dq, split, dict(common, want_dbias=int(want_bias)), blocked,
+                 self.warps, self.bwd_stages),
+                (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
+                 blocked, self.warps, self.bwd_stages)]
+
+
+def _arg_names(kernel) -> list:
+    return list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+
+
+def _launch(kernel, grid, scalars, const, warps, stages, pointers: dict) -> None:
+    """Launch with the pointers ``kernel`` takes out of ``pointers``."""
+    names = _arg_names(kernel)
+    mine = {k: v for k, v in pointers.items() if k in names}
+    with device_guard(next(iter(mine.values())).device):
+        kernel[grid](**mine, **scalars, **const, num_warps=warps, num_stages=stages)
+
+
+_TILES: dict = {}
+_TILE_CACHE_SIZE = 16
+
+
+def _version(t):
+    try:
+        return None if t is None else t._version
+    except RuntimeError:  # inference tensors keep no version counter: never cached
+        return False
+
+
+def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tensor:
+    """The folded tile of ``table`` and ``mask`` (or the shift's regions), cached while both are
+    the same tensors at the same versions: in inference it is built once per layer."""
+    key = (id(table), _version(table), id(mask), _version(mask), win,
+           shift if mask is None else None, block, table.device)
+    hit = _TILES.get(key)
+    if hit is not None and hit[0]() is table and (mask is None or hit[1]() is mask):
+        return hit[2]
+    with torch.no_grad():
+        masks = mask if mask is not None else (
+            region_class_masks(win, shift, device=table.device) if any(shift) else None)
+        tile = folded_bias_tile(dense_position_bias(table.detach(), win), masks, block)
+    if False not in key:
+        while len(_TILES) >= _TILE_CACHE_SIZE:
+            _TILES.pop(next(iter(_TILES)))
+        _TILES[key] = (weakref.ref(table), None if mask is None else weakref.ref(mask), tile)
+    return tile
+
+
+def _table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor:
+    """The gradient of timm's bias table (or of a dense bias) from that of the dense bias."""
+    if table.dim() == 3:
+        return d_dense.to(table.dtype)
+    heads, n, _ = d_dense.shape
+    idx = relative_position_index(*win, device=table.device).view(-1)
+    grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    return grad.index_add_(0, idx, d_dense.permute(1, 2, 0).reshape(n * n, heads)).to(table.dtype)
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, bias, qkv_bias, mask, num_heads, win, shift, scale):
+    def forward(ctx, qkv, table, qkv_bias, mask, num_heads, win, shift, scale):
         qkv = qkv.contiguous() if ctx.needs_input_grad[0] or qkv.stride(-1) != 1 else qkv
-        full = bias if mask is None else bias.unsqueeze(0) + mask.float().unsqueeze(1)
-        full = full.contiguous()
-        geo = _Geometry(qkv, num_heads, win, shift, 1 if mask is None else mask.shape[0],
-                        mask is None and any(shift), qkv_bias is not None, scale)
+        geo = _Geometry(qkv, num_heads, win, shift, None if mask is None else mask.shape[0],
+                        qkv_bias is not None, scale)
+        tile = _bias_tile(table, mask, win, shift, geo.block)
         out = torch.empty(geo.bsz, geo.h, geo.w, geo.c, dtype=qkv.dtype, device=qkv.device)
         train = any(ctx.needs_input_grad[:3])
         lse = torch.empty((geo.bsz, geo.h, geo.w, num_heads) if train else (1,),
                           dtype=torch.float32, device=qkv.device)
         qkv_bias_arg = qkv_bias.to(qkv.dtype).contiguous() if qkv_bias is not None else qkv
         if out.numel():
-            geo.launch(_window_attn_fwd, (qkv, full, qkv_bias_arg, out, lse),
-                       qkv.stride()[:3], out.stride()[:3], int(train))
+            for launch in geo.launches(train, backward=False):
+                _launch(*launch, dict(qkv_ptr=qkv, tile_ptr=tile, qkv_bias_ptr=qkv_bias_arg,
+                                      out_ptr=out, lse_ptr=lse))
         if train:
-            ctx.save_for_backward(qkv, full, qkv_bias_arg, out, lse)
+            ctx.save_for_backward(qkv, tile, qkv_bias_arg, out, lse, table)
             ctx.geo, ctx.bias_dtype = geo, None if qkv_bias is None else qkv_bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        qkv, full, qkv_bias_arg, out, lse = ctx.saved_tensors
+        qkv, tile, qkv_bias_arg, out, lse, table = ctx.saved_tensors
         geo = ctx.geo
         d_out = d_out.contiguous()
-        # delta = rowsum(dO * O) per token and head: one pass, cheaper in torch than in a kernel
-        delta = (d_out.float() * out.float()).view(*out.shape[:3], geo.heads, geo.hd).sum(-1)
         dqkv = torch.empty_like(qkv)
         want_bias, want_qkv_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dbias = torch.zeros(full.shape if want_bias else (1,), dtype=torch.float32,
-                            device=qkv.device)
+        dtile = torch.zeros((geo.heads, geo.nb, geo.nb, geo.block, geo.block) if want_bias
+                            else (1,), dtype=torch.float32, device=qkv.device)
         dqkv_bias = torch.zeros(qkv.shape[-1] if want_qkv_bias else 1, dtype=torch.float32,
                                 device=qkv.device)
+        delta = torch.empty(lse.shape if geo.nb > 1 else (1,), dtype=torch.float32,
+                            device=qkv.device)
+        pointers = dict(qkv_ptr=qkv, tile_ptr=tile, qkv_bias_ptr=qkv_bias_arg, out_ptr=out,
+                        do_ptr=d_out, lse_ptr=lse, delta_ptr=delta, dqkv_ptr=dqkv,
+                        dtile_ptr=dtile, dqkv_bias_ptr=dqkv_bias)
         if dqkv.numel():
-            common = (qkv, full, qkv_bias_arg, d_out, lse, delta.contiguous(), dqkv)
-            geo.launch(_window_attn_bwd_dkdv, (*common, dqkv_bias), qkv.stride()[:3],
-                       d_out.stride()[:3], int(want_qkv_bias))
-            geo.launch(_window_attn_bwd_dq, (*common, dbias), qkv.stride()[:3],
-                       d_out.stride()[:3], int(want_bias))
-        if want_bias and full.dim() == 4:  # the explicit mask was folded in: sum its windows
-            dbias = dbias.sum(0)
-        return (dqkv, dbias if want_bias else None,
-                dqkv_bias.to(ctx.bias_dtype) if want_qkv_bias else None, None, None, None, None,
-                None)
+            for launch in geo.launches(True, True, want_bias, want_qkv_bias):
+                _launch(*launch, pointers)
+        d_table = _table_grad(unfold_bias_grad(dtile, geo.n), table, geo.win) if want_bias \
+            else None
+        return (dqkv, d_table, dqkv_bias.to(ctx.bias_dtype) if want_qkv_bias else None, None,
+                None, None, None, None)
 
 
 def window_attention(qkv_tokens: torch.Tensor, rel_pos_table: torch.Tensor, num_heads: int,
@@ -165,33 +257,80 @@ def window_attention(qkv_tokens: torch.Tensor, rel_pos_table: torch.Tensor, num_
     check_runnable(_window_attn_fwd, qkv_tokens.device, "window_attention")
     hd = qkv_tokens.shape[-1] // (3 * num_heads)
     check_mask_count(mask, qkv_tokens.shape[0] * grid_dims(*qkv_tokens.shape[1:3], win)[2])
-    bias = dense_position_bias(rel_pos_table, win)  # autograd carries its gradient to the table
-    return _WindowAttention.apply(qkv_tokens, bias, qkv_bias,
-                                  None if mask is None else mask.detach(), num_heads, win, shift,
-                                  hd ** -0.5 if scale is None else float(scale))
+    return _WindowAttention.apply(qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads, win,
+                                  shift, hd ** -0.5 if scale is None else float(scale))
+
+
+def _types(dtype: torch.dtype) -> dict:
+    t = pointer(dtype)
+    return {"qkv_ptr": t, "tile_ptr": "*fp32", "qkv_bias_ptr": t, "out_ptr": t, "lse_ptr": "*fp32",
+            "do_ptr": t, "delta_ptr": "*fp32", "dqkv_ptr": t, "dtile_ptr": "*fp32",
+            "dqkv_bias_ptr": "*fp32", "scale": "fp32"}
+
+
+def _config(kernel, dtype, prec, const, warps, stages) -> LaunchConfig:
+    names = _arg_names(kernel)
+    label = pointer(dtype)[1:] + (f"/{prec}" if dtype == torch.float32 else "")
+    types = {**_types(dtype), **{a: "i32" for a in names if a not in _types(dtype)}}
+    knobs = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "UPCAST"))
+    return LaunchConfig.of(kernel, f"{_name(kernel)} {label} {knobs}", types, const, warps,
+                           stages)
+
+
+def _name(kernel) -> str:
+    return getattr(kernel, "fn", kernel).__name__.lstrip("_")
+
+
+def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: int, window_size,
+                shift_size=0, dtype: torch.dtype = torch.float16, *, n_mask: int | None = None,
+                qkv_bias: bool = True, train: bool = False, backward: bool = False) -> list:
+    """The launches (``Launch``: compile, grid, argument values) ``window_attention`` makes on a
+    GPU for a (batch, height, width, 3*channels) qkv token map: its forward (storing the
+    log-sum-exp when ``train``), or with ``backward`` the backward's, in order. ``n_mask``: the
+    windows of an explicit mask, None for the shift's regions."""
+    win = tuple(int(v) for v in (window_size if not isinstance(window_size, int)
+                                 else (window_size, window_size)))
+    shift = tuple(int(v) for v in (shift_size if not isinstance(shift_size, int)
+                                   else (shift_size, shift_size)))
+    qkv = torch.empty(batch, height, width, 3 * channels, dtype=dtype, device="meta")
+    geo = _Geometry(qkv, num_heads, win, shift, n_mask, qkv_bias,
+                    (channels // num_heads) ** -0.5, interp=False)
+    n_class = n_mask or (4 if any(shift) else 1)
+    tokens = (batch, height, width)
+    shapes = dict(qkv_ptr=qkv.shape, tile_ptr=(n_class, num_heads, geo.nb, geo.nb, geo.block,
+                                                 geo.block),
+                  qkv_bias_ptr=(3 * channels,), out_ptr=(*tokens, channels),
+                  lse_ptr=(*tokens, num_heads) if train or backward else (1,),
+                  do_ptr=(*tokens, channels), delta_ptr=(*tokens, num_heads),
+                  dqkv_ptr=qkv.shape, dtile_ptr=(num_heads, geo.nb, geo.nb, geo.block, geo.block),
+                  dqkv_bias_ptr=(3 * channels,))
+    plan = []
+    for kernel, grid, scalars, const, warps, stages in geo.launches(train, backward):
+        cfg = _config(kernel, dtype, geo.prec, const, warps, stages)
+        args = {a: (shapes[a], torch.float32 if cfg.signature[a] == "*fp32" else dtype)
+                if a.endswith("_ptr") else scalars[a]
+                for a, t in cfg.signature.items() if t != "constexpr"}
+        plan.append(Launch(cfg, grid, args))
+    return plan
 
 
 def launch_configs() -> list:
-    """Every compiled variant the window-attention kernels can be launched with on a GPU: per
-    kernel, dtype (and float32 dot precision) and padded head dim; windows, heads, shifts and
-    masks are runtime values."""
-    ints = ("H W n_win n_win_w shift_h shift_w Hp Wp n_bias s_qb s_qh s_qw s_ob s_oh s_ow "
-            "C HEADS HD WH WW regions has_bias heads_per_program").split()
-    flags = {_window_attn_fwd: "store_lse", _window_attn_bwd_dkdv: "want_dqkv_bias",
-             _window_attn_bwd_dq: "want_dbias"}
+    """The compiled variants the window-attention kernels are launched with on a GPU: per dtype
+    (and float32 dot precision) and padded head dim, the forward and the backward of windows of
+    one block (7x7, 8x8); at Swin's head dim 32 also those of three blocks (12x12). All with
+    timm's padding tokens (the larger code); windows, heads, shifts and masks are runtime values."""
     out = []
     for dtype, precs in _PRECISIONS.items():
-        types = {"qkv_ptr": pointer(dtype), "bias_ptr": "*fp32", "qkv_bias_ptr": pointer(dtype),
-                 "out_ptr": pointer(dtype), "lse_ptr": "*fp32", "do_ptr": pointer(dtype),
-                 "delta_ptr": "*fp32", "dqkv_ptr": pointer(dtype), "dqkv_bias_ptr": "*fp32",
-                 "dbias_ptr": "*fp32", "scale": "fp32", **{k: "i32" for k in ints}}
-        for kernel, flag in flags.items():
-            for prec in precs:
-                for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
-                    label = pointer(dtype)[1:] + (f"/{prec}" if dtype == torch.float32 else "")
-                    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-                    out.append(LaunchConfig.of(
-                        kernel, f"{name.lstrip('_')} {label} head_dim<={hdp} block {block}",
-                        {**types, flag: "i32"},
-                        dict(HDP=hdp, BLOCK=block, PREC=prec, UPCAST=False), warps, stages))
+        for prec in precs:
+            for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
+                const = dict(HDP=hdp, BLOCK=block, PAD=True, EVEN_D=True, PREC=prec, UPCAST=False)
+                out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=1), warps,
+                                   stages))
+                bwd = min(stages, _BWD_STAGES)
+                out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS, bwd))
+                if hdp == 32:
+                    out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=3), warps,
+                                       stages))
+                    out += [_config(k, dtype, prec, dict(const, NB=3), warps, bwd)
+                            for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
     return out

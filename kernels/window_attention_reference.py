@@ -109,6 +109,45 @@ def dense_position_bias(rel_pos_table: torch.Tensor, window_size) -> torch.Tenso
     return rel_pos_table.float()[idx].view(n, n, -1).permute(2, 0, 1)
 
 
+def region_class_masks(window_size, shift_size, device=None) -> torch.Tensor:
+    """(4, N, N) additive masks of timm's shifted-window regions, one per window class
+    ``2 * (last window row) + (last window column)``: only those windows mix regions, and all
+    windows of a class share one mask (zeros along an axis that is not shifted)."""
+    (wh, ww), (sh, sw) = pair(window_size, "window_size"), pair(shift_size, "shift_size")
+    ty = torch.arange(wh, device=device).repeat_interleave(ww)
+    tx = torch.arange(ww, device=device).repeat(wh)
+    out = []
+    for last_h in (0, 1):
+        for last_w in (0, 1):
+            ry = torch.where(ty < wh - sh, 1, 2) if last_h and sh else torch.zeros_like(ty)
+            rx = torch.where(tx < ww - sw, 1, 2) if last_w and sw else torch.zeros_like(tx)
+            reg = ry * 3 + rx
+            out.append(torch.where(reg[:, None] != reg[None, :], MASK_NEG, 0.0))
+    return torch.stack(out).float()
+
+
+def folded_bias_tile(dense_bias: torch.Tensor, masks: torch.Tensor | None, block: int) -> torch.Tensor:
+    """The kernels' bias operand: (classes, heads, NB, NB, block, block) float32, contiguous,
+    piece [c, h, i, j] = rows i*block.., columns j*block.. of the (heads, N, N) bias plus mask
+    class c (masks (classes, N, N), or None for one class), padded to NB*block tokens: 0 in
+    padding rows (never stored), -inf in padding columns (no probability)."""
+    heads, n, _ = dense_bias.shape
+    nb = -(-n // block)
+    full = dense_bias.float().unsqueeze(0)
+    if masks is not None:
+        full = full + masks.float().unsqueeze(1)
+    tile = full.new_zeros(full.shape[0], heads, nb * block, nb * block)
+    tile[..., n:] = float("-inf")
+    tile[..., :n, :n] = full
+    return tile.view(-1, heads, nb, block, nb, block).transpose(3, 4).contiguous()
+
+
+def unfold_bias_grad(dtile: torch.Tensor, n: int) -> torch.Tensor:
+    """(heads, N, N) from a (heads, NB, NB, block, block) gradient of the folded tile."""
+    heads, nb, _, block, _ = dtile.shape
+    return dtile.transpose(2, 3).reshape(heads, nb * block, nb * block)[:, :n, :n]
+
+
 def shifted_window_mask(hp: int, wp: int, window_size, shift_size, device=None,
                         dtype=torch.float32) -> torch.Tensor:
     """(num_windows, N, N) additive mask of timm's ``get_attn_mask`` for a padded hp x wp grid."""
@@ -119,7 +158,7 @@ def shifted_window_mask(hp: int, wp: int, window_size, shift_size, device=None,
         for ws in ((0, -ww), (-ww, -sw), (-sw, None)):
             img[:, hs[0]:hs[1], ws[0]:ws[1], :] = cnt
             cnt += 1
-    win = _partition(img, wh, ww).view(-1, wh * ww)
+    win = _partition(img, wh, ww).reshape(-1, wh * ww)
     diff = win.unsqueeze(1) - win.unsqueeze(2)
     return diff.masked_fill(diff != 0, MASK_NEG).masked_fill(diff == 0, 0.0)
 
@@ -160,7 +199,7 @@ def window_attention_reference(qkv_tokens: torch.Tensor, rel_pos_table: torch.Te
         pad[:h, :w] = False
         x = torch.where(pad[None, :, :, None], qkv_bias.to(x.dtype), x)
     n = wh * ww
-    windows = _partition(x, wh, ww).view(-1, n, c3)
+    windows = _partition(x, wh, ww).reshape(-1, n, c3)
     qkv = windows.reshape(-1, n, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     attn = (q * scale) @ k.transpose(-2, -1)

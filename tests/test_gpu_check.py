@@ -46,7 +46,17 @@ def test_dry_run_reports_every_target(tmp_path):
         [r for r in rows if r["met"] is False and r["step"] != "speed"]
     md = (out / "report.md").read_text()
     assert "dry run, CPU interpreter: timings meaningless" in md and "targets met" in md
-    assert (out / "logs" / "speed.log").is_file()
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {f"logs/{s}.log" for s in gc.STEPS} <= set(tar.getnames())
+    assert len(list(out.iterdir())) <= 8  # report.json, report.md, logs.tar.gz, the plots
+    for s in report["steps"]:  # each step's cold-machine budget beside the compiles counted for it
+        assert s["budget_s"] == gc.BUDGET_S[s["name"]] and s["compiles_planned"] > 0, s
+    assert "compiles planned" in md
+    # a planned row is never dropped: measured, or reported missing with its reason
+    planned = {n for r in rows for n in r.get("planned", ())}
+    assert planned and planned <= {r["name"] for r in rows}
 
 
 def test_refuses_without_cuda_and_writes_nothing(tmp_path):
@@ -87,19 +97,40 @@ def test_missing_target_row_is_never_met():
 def test_target_table():
     gc = gpu_check()
     real, dry = gc.expected_targets(dry_run=False), gc.expected_targets(dry_run=True)
-    assert "tests.failed" in real and "tests.collected" not in real
+    assert {"tests.failed", "tests.skipped", "tests.not_passed"} <= real.keys() and "tests.collected" not in real
     assert "tests.collected" in dry and "tests.failed" not in dry
     assert all(t.name.split(".")[0] in gc.STEPS and t.source for t in gc.TARGETS)
     assert all("issue" in t.source for t in gc.TARGETS if t.name.startswith("speed."))
     assert len({t.name for t in gc.TARGETS}) == len(gc.TARGETS)
-    assert sum(gc.BUDGET_S.values()) <= 450
+    # 8 minutes from process start with 30 s to spare; the budgets follow from the counted compiles
+    assert gc.STARTUP_S + sum(gc.BUDGET_S.values()) <= 8 * 60 - 30
+    from gpu_check_compiles import compile_seconds
+
+    for step, budget in gc.BUDGET_S.items():
+        assert budget >= compile_seconds(step, gc.PARALLEL[step]) + 20 or step == "speed", step
+    assert gc.budgets(("speed",))["speed"] == gc.TOTAL_S - gc.STARTUP_S  # alone, speed gets the whole run
+    # the cold-machine plan: every step in one of its runs, each run fitting with speed's compiles
+    assert sorted(s for run in gc.COLD_RUNS for s in run) == sorted(gc.STEPS)
+    assert all(gc.speed_fits(run) for run in gc.COLD_RUNS)
     assert list(gc.expected_targets(False, steps=("plan",))) == [f"plan.{m}.r{r}" for m in ("swin_t", "swin_b")
                                                                  for r in ("0.35", "0.55")]
 
 
+def test_committed_compile_counts_are_current():
+    """The budgets' compile counts equal a fresh count (launchers called, nothing run)."""
+    gpu_check()  # puts bench/ on the path
+    import gpu_check_compiles as gcc
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check_compiles.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh == gcc.counts(), "kernels or shapes changed: python bench/gpu_check_compiles.py --write"
+
+
 def test_a_step_past_its_timeout_is_killed_and_recorded(tmp_path):
     gc = gpu_check()
-    env = gc._child_env(dry_run=True, wheel_dir=None)
-    status, error = gc._run_step("tests", tmp_path / "rows.jsonl", tmp_path / "tests.log", env, 1.5, True, tmp_path)
+    env = gc.child_env(dry_run=True, wheel_dir=None)
+    status, error = gc.run_step_process("tests", tmp_path / "rows.jsonl", tmp_path / "tests.log", env, 1.5, True, tmp_path)
     assert (status, error) == ("timeout", "timed out after 2 s")
-    assert gc._read_rows(tmp_path / "rows.jsonl") == []  # killed before it measured anything
+    assert gc.read_rows(tmp_path / "rows.jsonl") == []  # killed before it measured anything

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from statedicts import make_state
 
 from dimap_fast.cli import main
-from dimap_fast.io.checkpoint import load_pruned, remove_stale_temps
+from dimap_fast.atomic import remove_stale_temps
+from dimap_fast.io.checkpoint import load_pruned
 
 N = 192
 SHAPES = {
@@ -192,7 +193,7 @@ def test_damaged_existing_output_is_written_again_not_kept(setup, tmp_path, caps
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, failure):
     import torch
 
-    import dimap_fast.io.checkpoint
+    import dimap_fast.atomic
     from dimap_fast import DimapError
     from dimap_fast.io.checkpoint import save_atomic
 
@@ -204,7 +205,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
             f.write(data[: len(data) // 2])
         raise failure
 
-    monkeypatch.setattr(dimap_fast.io.checkpoint, "_write_bytes", half_write)
+    monkeypatch.setattr(dimap_fast.atomic, "write_file", half_write)
     expected = KeyboardInterrupt if failure is KeyboardInterrupt else DimapError
     with pytest.raises(expected) as info:
         save_atomic(out, {"w": torch.ones(2)})
@@ -216,7 +217,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
 
 def test_interrupt_right_after_the_temporary_file_appears_leaves_nothing(tmp_path, monkeypatch):
     # the narrowest window: the file exists, nothing has been written yet
-    import dimap_fast.io.checkpoint as io
+    import dimap_fast.atomic as io
 
     real_close = os.close
 

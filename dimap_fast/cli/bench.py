@@ -1,4 +1,5 @@
-"""``dimap-fast bench``: time the block-sparse linear (and the fused window attention on CUDA).
+"""``dimap-fast bench``: time the block-sparse linear (and the fused window attention on CUDA);
+``--static``: the static cost model's estimates for an H100 instead.
 
 The flags are parsed here; the timing is ``..kernel_bench``.
 """
@@ -9,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..engine.values import TILE_SIZES
+from ..errors import DimapError
 from .args import positive
 
 
@@ -58,6 +60,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also draw speed-up vs sparsity to this PNG (needs matplotlib)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU")
+    p.add_argument("--static", action="store_true",
+                   help="instead: print the static cost model's estimates for an H100 (the project's "
+                        "kernels compiled for sm_90 here, no GPU needed) and their targets")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="with --static: also write the rows (name, value, unit, target, met) as JSON")
     p.add_argument("--save-choices", action="store_true",
                    help="instead: time convert's candidates (dense, block-sparse kernel, torch BSR, 2:4) "
                         "for these shapes, sparsities and block on this device and save them where "
@@ -69,4 +76,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from .bench_body import run_kernel_bench, save_choices
 
+    if args.json is not None and not args.static:
+        raise DimapError("--json goes with --static")
+    if args.static:
+        return run_static(args.json)
     return save_choices(args) if args.save_choices else run_kernel_bench(args)
+
+
+def run_static(json_path: Path | None) -> int:
+    from ..cost_model.report import build, format_table, write_json
+
+    if json_path is not None and json_path.is_dir():
+        raise DimapError(f"--json {json_path} is a directory: name a file")
+    rows = build()
+    print(format_table(rows))
+    if json_path is not None:
+        write_json(json_path, rows)
+        print(f"rows written to {json_path}")
+    return 0

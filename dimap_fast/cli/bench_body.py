@@ -1,5 +1,5 @@
 """What ``dimap-fast bench`` measures (its flags are ``cli.bench``): the block-sparse linear (and, on
-CUDA, the fused window attention) over a grid of shapes and sparsities; a table, optionally a plot.
+CUDA, the fused window attention beside timm's own, eager and SDPA) over a grid of shapes and sparsities; a table, optionally a plot.
 
 Without CUDA the CPU code paths are timed: SparseLinear on CPU is F.linear on the zero-filled
 weight, so its speed-up is ~1 by design (it only promises never to be slower); the table header
@@ -8,7 +8,6 @@ says so. On CUDA the Triton kernels run in float16.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from ..errors import DimapError
@@ -21,25 +20,12 @@ ATTN_STAGES = (("swin_t.s1", 56, 96, 3), ("swin_t.s3", 14, 384, 12), ("swin_b.s1
 
 
 def _timer(device):
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    """best_ms(fns, reps): the best time of each function in ms, the functions taking turns."""
+    from ..timing import synchronizer, time_interleaved
 
     def best_ms(fns, reps: int) -> list[float]:
-        """Best time of each function in ms; they take turns, so drift in load hits all alike."""
-        for fn in fns:
-            fn()  # warm-up: compiles / autotunes the kernels, fills caches
-        best = [float("inf")] * len(fns)
-        for _ in range(reps):
-            for i, fn in enumerate(fns):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                best[i] = min(best[i], time.perf_counter() - t0)
-        return [b * 1e3 for b in best]
+        times = time_interleaved(dict(enumerate(fns)), reps, synchronizer(device), stat=min)
+        return [times[i] * 1e3 for i in range(len(fns))]
 
     return best_ms
 
@@ -68,24 +54,34 @@ def linear_rows(shapes, sparsities, block, tokens, device, dtype, reps):
 
 
 def attention_rows(images, device, dtype, reps):
-    """[(stage, dense ms, fused ms)]: timm's roll/partition/attention/reverse path from the qkv
-    token map (the torch reference) vs the fused kernel, shifted windows of 7."""
+    """[(stage, timm eager ms, timm SDPA ms, fused ms)]: the attention half of a timm Swin block
+    from its normed tokens (qkv Linear, shifted windows of 7, proj), on timm's eager path and on its
+    SDPA path (``fused_attn``), against the same work with the fused kernel."""
+    import copy
+
     import torch
 
-    from ..kernels import window_attention, window_attention_reference
+    from ..arch.timm_swin import swin_block
+    from ..nn import backend
+    from ..nn.drop_ins import drop_ins_for
 
     best_ms = _timer(device)
     rows = []
     with torch.inference_mode():
         for name, res, c, heads in ATTN_STAGES:
-            qkv = torch.randn(images, res, res, 3 * c, device=device, dtype=dtype)
-            table = torch.randn(169, heads, device=device, dtype=dtype)
-            bias = torch.randn(3 * c, device=device, dtype=dtype)
-            shift = 3 if res > 7 else 0
-            args = (qkv, table, heads, 7, shift)
-            ref, fused = best_ms([lambda: window_attention_reference(*args, qkv_bias=bias),
-                                  lambda: window_attention(*args, qkv_bias=bias)], reps)
-            rows.append((name, ref, fused))
+            torch.manual_seed(0)
+            eager = swin_block(c, res, heads, shift=3 if res > 7 else 0).eval().to(device, dtype)
+            sdpa = copy.deepcopy(eager)
+            sdpa.attn.fused_attn = True
+            ours = drop_ins_for("timm-swin")[type(eager)].adopt(copy.deepcopy(eager))  # the drop-in block
+            x = torch.randn(images, res, res, c, device=device, dtype=dtype)
+
+            def fused(ours=ours, x=x):
+                with backend("triton"):  # the drop-in's attention half on the fused kernel, wherever x is
+                    return ours._attn(x)
+
+            t_eager, t_sdpa, t_fused = best_ms([lambda: eager._attn(x), lambda: sdpa._attn(x), fused], reps)
+            rows.append((name, t_eager, t_sdpa, t_fused))
     return rows
 
 
@@ -129,10 +125,12 @@ def run_kernel_bench(args) -> int:
     if on_gpu:
         images = max(1, tokens // 196)
         attn = attention_rows(images, device, dtype, reps)
-        print(f"\nwindow attention (shifted, window 7), {images} images, {dt}: timm path vs fused")
-        print(f"{'stage':>12} {'timm ms':>10} {'fused ms':>10} {'speed-up':>9}")
-        for name, ref, fused in attn:
-            print(f"{name:>12} {ref:>10.3f} {fused:>10.3f} {ref / fused:>8.2f}x")
+        print(f"\nwindow attention half of a block (qkv, shifted windows of 7, proj), {images} images, {dt}: "
+              f"timm eager and timm SDPA vs fused")
+        print(f"{'stage':>12} {'eager ms':>10} {'SDPA ms':>10} {'fused ms':>10} {'vs eager':>9} {'vs SDPA':>9}")
+        for name, eager, sdpa, fused in attn:
+            print(f"{name:>12} {eager:>10.3f} {sdpa:>10.3f} {fused:>10.3f} {eager / fused:>8.2f}x "
+                  f"{sdpa / fused:>8.2f}x")
 
     if args.plot is not None:
         _plot(args.plot, rows, head)

@@ -47,7 +47,7 @@ def run(args) -> int:
     if "throughput" in rep:
         t = rep["throughput"]
         print(f"images/s  dense {t['dense']:.1f}   this model {t['model']:.1f}   speed-up {t['speedup']:.2f}x "
-              f"(batch {t['batch']}, {t['device']})")
+              f"(batch {t['batch']}, {t['device']}, both on timm's {t['attention']} attention)")
         if "speedup_converted" in t:
             print(f"converted (dimap_fast.nn): dense {t['dense_converted']:.1f}   this model "
                   f"{t['model_converted']:.1f}   speed-up {t['speedup_converted']:.2f}x")

@@ -25,8 +25,9 @@ from pathlib import Path
 from ..engine.budget import check_budget_pattern, flops_metadata
 from ..engine.values import METHODS, Pattern, as_pattern, check_reduction, supported
 from ..errors import DimapError, check_choice, check_model_name, check_ratio
-from ..io.checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, remove_stale_temps,
-                         safetensors_header, save_pruned, write_text_atomic)
+from ..atomic import remove_stale_temps, write_text_atomic
+from ..io.checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, safetensors_header,
+                             save_pruned)
 from ..io.models import check_architecture
 
 SUMMARY = "summary.csv"

@@ -49,7 +49,8 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
         from ..nn import convert
 
         pairs["_converted"] = tuple(convert(copy.deepcopy(m), choose="dense") for m in (dense, model))
-    out = {"batch": batch, "device": str(device)}
+    sdpa = any(getattr(m, "fused_attn", False) for m in model.modules())
+    out = {"batch": batch, "device": str(device), "attention": "sdpa" if sdpa else "eager"}
     for suffix, (d_model, m_model) in pairs.items():
         d1, m1 = images_per_second(d_model, shape), images_per_second(m_model, shape)
         d2, m2 = images_per_second(d_model, shape), images_per_second(m_model, shape)

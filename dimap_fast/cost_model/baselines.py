@@ -34,6 +34,7 @@ def unique_bytes(t: torch.Tensor) -> int:
 class _Tally:
     def __init__(self, gpu: Gpu):
         self.gpu, self.bytes, self.seconds, self.count, self.syncs = gpu, 0.0, 0.0, 0, 0
+        self.sort_bytes = 0.0  # the part of ``bytes`` that sorts moved
 
     def add(self, nbytes: float, flops: float = 0.0, dtype=torch.float16) -> None:
         peak = self.gpu.tensor_peak(_PEAK.get(dtype, "tf32"))
@@ -60,7 +61,10 @@ class _Bytes(TorchDispatchMode):
             a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
             flops = 2.0 * math.prod(a.shape) * b.shape[-1]
         dtype = tensors[0].dtype if tensors else torch.float16
-        self.tally.add(sum(unique_bytes(t) for t in tensors), flops, dtype)
+        nbytes = sum(unique_bytes(t) for t in tensors)
+        if func.overloadpacket in (aten.sort, aten.argsort):
+            self.tally.sort_bytes += nbytes
+        self.tally.add(nbytes, flops, dtype)
         return out
 
 
@@ -129,16 +133,13 @@ def timm_attention_span(model: str, dtype: torch.dtype, fused: bool, backward: b
                         image: int = 224, window: int = 7, gpu: Gpu = H100) -> _Tally:
     """timm's first-stage shifted block from the qkv Linear's output to the proj Linear's input:
     roll, partition, reshapes, attention (eager or SDPA), reverse partition, reverse roll."""
-    from timm.models.swin_transformer import SwinTransformerBlock
-
+    from ..arch.timm_swin import swin_block
     from .workloads import SWIN
 
     dim, heads = SWIN[model]
     side = image // 4
     with torch.device("meta"):
-        block = SwinTransformerBlock(dim, (side, side), heads, window_size=window,
-                                     shift_size=window // 2).to(dtype)
-        block.attn.fused_attn = fused
+        block = swin_block(dim, side, heads, window, shift=window // 2, sdpa=fused).to(dtype)
         x = torch.empty(batch, side, side, dim, dtype=dtype, requires_grad=backward)
     with count_bytes(free_linear=True, gpu=gpu) as tally:
         out = block._attn(x)

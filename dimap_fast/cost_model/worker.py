@@ -46,7 +46,7 @@ def call(verb: str, payload):
     """Run ``verb`` on ``payload`` in a fresh interpreter with the right TRITON_INTERPRET."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    if verb == "capture":
+    if verb in ("capture", "masks"):
         env["TRITON_INTERPRET"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
@@ -65,7 +65,12 @@ def main(argv) -> int:
     verb, src, dst = argv
     with open(src, "rb") as f:
         payload = pickle.load(f)
-    result = _capture(payload) if verb == "capture" else _compile(payload)
+    if verb == "masks":
+        from . import masks_cost
+
+        result = [masks_cost.run(m) for m in payload]
+    else:
+        result = _capture(payload) if verb == "capture" else _compile(payload)
     with open(dst, "wb") as f:
         pickle.dump(result, f)
     return 0

@@ -162,6 +162,9 @@ class Plan:
         ratio = self._ratio(ratio)
         if self._scorer is None:
             return {layer.name: two_four_mask(layer.tensor, layer.name) for layer in self.layers}
+        if self.backend == "triton":  # the cuts stay on the device: one apply pass, one host read
+            built = self._scorer.masks(ratio)
+            return {layer.name: built[layer.name] for layer in self.layers if layer.name in built}
         cuts = self.cutoffs(ratio)
         order = sorted(self.units, key=lambda u: -u.numel)  # largest first balances the workers
         with ThreadPoolExecutor(max_workers=_workers(len(order))) as pool:

@@ -4,17 +4,24 @@ For each prunable layer, with magnitudes sorted descending (ties by flat index, 
 
     Imp(w_j) = w_j^2 / (w_1^2 + ... + w_j^2)
 
-with the prefix sum accumulated in float64, sequentially (numpy's cumsum order), and 0 where the
-prefix is 0. Inside a layer the score never increases along the ranks, so at any threshold a layer
-keeps a prefix of its ranks: a magnitude cutoff plus a count. That is what lets a ratio be cut
-without a per-weight argsort.
+with the prefix sum accumulated in float64, and 0 where the prefix is 0. Inside a layer the score
+never increases along the ranks, so at any threshold a layer keeps a prefix of its ranks: a
+magnitude cutoff plus a count. That is what lets a ratio be cut without a per-weight argsort.
+
+The float64 prefix has one summation order, shared bit for bit with the GPU kernels
+(dimap_fast.kernels.importance), so CUDA and CPU masks agree even where a score sits within an ulp
+of a threshold. Ranks fall in blocks of ``BLOCK`` and blocks in groups of ``GROUP``; every sum
+below runs left to right:
+- p_j: the squares of j's block up to j;  T_k: block k's total (p at its last rank);
+- q_k: the totals of the earlier blocks of k's group;  U_g: all totals of group g;
+- R_g: the U of the layer's earlier groups;  S_j = R_g + (q_k + p_j).
+S never decreases along the ranks (at a block's end q_k + T_k is q_{k+1}, at a group's end
+R_g + U_g is R_{g+1}), and every level is short or parallel on a GPU.
 
 Memory is the constraint that shapes this file: holding every score in float64 would take twice
-the model's prunable weights. A layer keeps only its sorted magnitudes (float32) and, every
-``BLOCK`` ranks, the float64 prefix sum before the block and the key at its first rank. A ratio's
-threshold is found on those block heads, and exact keys are recomputed only for the few blocks
-that straddle it, continuing the very same sequential sums, so they equal a full recomputation
-bit for bit.
+the model's prunable weights. A layer keeps only its sorted magnitudes (float32), q per block,
+R per group and the key at each block's first rank (its head). A ratio's threshold is found on
+those heads, and exact keys are recomputed only for the few blocks that straddle it.
 """
 
 from __future__ import annotations
@@ -29,14 +36,15 @@ import torch
 from .prunable import non_finite_error
 from .sorting import sort_negated
 
-BLOCK = 64  # ranks per block head: 16 bytes per 64 weights, and a narrow band to recompute per ratio
-CHUNK = 1 << 18  # elements per float64 pass: few enough Python calls to leave the GIL free
+BLOCK = 64  # ranks per block: 16 bytes of heads per 64 weights, and a narrow band to recompute per ratio
+GROUP = 64  # blocks per group; BLOCK and GROUP define the summation order (the kernels use the same)
+CHUNK = 1 << 18  # elements per float64 pass (whole groups): few Python calls leave the GIL free
 
 
 class LayerState:
     """What a layer keeps between ratios: sorted magnitudes and its block heads."""
 
-    __slots__ = ("neg", "prefix", "heads_neg", "numel", "method", "squared")
+    __slots__ = ("neg", "prefix", "tops", "heads_neg", "numel", "method", "squared")
 
     def __init__(self, neg: np.ndarray, method: str, squared: bool = False):
         self.neg = neg  # -|w| ascending, i.e. |w| descending with the sign flipped: numpy sorts ascending only
@@ -44,9 +52,9 @@ class LayerState:
         self.method = method
         self.squared = squared  # neg holds -energy (structured units) rather than -|w|
         if method == "dimap":
-            self.prefix, heads = _dimap_heads(neg, squared)
+            self.prefix, self.tops, heads = _dimap_heads(neg, squared)
         else:
-            self.prefix = None
+            self.prefix = self.tops = None
             heads = -neg[::BLOCK].astype(np.float64)
         self.heads_neg = -heads  # ascending, for searchsorted
 
@@ -55,11 +63,8 @@ class LayerState:
         if self.method != "dimap":
             return -self.neg[r0:r1].astype(np.float64)
         sq = -self.neg[r0:r1].astype(np.float64) if self.squared else np.square(self.neg[r0:r1], dtype=np.float64)
-        run = np.empty(sq.size + 1)
-        run[0] = self.prefix[r0 // BLOCK]
-        run[1:] = sq
-        np.cumsum(run, out=run)
-        return _safe_divide(sq, run[1:])
+        blocks = np.arange(r0 // BLOCK, -(-r1 // BLOCK))
+        return _safe_divide(sq, _prefix(sq, self.prefix[blocks], self.tops[blocks // GROUP]))
 
     def key_at(self, rank: int) -> float:
         start = rank - rank % BLOCK
@@ -69,7 +74,7 @@ class LayerState:
         return float(-self.neg[rank])
 
     def nbytes(self) -> int:
-        extra = 0 if self.prefix is None else self.prefix.nbytes
+        extra = 0 if self.prefix is None else self.prefix.nbytes + self.tops.nbytes
         return self.neg.nbytes + self.heads_neg.nbytes + extra
 
 
@@ -93,37 +98,65 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: the float64 prefix sum before it and the score of its first rank.
+def _prefix(sq: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """S = R + (q + p) for whole blocks of squares (the last may be short), p summed in each block."""
+    n = sq.size
+    padded = np.zeros(q.size * BLOCK)
+    padded[:n] = sq  # a zero adds nothing exactly
+    p = torch.cumsum(torch.from_numpy(padded).view(-1, BLOCK), 1).numpy()  # left to right, as numpy's
+    s = np.add(q[:, None], p, out=p)
+    s = np.add(r[:, None], s, out=s)
+    return s.reshape(-1)[:n]
 
-    The sequential float64 sum is a chain of dependent adds that runs at add latency. Large
-    chunks keep the Python calls (which hold the GIL) rare, so the layer workers run side by
+
+def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block q and its head's score, per group R (see the module docstring).
+
+    Large chunks keep the Python calls (which hold the GIL) rare, so the layer workers run side by
     side; element-wise work stays in numpy because torch's would start its own threads and fight
-    the workers. The sum itself is torch's cumsum: sequential like numpy's (bit-identical) and
-    measured 3x faster here.
+    the workers. The in-block sums are torch's cumsum: left to right like numpy's (bit-identical)
+    and measured 3x faster here.
     """
     n = neg.size
     nblocks = -(-n // BLOCK)
-    prefix = np.empty(nblocks)
+    ngroups = -(-nblocks // GROUP)
+    q = np.zeros(ngroups * GROUP)
     heads = np.empty(nblocks)
-    size = min(CHUNK, n) + 1
-    squares, sums = np.empty(size), np.empty(size)
-    squares_t, sums_t = torch.from_numpy(squares), torch.from_numpy(sums)
+    tops = np.empty(ngroups)
+    size = min(CHUNK, ngroups * GROUP * BLOCK)
+    squares = np.zeros(size)
+    squares_t = torch.from_numpy(squares).view(-1, BLOCK)
+    sums_t = torch.empty_like(squares_t)
+    totals = np.zeros(size // BLOCK)
     carry = 0.0
-    for start in range(0, n, CHUNK):  # CHUNK is a multiple of BLOCK, so chunks start blocks
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of GROUP * BLOCK: chunks start groups
         stop = min(start + CHUNK, n)
         m = stop - start
-        squares[0] = carry  # continuing from the carry keeps the sum sequential across chunks
         if squared:
-            np.negative(neg[start:stop], out=squares[1 : m + 1], dtype=np.float64)
+            np.negative(neg[start:stop], out=squares[:m], dtype=np.float64)
         else:
-            np.square(neg[start:stop], out=squares[1 : m + 1], dtype=np.float64)
-        torch.cumsum(squares_t[: m + 1], 0, out=sums_t[: m + 1])
-        blocks = slice(start // BLOCK, -(-stop // BLOCK))
-        prefix[blocks] = sums[0:m:BLOCK]
-        heads[blocks] = _safe_divide(squares[1 : m + 1 : BLOCK], sums[1 : m + 1 : BLOCK])
-        carry = float(sums[m])
-    return prefix, heads
+            np.square(neg[start:stop], out=squares[:m], dtype=np.float64)
+        squares[m:] = 0.0
+        mb = -(-m // BLOCK)
+        mg = -(-mb // GROUP)
+        torch.cumsum(squares_t[:mb], 1, out=sums_t[:mb])
+        totals[:mb] = sums_t[:mb, -1].numpy()
+        totals[mb : mg * GROUP] = 0.0
+        groups = totals[: mg * GROUP].reshape(mg, GROUP)
+        b0, g0 = start // BLOCK, start // (BLOCK * GROUP)
+        q_chunk = q[b0 : b0 + mg * GROUP].reshape(mg, GROUP)
+        np.cumsum(groups[:, :-1], axis=1, out=q_chunk[:, 1:])
+        group_totals = np.cumsum(groups, axis=1)[:, -1]
+        run = np.empty(mg + 1)
+        run[0] = carry
+        run[1:] = group_totals
+        np.cumsum(run, out=run)  # R continues left to right across chunks
+        tops[g0 : g0 + mg] = run[:-1]
+        carry = float(run[-1])
+        first = squares[0:m:BLOCK]
+        s = tops[g0 + np.arange(mb) // GROUP] + (q[b0 : b0 + mb] + first)
+        heads[b0 : b0 + mb] = _safe_divide(first, s)
+    return q[:nblocks], tops, heads
 
 
 def _check_finite(name: str, neg: np.ndarray) -> None:

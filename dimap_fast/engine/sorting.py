@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import save_cache
+from ..host import cache_dir, cpu_model
 CANDIDATES = ("numpy", "torch")
 CACHE_NAME = "sort_choice.json"
 PROBE = 1 << 20  # a mid-sized Swin layer: both sorts are past their fixed costs
@@ -35,25 +35,15 @@ _chosen: dict | None = None
 
 
 def cache_path() -> Path:
-    # The same directory as convert's measured choice (dimap_fast.nn.format_choice.cache_dir).
-    if os.environ.get("DIMAP_FAST_CACHE_DIR"):
-        return Path(os.environ["DIMAP_FAST_CACHE_DIR"]) / CACHE_NAME
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dimap_fast" / CACHE_NAME
+    return cache_dir() / CACHE_NAME
 
 
 def host_key() -> str:
     """What a sort's speed depends on: CPU model, numpy's enabled SIMD features, versions."""
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
     from numpy._core._multiarray_umath import __cpu_features__ as features
 
     simd = ",".join(k for k, on in sorted(features.items()) if on and k.startswith(("AVX", "X86_V")))
-    return f"{model} | {simd} | numpy {np.__version__} | torch {torch.__version__}"
+    return f"{cpu_model()} | {simd} | numpy {np.__version__} | torch {torch.__version__}"
 
 
 def sort_negated(neg: np.ndarray, method: str | None = None) -> None:
@@ -125,14 +115,7 @@ def _load() -> dict:
 
 
 def _save(key: str, times: dict) -> None:
-    path = cache_path()
     entries = _load()
     entries[key] = times
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sort-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as err:
-        warnings.warn(f"could not save the sort choice to {path} ({err}); it will be measured again", stacklevel=3)
+    save_cache(cache_path(), json.dumps({"format": _FORMAT, "entries": entries}, indent=1, sort_keys=True),
+               "the sort choice")

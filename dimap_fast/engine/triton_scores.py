@@ -1,9 +1,16 @@
-"""GPU path of the Plan: torch sorts the keys, the Triton kernels of dimap_fast.kernels do the rest.
+"""GPU path of the Plan: a short, fixed sequence of launches whatever the layer count.
 
-Per group (a module for dimap, every layer for global) the sorted magnitudes of all its layers lie
-in one tensor, so one launch scores the whole module and one launch selects any number of ratios.
-GPU memory is plentiful next to the CPU's, so every score is kept (float64) instead of block heads.
-On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
+Planning: the magnitudes of every layer sorted (one batched torch.sort per distinct layer size,
+values only kept), one read of each layer's largest magnitude (the non-finite check), and the
+three score launches of dimap_fast.kernels.importance over every layer at once. Layers are laid
+out group by group (a DIMAP module, or every layer for ``global``), natural order inside a group,
+so one selection launch serves every (ratio, group).
+
+A ratio: one selection launch, a gather of each layer's cut magnitude and key, and ONE copy of
+those to the host (``to_host``, the only device-to-host read of this path); the masks are then
+written by the apply kernel in one pass per weight dtype, from the cuts still on the device.
+GPU memory is plentiful next to the CPU's, so every score is kept (float64) instead of block
+heads. On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -16,67 +23,130 @@ import torch
 from .prunable import non_finite_error, prune_count
 from .units import UnitLayer
 
+_CACHED_RATIOS = 64
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """The one device-to-host read of the GPU plan (tests and the cost model count its calls)."""
+    return t.cpu().numpy()
+
 
 class TritonScorer:
     def __init__(self, layers: list[UnitLayer], method: str):
-        from ..kernels import module_scores
+        from ..kernels.importance import ScoreTables, scores_from_tables
+        from ..kernels.select import SelectTables
 
         self.method = method
-        self.numels = [layer.numel for layer in layers]
-        self.groups = []  # (layer indices, sorted magnitudes, keys, offsets)
-        self.where = {}  # layer index -> (group, offset)
+        self.units = layers
+        self.numels = np.array([u.numel for u in layers], dtype=np.int64)
         if method == "dimap":
-            members = {}
-            for i, layer in enumerate(layers):
-                members.setdefault(layer.module, []).append(i)
+            members: dict[str, list[int]] = {}
+            for i, u in enumerate(layers):
+                members.setdefault(u.module, []).append(i)
             parts = list(members.values())
         elif method == "global":
             parts = [list(range(len(layers)))]
         else:
             parts = [[i] for i in range(len(layers))]
-        for idx in parts:
-            mags = torch.cat([_sorted_magnitudes(layers[i]) for i in idx])
-            sizes = torch.tensor([0] + [self.numels[i] for i in idx], dtype=torch.int64)
-            offsets = torch.cumsum(sizes, 0).to(mags.device)
-            keys = module_scores(mags, offsets) if method == "dimap" else mags.double()
-            g = len(self.groups)
-            self.groups.append((idx, mags, keys, offsets))
-            for j, i in enumerate(idx):
-                self.where[i] = (g, int(sizes[: j + 1].sum()))
+        self.order = np.array([i for part in parts for i in part], dtype=np.int64)  # flat slot -> layer
+        self.slot = np.empty_like(self.order)
+        self.slot[self.order] = np.arange(self.order.size)  # layer -> flat slot
+        sizes = self.numels[self.order]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.group_sizes = self.offsets[bounds[1:]] - self.offsets[bounds[:-1]]
+        self.device = layers[0].values.device
+        self.mags = _sorted_magnitudes([layers[i] for i in self.order], self.device)
+        firsts = to_host(self.mags[torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)])
+        for slot in np.flatnonzero(~np.isfinite(firsts)):  # torch sorts NaN above +inf: the first tells
+            raise non_finite_error(layers[self.order[slot]].name, float(firsts[slot]))
+        if method == "dimap":
+            self.keys = scores_from_tables(self.mags, ScoreTables(sizes, self.device))
+        else:
+            self.keys = self.mags.double()
+        self._select = SelectTables(sizes, bounds, self.device) if method != "uniform" else None
+        self._starts = torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)
+        self._cuts: dict[float, tuple] = {}  # ratio -> (host counts, mags, keys by layer; device counts, cuts by slot)
+        self._apply: dict | None = None
 
     def keep_counts(self, ratio: float) -> np.ndarray:
         return self.keep_counts_many([ratio])[0]
 
     def keep_counts_many(self, ratios) -> np.ndarray:
-        """[R, L] keep counts: one selection launch per group for every ratio at once."""
-        from ..kernels import select_keep_counts
+        """[R, L] keep counts: one selection launch for every ratio and group, one host read."""
+        ratios = list(ratios)
+        todo = list(dict.fromkeys(r for r in ratios if r not in self._cuts))
+        if todo:
+            self._cut(todo)
+        return np.stack([self._cuts[r][0] for r in ratios]) if ratios else np.zeros((0, len(self.units)), np.int64)
 
-        out = np.zeros((len(ratios), len(self.numels)), dtype=np.int64)
+    def _cut(self, ratios: list[float]) -> None:
+        from ..kernels.select import counts_from_tables
+
         if self.method == "uniform":
-            for r, ratio in enumerate(ratios):
-                out[r] = [n - prune_count(ratio, n) for n in self.numels]
-            return out
-        for idx, _, keys, offsets in self.groups:
-            total = sum(self.numels[i] for i in idx)
-            keep = torch.tensor([total - prune_count(r, total) for r in ratios], dtype=torch.int64, device=keys.device)
-            out[:, idx] = select_keep_counts(keys, offsets, keep).cpu().numpy()
-        return out
+            counts = np.array([[n - prune_count(r, n) for n in self.numels[self.order]] for r in ratios], dtype=np.int64)
+            counts_dev = torch.from_numpy(counts).to(self.device, non_blocking=True)
+        else:
+            keep = np.array([[g - prune_count(r, int(g)) for g in self.group_sizes] for r in ratios], dtype=np.int64)
+            counts_dev = counts_from_tables(self.keys, self._select, torch.from_numpy(keep).to(self.device, non_blocking=True))
+        at = self._starts + (counts_dev - 1).clamp_min(0)
+        mags, keys = self.mags[at], self.keys[at]
+        cuts = torch.where(counts_dev > 0, mags, torch.full_like(mags, math.inf))
+        host = to_host(torch.stack([counts_dev.double(), mags.double(), keys]))  # exact: counts < 2^53
+        if len(self._cuts) + len(ratios) > _CACHED_RATIOS:
+            self._cuts.clear()
+        for r, ratio in enumerate(ratios):
+            by_layer = host[:, r, self.slot]
+            self._cuts[ratio] = (by_layer[0].astype(np.int64), by_layer[1], by_layer[2], counts_dev[r], cuts[r])
 
     def magnitude_at(self, i: int, rank: int) -> float:
-        g, start = self.where[i]
-        return float(self.groups[g][1][start + rank])
+        for counts, mags, _, _, _ in self._cuts.values():
+            if counts[i] - 1 == rank:
+                return float(mags[i])
+        return float(to_host(self.mags[int(self.offsets[self.slot[i]]) + rank]))
 
     def key_at(self, i: int, rank: int) -> float:
-        g, start = self.where[i]
-        return float(self.groups[g][2][start + rank])
+        for counts, _, keys, _, _ in self._cuts.values():
+            if counts[i] - 1 == rank:
+                return float(keys[i])
+        return float(to_host(self.keys[int(self.offsets[self.slot[i]]) + rank]))
+
+    def masks(self, ratio: float) -> dict[str, torch.Tensor]:
+        """Every layer's mask from the ratio's cuts on the device: one apply pass per weight dtype."""
+        from ..kernels.apply import cut_from_tables, default_tables
+
+        self.keep_counts(ratio)
+        counts_dev, cuts = self._cuts[ratio][3], self._cuts[ratio][4]
+        if self._apply is None:
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for slot, i in enumerate(self.order):
+                by_dtype.setdefault(self.units[i].values.dtype, []).append(slot)
+            self._apply = {
+                dtype: (slots, torch.from_numpy(np.array(slots)).to(self.device, non_blocking=True),
+                        default_tables(self.numels[self.order[slots]], self.device))
+                for dtype, slots in by_dtype.items()
+            }
+        out = {}
+        for slots, slots_dev, tables in self._apply.values():
+            layers = [self.units[self.order[s]] for s in slots]
+            flat = torch.cat([u.values.detach().reshape(-1) for u in layers])
+            mask, _ = cut_from_tables(flat, tables, cuts[slots_dev].contiguous(), counts_dev[slots_dev], zero=False)
+            start = 0
+            for u in layers:
+                out[u.name] = mask[start : start + u.numel].view(u.values.shape)
+                start += u.numel
+        return out
 
 
-def _sorted_magnitudes(layer: UnitLayer) -> torch.Tensor:
-    mags = layer.values.detach().reshape(-1).abs()
-    if mags.dtype != torch.float32:
-        mags = mags.float()
-    mags = torch.sort(mags, descending=True).values
-    largest = float(mags[0])  # torch sorts NaN above +inf, so the first value tells
-    if not math.isfinite(largest):
-        raise non_finite_error(layer.name, largest)
-    return mags
+def _sorted_magnitudes(layers: list[UnitLayer], device) -> torch.Tensor:
+    """Every layer's |w| (float32) sorted descending, concatenated: one sort per distinct size."""
+    by_size: dict[int, list[int]] = {}
+    for j, u in enumerate(layers):
+        by_size.setdefault(u.numel, []).append(j)
+    rows: list[torch.Tensor | None] = [None] * len(layers)
+    for members in by_size.values():
+        stacked = torch.stack([layers[j].values.detach().reshape(-1).float() for j in members]).abs_()
+        ordered = torch.sort(stacked, dim=1, descending=True).values
+        for k, j in enumerate(members):
+            rows[j] = ordered[k]
+    return torch.cat(rows) if rows else torch.zeros(0, device=device)

@@ -5,31 +5,26 @@ Loading prefers safetensors (no code can hide in it); ``.pth``/``.pt``/``.bin`` 
 (missing, truncated, corrupt, a pickle that would run code) is one DimapError, never another
 exception.
 
-Outputs are written to a temporary file beside the target, ``.NAME.PID.XXXXXXXX.tmp``, fsynced and
-renamed over it, so a crash leaves either the old file or the new one, never half of one; the input
-is never a target. An interrupted write removes its temporary file; one left by a killed process
-(kill -9, power loss) is recognised by its dead PID and removed by the next run that writes NAME.
+Outputs are written atomically (``dimap_fast.atomic``); the input is never a target.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 
 import torch
 
-from ..errors import DimapError
+from .. import atomic
+from ..atomic import atomic_path, remove_stale_temps
+from ..errors import DimapError, short_reason
 
 MASK_PREFIX = "dimap_mask."
 PRUNED_FORMAT = "dimap-fast/1"
 SHRUNK_FORMAT = "dimap-fast/shrunk-1"  # weights of a shrunk model plus its per-block sizes
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-TEMP_SUFFIX = ".tmp"
 
 
 def looks_like_path(spec: str) -> bool:
@@ -95,7 +90,7 @@ def _load_safetensors(path: Path):
 
 
 def _damaged(path, exc) -> str:
-    return f"cannot read {path}: not a valid safetensors file ({_reason(exc)}): it is truncated or damaged; copy or export it again"
+    return f"cannot read {path}: not a valid safetensors file ({short_reason(exc)}): it is truncated or damaged; copy or export it again"
 
 
 def safetensors_header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -127,7 +122,7 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
         raise
     except BaseException as exc:
         raise DimapError(
-            f"cannot read {path}: truncated or not a torch checkpoint ({_reason(exc)}); copy or export it again"
+            f"cannot read {path}: truncated or not a torch checkpoint ({short_reason(exc)}); copy or export it again"
         ) from None
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -145,15 +140,6 @@ def _pickle_refusal(path: Path, text: str) -> str:
         f"refused {path}: loading it {what}, and a pickle can run code, so weights_only loading blocks it; "
         "if you trust the file, re-save its state dict with safetensors.torch.save_file and prune that"
     )
-
-
-def _reason(exc: BaseException) -> str:
-    """The first sentence of a library's message, short enough for one line."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = text.split(". ")[0].rstrip(".")
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def check_fits(own: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], path) -> None:
@@ -190,85 +176,6 @@ def check_output(out, inputs=()) -> Path:
     return out
 
 
-def public_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(out):
-    """Yield a temporary path beside ``out``; on success fsync it and rename it over ``out``.
-
-    On any failure or interruption the temporary file is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    tmp = str(out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    refused = False  # the file could not be made: whatever has its name is not ours to remove
-    # One guard from the file's creation to its rename: a Ctrl-C landing right after the file
-    # appears (even inside os.open) is caught here and the file removed.
-    try:
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as exc:
-            refused = True
-            raise DimapError(f"cannot write in {out.parent} ({_reason(exc)}): choose another output folder") from None
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, public_mode())  # the file was made 0600; outputs get the usual umask
-        os.replace(tmp, out)
-    except BaseException as exc:
-        if not refused:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise DimapError(f"cannot write {out} ({_reason(exc)}): check the free space and permissions") from None
-        raise
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_temps(folder, names) -> list[Path]:
-    """Remove the temporary files of ``names`` that a killed run left in ``folder``.
-
-    A temporary file is ours when it reads ``.NAME.PID.XXXXXXXX.tmp`` with NAME in ``names``; it is
-    stale when no process PID is alive (or PID is this process, which calls this before writing).
-    Files of live processes, and anything else, are left alone.
-    """
-    names = set(names)
-    removed = []
-    pattern = f".{glob.escape(next(iter(names)))}.*{TEMP_SUFFIX}" if len(names) == 1 else f".*{TEMP_SUFFIX}"
-    for path in Path(folder).glob(pattern):
-        parts = path.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random part
-        if len(parts) != 3 or parts[0] not in names or not parts[1].isdigit() or _alive(int(parts[1])):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as safetensors: a temporary file beside ``out``, fsync, then rename."""
     from safetensors.torch import save
@@ -288,14 +195,9 @@ def save_atomic(out, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     # of its own (.tmpXXXXXX) beside the target, which a kill -9 mid-write left there for good.
     data = save(clean, metadata={k: str(v) for k, v in (metadata or {}).items()})
     with atomic_path(out) as tmp:
-        _write_bytes(tmp, data)
+        atomic.write_file(tmp, data)
         _sort_header(tmp)
     return out
-
-
-def _write_bytes(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def _sort_header(path) -> None:
@@ -315,16 +217,6 @@ def _sort_header(path) -> None:
         if len(text) <= length:
             f.seek(8)
             f.write(text + b" " * (length - len(text)))
-
-
-def write_text_atomic(out, text: str) -> Path:
-    """Write a text file (summary.csv) the way save_atomic writes tensors."""
-    out = Path(out)
-    remove_stale_temps(out.parent, [out.name])
-    with atomic_path(out) as tmp:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    return out
 
 
 def save_pruned(out, state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:

@@ -11,17 +11,13 @@ measured once on a synthetic weight of that shape and density (so one measuremen
 layer with the same key) and saved to ``linear_choices.json`` in the cache directory:
 ``$DIMAP_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/dimap_fast``, else ``~/.cache/dimap_fast``.
 A sparse candidate must beat dense by ``MARGIN`` to be chosen: timing noise never makes a layer slower.
+The kernel is not even a candidate where the static model says it cannot win (``kernel_can_win``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import statistics
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +27,10 @@ import torch
 from torch import nn
 
 from ..arch import find_adapter
+from ..atomic import save_cache
 from ..errors import DimapError
+from ..host import cache_dir, cpu_model
+from ..timing import synchronizer, time_interleaved
 from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, is_2to4, semi_structured_supported
 from .sparse_linear import SparseLinear, zero_smallest_tiles_
 
@@ -46,25 +45,12 @@ CACHE_NAME = "linear_choices.json"
 _FORMAT = 1
 
 
-def cache_dir() -> Path:
-    if os.environ.get("DIMAP_FAST_CACHE_DIR"):
-        return Path(os.environ["DIMAP_FAST_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dimap_fast"
-
-
 def device_name(device) -> str:
     """What the timings depend on: the GPU's name, or the CPU's model and torch's thread count."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu {model} {torch.get_num_threads()}t"
+    return f"cpu {cpu_model()} {torch.get_num_threads()}t"
 
 
 def rows_bucket(rows: int) -> int:
@@ -134,6 +120,22 @@ def build(kind: str, linear: nn.Linear, block: int) -> nn.Module:
     raise DimapError(f"unknown linear format {kind!r}: choose one of {', '.join(CANDIDATES)}")
 
 
+def kernel_can_win(out_features: int, in_features: int, density: float, dtype: torch.dtype) -> bool:
+    """Whether skipping tiles can beat dense by MARGIN on a GPU, by the static cost model's H100
+    constants: per row of x, both move (in + out) elements, dense does 2*in*out FLOPs (at cuBLAS's
+    share of the tensor peak) and the kernel ``density`` of them. Where dense is bound by its
+    bytes (Swin stage 1: K=128, the output write dominates), the kernel can only tie: no."""
+    from ..cost_model.hardware import H100
+
+    es = torch.empty((), dtype=dtype).element_size()
+    kind = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "tf32")
+    if kind == "tf32" and torch.get_float32_matmul_precision() == "highest":
+        kind = "fp32"
+    flop_s = 2.0 * in_features * out_features / (H100.tensor_peak(kind) * H100.cublas_fraction)
+    byte_s = H100.memory_seconds((in_features + out_features) * es)
+    return max(flop_s, byte_s) / max(density * flop_s, byte_s) >= 1.0 / (1.0 - MARGIN)
+
+
 def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: float) -> list[str]:
     """The formats that can run this weight, in CANDIDATES order; dense always."""
     from .backend import kernels
@@ -142,7 +144,8 @@ def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: flo
     dev = weight.device
     if tile_sparsity >= min_sparsity and tile_sparsity > 0:
         if dev.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in (
-                torch.float32, torch.float16, torch.bfloat16):
+                torch.float32, torch.float16, torch.bfloat16) and kernel_can_win(
+                *weight.shape, 1.0 - tile_sparsity, weight.dtype):
             found.append("kernel")
         if weight.dtype in BSR_DTYPES.get(dev.type, ()):
             found.append("bsr")
@@ -150,35 +153,6 @@ def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: flo
             and is_2to4(weight):
         found.append("2:4")
     return found
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def time_interleaved(fns: dict, reps: int = 5, sync=lambda: None, warmup: bool = True,
-                     give_up: float | None = None) -> dict[str, float]:
-    """Median seconds per call of each fn: one untimed warmup each, then ``reps`` rounds that
-    take the candidates in rotating order (so drift in the machine's load hits all alike). With
-    ``give_up``, a candidate whose fastest call is that many times the best median stops being
-    timed (it cannot win; its median so far is returned): slow formats cost one call, not reps."""
-    if warmup:
-        for f in fns.values():
-            f()
-        sync()
-    names = list(fns)
-    samples = {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            sync()
-            t0 = time.perf_counter()
-            fns[n]()
-            sync()
-            samples[n].append(time.perf_counter() - t0)
-        if give_up is not None:
-            best = min(statistics.median(s) for s in samples.values())
-            names = [n for n in names if min(samples[n]) <= give_up * best]
-    return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def synthetic_linear(key: LayerKey, device) -> nn.Linear:
@@ -211,7 +185,7 @@ def measure(key: LayerKey, device, reps: int = 5) -> dict[str, float | None]:
             times[kind] = None
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(key.rows, key.in_features, generator=gen).to(device=device, dtype=lin.weight.dtype)
-    sync = _sync(device)
+    sync = synchronizer(device)
     probe = x[:PROBE_ROWS]
     ok = {}
     for kind, mod in mods.items():
@@ -281,16 +255,9 @@ class ChoiceTable:
             return
         merged = self._load()
         merged.update(self._new)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".choices-", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": _FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+        if save_cache(self.path, json.dumps({"format": _FORMAT, "entries": merged}, indent=1, sort_keys=True),
+                      "the timing cache"):
             self._new = {}
-        except OSError as err:
-            warnings.warn(f"could not save the timing cache {self.path} ({err}); the timings "
-                          "will be measured again next time", stacklevel=2)
 
 
 def fastest(times: dict) -> str:

@@ -36,3 +36,22 @@ def test_a_module_missing_by_name_takes_sdpa_when_the_model_uses_it():
     model.layers = model.layers[1:]  # names no longer line up with dense's
     check_same_attention_path(dense, model)
     assert all(_flags(dense))
+
+
+def test_compare_throughput_times_dense_on_the_models_path(monkeypatch):
+    """Every pair it times runs one attention path: a model on SDPA is never set beside an eager dense."""
+    from types import SimpleNamespace
+
+    import dimap_fast.io.models as loading
+    import dimap_fast.cli.throughput as speed
+
+    model = _small()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    timed = []
+    monkeypatch.setattr(loading, "demo_model_from_metadata", lambda meta: _small())  # built on eager
+    monkeypatch.setattr(speed, "images_per_second", lambda m, shape: timed.append(set(_flags(m))) or 1.0)
+    out = speed.compare_throughput(SimpleNamespace(model=model, arch=None, metadata={}), batch=1, input_size=16)
+    assert out["attention"] == "sdpa"
+    assert timed and all(flags <= {True} for flags in timed), timed

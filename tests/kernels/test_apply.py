@@ -71,7 +71,7 @@ def test_pipeline_keeps_exactly_the_selected_counts(dtype, device):
     order = [torch.sort(w[a:b].abs().float(), descending=True, stable=True)
              for a, b in zip(offs[:-1], offs[1:])]
     mags = torch.cat([o.values for o in order]).to(dtype)
-    counts = select_keep_counts(module_scores(mags, offsets, block_size=16), offsets,
+    counts = select_keep_counts(module_scores(mags, offsets, order=(4, 2)), offsets,
                                 torch.tensor([0, 40, 81, sum(sizes)], device=device))
     for row in counts.tolist():
         cut = torch.tensor([o.values[c - 1] if c else float("inf") for o, c in zip(order, row)],
@@ -82,6 +82,20 @@ def test_pipeline_keeps_exactly_the_selected_counts(dtype, device):
         for (a, _b), o, c in zip(zip(offs[:-1], offs[1:]), order, row):
             want[a + o.indices[:c]] = True
         assert torch.equal(mask, want)
+
+
+def test_mask_only_leaves_the_weights(device):
+    from dimap_fast.kernels.apply import cut_from_tables, default_tables
+
+    sizes = [7, 33, 120, 2]
+    w = tied_weights(sizes, levels=6, seed=6, device=device)
+    before = w.clone()
+    cut = torch.tensor([0.5, 0.3, 0.0, float("inf")], device=device)
+    keep = torch.tensor([3, 10, 100, 0], device=device)
+    _, want, want_kept = apply_cutoffs_reference(w, offsets_of(sizes, device), cut, keep)
+    mask, kept = cut_from_tables(w, default_tables(sizes, device), cut, keep, zero=False)
+    assert torch.equal(w, before)
+    assert torch.equal(mask, want) and torch.equal(kept, want_kept)
 
 
 @pytest.mark.parametrize(

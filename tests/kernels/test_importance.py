@@ -12,11 +12,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def check_scores(mags, offsets, **kw):
     got = module_scores(mags, offsets, **kw)
-    ref = module_scores_reference(mags, offsets)
+    ref = module_scores_reference(mags, offsets, **kw)
     assert got.dtype == torch.float64 and got.shape == mags.shape
     assert not torch.isnan(got).any()
-    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
-    # Exact, not approximate: selection depends on scores never rising along ranks.
+    assert torch.equal(got, ref)  # one summation order: bit for bit, not approximately
+    # Selection depends on scores never rising along ranks.
     offs = offsets.tolist()
     for a, b in zip(offs[:-1], offs[1:]):
         assert bool((got[a + 1:b] <= got[a:b - 1]).all())
@@ -24,34 +24,37 @@ def check_scores(mags, offsets, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [None, 16])
-def test_matches_reference_ragged(dtype, block_size, device):
+@pytest.mark.parametrize("order", [(64, 64), (4, 2)])
+def test_matches_reference_ragged(dtype, order, device):
     mags = sorted_mags(SIZES, dtype, device=device)
-    check_scores(mags, offsets_of(SIZES, device), block_size=block_size)
+    check_scores(mags, offsets_of(SIZES, device), order=order)
 
 
 def test_ties_zero_tail_and_all_zero_layer(device):
     sizes = [7, 33, 1, 50, 2]
     mags = sorted_mags(sizes, levels=4, zero_tail=5, zero_layers=(1, 2), device=device)
-    got = check_scores(mags, offsets_of(sizes, device), block_size=8)
+    got = check_scores(mags, offsets_of(sizes, device), order=(4, 4))
     offs = offsets_of(sizes).tolist()
     assert bool((got[offs[1]:offs[3]] == 0).all())  # all-zero layers score 0, not NaN
     assert bool((got[offs[0]] == 1) & (got[offs[3]] == 1))  # a non-zero layer's rank 0 scores 1
 
 
-def test_many_blocks_and_carry_chunks(device):
-    # 600 / 4 = 150 blocks: several carry chunks (16 blocks each under the interpreter).
+def test_many_groups_and_top_chunks(device):
+    # 600 / (4 x 2) = 75 groups in the first layer: several chunks of the layer-tops pass.
     sizes = [600, 3, 97]
     mags = sorted_mags(sizes, torch.float16, seed=3, device=device)
-    check_scores(mags, offsets_of(sizes, device), block_size=4)
+    check_scores(mags, offsets_of(sizes, device), order=(4, 2))
 
 
-def test_cummax_path(monkeypatch, device):
-    # The GPU path's in-block running max, which the interpreter otherwise skips.
-    monkeypatch.setattr(importance, "_FORCE_CUMMAX", True)
-    sizes = [7, 40, 1]
-    mags = sorted_mags(sizes, levels=5, zero_tail=2, device=device)
-    check_scores(mags, offsets_of(sizes, device), block_size=16)
+def test_the_cpu_plan_sums_in_the_same_order(device):
+    from dimap_fast.engine.scores import BLOCK, GROUP, LayerState
+
+    assert (importance.BLOCK, importance.GROUP) == (BLOCK, GROUP)
+    n = 2 * BLOCK * GROUP + 77  # three groups
+    mags = sorted_mags([n], seed=5, device=device)
+    got = module_scores(mags, offsets_of([n], device))
+    state = LayerState(-mags.cpu().numpy(), "dimap")
+    assert torch.equal(got.cpu(), torch.from_numpy(state.keys(0, n)))
 
 
 def test_single_element_layers(device):
@@ -83,9 +86,9 @@ def test_validation(mags, offsets, msg, device):
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
     levels=st.sampled_from([0, 1, 3]),
     dtype=st.sampled_from(DTYPES),
-    block=st.sampled_from([4, 8, 32]),
+    order=st.sampled_from([(4, 2), (8, 4), (64, 64)]),
     seed=st.integers(0, 2**16),
 )
-def test_property(sizes, levels, dtype, block, seed, device):
+def test_property(sizes, levels, dtype, order, seed, device):
     mags = sorted_mags(sizes, dtype, levels=levels, seed=seed, device=device)
-    check_scores(mags, offsets_of(sizes, device), block_size=block)
+    check_scores(mags, offsets_of(sizes, device), order=order)

@@ -13,12 +13,14 @@ def scores_of(sizes, device="cpu", **kw):
     return module_scores_reference(mags, offsets_of(sizes, device))
 
 
-def check_counts(scores, offsets, keep, **kw):
-    got = select_keep_counts(scores, offsets, keep, **kw)
-    ref = select_keep_counts_reference(scores, offsets, keep)
-    assert got.dtype == torch.int64 and got.shape == (keep.numel(), offsets.numel() - 1)
+def check_counts(scores, offsets, keep, groups=None):
+    got = select_keep_counts(scores, offsets, keep, groups=groups)
+    ref = select_keep_counts_reference(scores, offsets, keep, groups=groups)
+    assert got.dtype == torch.int64 and got.shape == (keep.shape[0], offsets.numel() - 1)
     assert torch.equal(got.cpu(), ref.cpu())  # integers: equal, not close
-    assert torch.equal(got.sum(1).cpu(), keep.cpu())
+    bounds = [0, offsets.numel() - 1] if groups is None else groups
+    per_group = torch.stack([got[:, a:b].sum(1) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    assert torch.equal(per_group.cpu(), keep.reshape(keep.shape[0], -1).cpu())
     sizes = (offsets[1:] - offsets[:-1]).cpu()
     assert bool(((got.cpu() >= 0) & (got.cpu() <= sizes)).all())
     return got
@@ -53,11 +55,24 @@ def test_zero_scores_and_all_zero_layer(device):
 
 
 def test_layer_chunks(device):
-    # Two layers searched per chunk: tie hand-out must carry across chunks.
-    sizes = [3, 1, 8, 2, 5, 7, 1]
+    # More layers than one search chunk (8 under the interpreter): tie hand-out carries across chunks.
+    sizes = [3, 1, 8, 2, 5, 7, 1, 4, 2, 6, 3, 1]
     s = scores_of(sizes, device, levels=3)
-    keep = torch.tensor([0, 1, 2, 3, 5, 8, 11, 13, 16, 20, 26, 27], device=device)
-    check_counts(s, offsets_of(sizes, device), keep, block_layers=2)
+    total = s.numel()
+    keep = torch.tensor([0, 1, 2, 3, 5, 8, 11, 13, 16, 20, 26, 27, total - 1, total], device=device)
+    check_counts(s, offsets_of(sizes, device), keep)
+
+
+def test_groups_select_in_one_launch(device):
+    # Three modules of 2, 5 and 3 layers, several ratios: each group gets its own threshold.
+    sizes = [3, 9, 1, 8, 2, 5, 7, 1, 4, 6]
+    groups = [0, 2, 7, 10]
+    s = scores_of(sizes, device, levels=4, zero_tail=1)
+    offs = offsets_of(sizes)
+    totals = [int(offs[b] - offs[a]) for a, b in zip(groups[:-1], groups[1:])]
+    keep = torch.tensor([[0, 0, 0], [1, 2, 3], [totals[0] // 2, totals[1] // 3, totals[2] - 1], totals],
+                        dtype=torch.int64, device=device)
+    check_counts(s, offsets_of(sizes, device), keep, groups=groups)
 
 
 def test_many_ratios_one_layer(device):
@@ -78,6 +93,7 @@ def test_no_ratios(device):
         (torch.ones(4, dtype=torch.float64), torch.tensor([5]), "keep totals"),
         (torch.ones(4, dtype=torch.float64), torch.tensor([-1]), "keep totals"),
         (torch.ones(4, dtype=torch.float64), torch.tensor([1], dtype=torch.int32), "keep must be"),
+        (torch.ones(4, dtype=torch.float64), torch.tensor([[1, 1]]), "keep must be"),
     ],
 )
 def test_validation(scores, keep, msg, device):
@@ -99,5 +115,4 @@ def test_validation(scores, keep, msg, device):
 def test_property(sizes, levels, zero_tail, seed, data, device):
     s = scores_of(sizes, device, levels=levels, zero_tail=zero_tail, seed=seed)
     keep = data.draw(st.lists(st.integers(0, s.numel()), min_size=1, max_size=6))
-    check_counts(s, offsets_of(sizes, device), torch.tensor(keep, dtype=torch.int64, device=device),
-                 block_layers=data.draw(st.sampled_from([2, 8])))
+    check_counts(s, offsets_of(sizes, device), torch.tensor(keep, dtype=torch.int64, device=device))

@@ -152,3 +152,18 @@ def test_refusals(device):
         pack_block_sparse(torch.randn(32, 32), 8)
     with pytest.raises(ValueError, match="2-D"):
         pack_block_sparse(torch.randn(32), 16)
+
+
+def test_launch_plan_is_the_tuned_launches():
+    """One launch per autotune config at Swin-B stage 1's fc1 shape (K=128), every kernel
+    argument given, and a grid that covers every row block and tile-row group."""
+    import inspect
+
+    plan = sparse_linear.launch_plan(200704, 128, 512, 32, kept_tiles=16)
+    assert len(plan) == len(sparse_linear._TUNE_CONFIGS)
+    for launch, (bm, rows, warps, stages) in zip(plan, sparse_linear._TUNE_CONFIGS):
+        params = inspect.signature(launch.config.kernel.fn).parameters
+        assert set(launch.args) | set(launch.config.constexprs) == set(params)
+        assert launch.grid == (-(-200704 // bm) * -(-16 // rows),)
+        assert launch.args["tiles_ptr"][0] == (16, 32, 32)
+        assert (launch.config.num_warps, launch.config.num_stages) == (warps, stages)

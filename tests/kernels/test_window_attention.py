@@ -128,3 +128,37 @@ def test_refusals(device):
     with pytest.raises(ValueError, match="divide"):
         window_attention(torch.zeros(3, 7, 7, 96, device=device), table, 2, 7,
                          mask=torch.zeros(2, 49, 49, device=device))
+
+
+@torch.no_grad()
+def test_bias_tile_is_cached_until_the_table_changes(device):
+    import importlib
+
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    blk = timm_block((8, 8), 4, True, 2, 16, device=device)
+    args = attn_args(blk)
+    qkv = torch.randn(1, 8, 8, 96, device=device)
+    first = window_attention(qkv, **args)
+    tile = wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16)
+    assert wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is tile
+    args["rel_pos_table"].mul_(-2.0)  # an optimizer step: same tensor, new version
+    assert wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is not tile
+    second = window_attention(qkv, **args)
+    assert_close(second, exact_reference(qkv, **args))
+    assert not torch.equal(first, second)
+
+
+def test_launch_plan_names_every_argument():
+    import importlib
+    import inspect
+
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    for backward, window, nb_kernels in ((False, 7, 1), (True, 7, 1), (False, 12, 1), (True, 12, 2)):
+        plan = wa.launch_plan(2, 4 * window, 4 * window, 64, 2, window, window // 2,
+                              backward=backward)
+        assert len(plan) == nb_kernels
+        for launch in plan:
+            params = inspect.signature(launch.config.kernel.fn).parameters
+            given = set(launch.args) | set(launch.config.constexprs)
+            assert given == set(params), launch.config.name
+            assert launch.grid[0] >= 2 * 16  # at least a program per window, or per head and run

@@ -21,6 +21,8 @@ CASES = [
     pytest.param((15, 15), 12, 6, 1, 16, 1, False, id="w12-shift-pad"),
     pytest.param((16, 16), 16, 0, 1, 16, 1, False, id="w16-plain"),
     pytest.param((8, 8), 4, 0, 2, 16, 2, True, id="w4-explicit-mask"),
+    pytest.param((8, 8), 4, 2, 2, 16, 2, True, id="w4-explicit-mask-and-shift"),
+    pytest.param((12, 12), 4, 2, 1, 16, 1, False, id="w4-shift-9windows"),  # a partial last run
 ]
 
 

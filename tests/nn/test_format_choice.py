@@ -223,3 +223,12 @@ def test_agrees_catches_a_wrong_module_and_convert_then_keeps_dense(tmp_path, mo
                             table=ChoiceTable(tmp_path / "t.json", measure=FakeTimer(dense=2.0, bsr=1.0)))
     assert all(type(m) is nn.Linear for m in prunable(model))
     assert {r.note for r in model.dimap_convert_report} == {"bsr disagreed with F.linear"}
+
+
+def test_kernel_is_no_candidate_where_the_static_model_says_it_loses():
+    # Swin-B stage 1's MLP (K=128): dense is bound by its bytes, skipping tiles cannot win;
+    # stage 3's (512 -> 2048) is bound by its FLOPs: three quarters of the tiles gone can.
+    for n, k in ((512, 128), (128, 512)):
+        assert not choice.kernel_can_win(n, k, 0.25, torch.float16)
+    assert choice.kernel_can_win(2048, 512, 0.25, torch.float16)
+    assert not choice.kernel_can_win(2048, 512, 1.0, torch.float16)  # nothing skipped
