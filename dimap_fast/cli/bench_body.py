@@ -30,7 +30,7 @@ def _timer(device):
     return best_ms
 
 
-def linear_rows(shapes, sparsities, block, tokens, device, dtype, reps):
+def linear_table(shapes, sparsities, block, tokens, device, dtype, reps):
     """[(shape, sparsity, dense ms, sparse ms)]: F.linear vs SparseLinear on the same weight."""
     import torch
     import torch.nn.functional as F
@@ -53,7 +53,7 @@ def linear_rows(shapes, sparsities, block, tokens, device, dtype, reps):
     return rows
 
 
-def attention_rows(images, device, dtype, reps):
+def attention_table(images, device, dtype, reps):
     """[(stage, timm eager ms, timm SDPA ms, fused ms)]: the attention half of a timm Swin block
     from its normed tokens (qkv Linear, shifted windows of 7, proj), on timm's eager path and on its
     SDPA path (``fused_attn``), against the same work with the fused kernel."""
@@ -108,7 +108,7 @@ def run_kernel_bench(args) -> int:
     tokens = args.batch_tokens or (CUDA_TOKENS if on_gpu else CPU_TOKENS)
     reps = 20 if on_gpu else 7
 
-    rows = linear_rows(args.shapes, args.sparsities, args.block, tokens, device, dtype, reps)
+    rows = linear_table(args.shapes, args.sparsities, args.block, tokens, device, dtype, reps)
     dt = str(dtype).replace("torch.", "")
     if on_gpu:
         head = (f"block-sparse linear, Triton kernel on {torch.cuda.get_device_name(device)}, "
@@ -124,7 +124,7 @@ def run_kernel_bench(args) -> int:
     attn = []
     if on_gpu:
         images = max(1, tokens // 196)
-        attn = attention_rows(images, device, dtype, reps)
+        attn = attention_table(images, device, dtype, reps)
         print(f"\nwindow attention half of a block (qkv, shifted windows of 7, proj), {images} images, {dt}: "
               f"timm eager and timm SDPA vs fused")
         print(f"{'stage':>12} {'eager ms':>10} {'SDPA ms':>10} {'fused ms':>10} {'vs eager':>9} {'vs SDPA':>9}")

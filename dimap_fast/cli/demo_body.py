@@ -7,27 +7,14 @@ per-module sparsity, and the pruned checkpoint written to disk.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import torch
-
 from ..engine.flops import format_report, report
-from ..io.checkpoint import save_pruned
+from ..engine.masks import masked_copy
 from ..engine.plan import plan
-
-METHODS = ("dimap", "global", "uniform")
-
-
-def pruned_copy(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> torch.nn.Module:
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        params = dict(out.named_parameters())
-        for name, mask in masks.items():
-            params[name].mul_(mask)
-    return out
-
+from ..engine.values import METHODS
+from ..io.checkpoint import save_pruned
 
 def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
     from ..train import digits_datasets, evaluate, load_demo_model
@@ -44,7 +31,7 @@ def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
     plans = {m: plan(model, method=m) for m in METHODS}
     for m, p in plans.items():
         for r in ratios:
-            results[(m, r)] = evaluate(pruned_copy(model, p.masks(r)), val)["top1"]
+            results[(m, r)] = evaluate(masked_copy(model, p.masks(r)), val)["top1"]
     print("top-1 accuracy after one-shot pruning (no fine-tuning)")
     print(f"{'method':<10}" + "".join(f"{f'{r:.0%} pruned':>14}" for r in ratios))
     for m in METHODS:
@@ -52,7 +39,7 @@ def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
     print(f"{'dense':<10}{dense:>14.2%}\n")
 
     for r in ratios:
-        pruned = pruned_copy(model, plans["dimap"].masks(r))
+        pruned = masked_copy(model, plans["dimap"].masks(r))
         print(f"dimap at {r:.0%}: per-module sparsity")
         print(format_report(report(pruned)) + "\n")
         kept = [f"{1 - v:.0%}" for v in plans["dimap"].sparsity(r)["layers"].values()]
@@ -64,7 +51,7 @@ def run_demo(out_dir: Path, ratios=(0.5, 0.8)) -> dict:
     masks = plans["dimap"].masks(r)
     path = save_pruned(
         out_dir / f"digits_swin_dimap_r{r:g}.safetensors",
-        pruned_copy(model, masks).state_dict(),
+        masked_copy(model, masks).state_dict(),
         masks,
         {"method": "dimap", "ratio": repr(r), "source": "demo", "model_config": json.dumps(config)},
     )

@@ -170,3 +170,12 @@ def prune_state(state: dict, masks: dict) -> dict:
     for name, mask in masks.items():
         out[name] = state[name] * mask.to(state[name].device)
     return out
+
+
+def masked_copy(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    """A copy of ``model`` with the pruned weights zeroed (no guards); ``model`` is untouched."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict(prune_state(out.state_dict(), masks))
+    return out

@@ -34,7 +34,7 @@ from ..errors import DimapError, check_choice, check_ratio
 from .flops import input_shape
 from .prunable import Layer, named_tensors, prunable_layers, prune_count
 from .units import UnitLayer, two_four_mask, unit_layers
-from .scores import Group, build_states
+from .scores import ThresholdGroup, build_states
 
 
 MASK_CHUNK = 1 << 16  # elements per |w| pass when masks are built: the buffer stays in cache
@@ -261,7 +261,7 @@ class NumpyScorer:
             members = []
         values = [u.values for u in units]
         self.states, built = build_states(values, method, bar, [u.name for u in units], squared, members)
-        self.groups: list[tuple[list[int], Group]] = list(zip(members, built))
+        self.groups: list[tuple[list[int], ThresholdGroup]] = list(zip(members, built))
 
     def keep_counts(self, ratio: float) -> np.ndarray:
         if self.method == "uniform":

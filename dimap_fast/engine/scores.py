@@ -167,7 +167,7 @@ def _check_finite(name: str, neg: np.ndarray) -> None:
 
 
 def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=None, squared=False,
-                 groups: list[list[int]] | None = None) -> tuple[list[LayerState], list["Group"]]:
+                 groups: list[list[int]] | None = None) -> tuple[list[LayerState], list["ThresholdGroup"]]:
     """Sort and summarize every layer over all cores (numpy releases the GIL); build each group.
 
     Groups are listed largest first and their layers run in that order, so a group's selection
@@ -183,7 +183,7 @@ def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=
     owner = {i: g for g, members in enumerate(groups) for i in members}
     missing = [len(members) for members in groups]
     states: list[LayerState | None] = [None] * len(tensors)
-    built: list[Group | None] = [None] * len(groups)
+    built: list[ThresholdGroup | None] = [None] * len(groups)
 
     def layer(i):
         neg = sorted_negated_magnitudes(tensors[i])
@@ -191,7 +191,7 @@ def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=
         states[i] = LayerState(neg, method, squared)
 
     def group(g):
-        built[g] = Group([states[i] for i in groups[g]])
+        built[g] = ThresholdGroup([states[i] for i in groups[g]])
 
     workers = max(1, min(len(tensors), torch.get_num_threads(), os.cpu_count() or 1))
     ready: deque = deque()
@@ -219,7 +219,7 @@ def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=
     return states, built  # type: ignore[return-value]
 
 
-class Group:
+class ThresholdGroup:
     """Layers that share one threshold (a module for dimap, everything for global).
 
     The block heads of all its layers, sorted descending once, bound how many weights lie at or

@@ -35,7 +35,7 @@ from ..engine.values import TILE_SIZES
 from ..errors import DimapError, check_choice
 from ..engine.prunable import check_module_map
 from .format_choice import (CHOOSE, ChoiceTable, LayerChoice, LayerKey, agrees, build, candidates_for,
-                     fastest, linear_rows)
+                     fastest, rows_per_call)
 from .drop_ins import drop_ins_for
 from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, semi_structured_supported
 from .sparse_linear import SparseLinear
@@ -163,7 +163,7 @@ def _choose_linears(model, linears, block, min_sparsity, choose, table, example_
     if not pending:
         return rows
     table = table if table is not None else ChoiceTable()
-    seen = linear_rows(model, [r.name for r, _, _ in pending], example_input, batch_size)
+    seen = rows_per_call(model, [r.name for r, _, _ in pending], example_input, batch_size)
     for row, lin, found in pending:
         if row.name not in seen:
             row.note = "not run by the example input"

@@ -31,8 +31,8 @@ from ..atomic import save_cache
 from ..errors import DimapError
 from ..host import cache_dir, cpu_model
 from ..timing import synchronizer, time_interleaved
-from .sparse_formats import BSR_DTYPES, BsrLinear, SemiSparseLinear, is_2to4, semi_structured_supported
-from .sparse_linear import SparseLinear, zero_smallest_tiles_
+from .sparse_formats import BSR_DTYPES, SEMI_DTYPES, BsrLinear, SemiSparseLinear, is_2to4, semi_structured_supported
+from .sparse_linear import KERNEL_DTYPES, SparseLinear, zero_smallest_tiles_
 
 CANDIDATES = ("dense", "kernel", "bsr", "2:4")
 CHOOSE = ("measured",) + CANDIDATES
@@ -143,13 +143,12 @@ def candidates_for(weight: torch.Tensor, tile_sparsity: float, min_sparsity: flo
     found = ["dense"]
     dev = weight.device
     if tile_sparsity >= min_sparsity and tile_sparsity > 0:
-        if dev.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in (
-                torch.float32, torch.float16, torch.bfloat16) and kernel_can_win(
+        if dev.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in KERNEL_DTYPES and kernel_can_win(
                 *weight.shape, 1.0 - tile_sparsity, weight.dtype):
             found.append("kernel")
         if weight.dtype in BSR_DTYPES.get(dev.type, ()):
             found.append("bsr")
-    if semi_structured_supported(dev) and weight.dtype in (torch.float16, torch.bfloat16) \
+    if semi_structured_supported(dev) and weight.dtype in SEMI_DTYPES \
             and is_2to4(weight):
         found.append("2:4")
     return found
@@ -283,7 +282,7 @@ def agrees(module: nn.Module, linear: nn.Linear, rows: int = 16) -> bool:
         (got - want).abs().max() <= tol * want.abs().max().clamp_min(1e-6))
 
 
-def linear_rows(model: nn.Module, names, example_input=None, batch_size=None) -> dict[str, int]:
+def rows_per_call(model: nn.Module, names, example_input=None, batch_size=None) -> dict[str, int]:
     """Rows each named Linear multiplies per call on the workload: one forward of
     ``example_input`` (rows as seen, times ``batch_size`` if given), or of one image of the model's
     input size times ``batch_size`` (default DEFAULT_BATCH)."""
@@ -369,6 +368,5 @@ def _runs(kind: str, weight: torch.Tensor, device: torch.device) -> bool:
     from .backend import kernels
 
     if kind == "kernel":
-        return device.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in (
-            torch.float32, torch.float16, torch.bfloat16)
+        return device.type == "cuda" and kernels().HAVE_TRITON and weight.dtype in KERNEL_DTYPES
     return kind == "bsr" and weight.dtype in BSR_DTYPES.get(device.type, ())

@@ -28,6 +28,7 @@ from .derived_linear import DerivedLinear
 
 BSR_DTYPES = {"cpu": (torch.float32, torch.float64),
               "cuda": (torch.float16, torch.bfloat16, torch.float32)}
+SEMI_DTYPES = (torch.float16, torch.bfloat16)  # 2:4 on the tensor cores
 
 
 def is_2to4(weight: torch.Tensor) -> bool:
@@ -112,7 +113,7 @@ class SemiSparseLinear(_SparseCopyLinear):
         return torch.sparse.to_sparse_semi_structured(w.contiguous())
 
     def _supports(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return x.is_cuda and x.dtype in SEMI_DTYPES
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, 2:4 semi-structured"

@@ -15,7 +15,7 @@ from ..engine.values import TILE_SIZES
 from .backend import compute_dtype, kernels
 from .derived_linear import DerivedLinear
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the block-sparse kernel takes
 
 
 class SparseLinear(DerivedLinear):
@@ -45,7 +45,7 @@ class SparseLinear(DerivedLinear):
 
     def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
         dtype = compute_dtype(x)
-        if dtype in _KERNEL_DTYPES:
+        if dtype in KERNEL_DTYPES:
             return None
         return f"{dtype} inputs: the block-sparse kernel takes float32, float16 and bfloat16"
 
