@@ -33,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from accuracy_report import KEPT_RATIOS, plot_accuracy, plot_kept, read_csv, summarise, write_csv, write_markdown
 from dimap_fast.engine.masks import masked_copy, removed_fraction
 from dimap_fast.engine.plan import plan
@@ -42,6 +40,7 @@ from dimap_fast.train import (
     DEMO_RECIPE, DIGITS_RECIPE, Data, build_swin, digits_datasets, evaluate, small_swin_config, train,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "dimap": {"method": "dimap"},
     "global": {"method": "global"},

@@ -1,7 +1,6 @@
-"""bench/gpu_check.py, the one command for a lent GPU: its dry run end to end (CPU, interpreter),
+"""bench/gpu_check/ (``python -m gpu_check``), the one command for a lent GPU: its dry run end to end (CPU, interpreter),
 its refusal without CUDA, and the rule that a missing target row is never met."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,25 +9,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
+BENCH_PATH = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")])))
 ROW_KEYS = {"name", "value", "unit", "target", "met"}
 REPORT_KEYS = {"card", "driver", "torch", "triton", "timm", "dry_run", "started", "seconds", "steps", "results"}
 
 
 def gpu_check():
-    if "gpu_check" not in sys.modules:  # registered first: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["gpu_check"]
+    import gpu_check.driver  # bench/ is on pytest's pythonpath
+
+    return gpu_check.driver
 
 
 def test_dry_run_reports_every_target(tmp_path):
     out = tmp_path / "report"
     # The dry run hides CUDA from its steps itself, so this also holds on a GPU machine.
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=BENCH_PATH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert len(done.stdout.splitlines()) <= 80  # progress plus a one-screen summary
     report = json.loads((out / "report.json").read_text())
@@ -104,7 +100,7 @@ def test_target_table():
     assert len({t.name for t in gc.TARGETS}) == len(gc.TARGETS)
     # 8 minutes from process start with 30 s to spare; the budgets follow from the counted compiles
     assert gc.STARTUP_S + sum(gc.BUDGET_S.values()) <= 8 * 60 - 30
-    from gpu_check_compiles import compile_seconds
+    from gpu_check.compiles import compile_seconds
 
     for step, budget in gc.BUDGET_S.items():
         assert budget >= compile_seconds(step, gc.PARALLEL[step]) + 20 or step == "speed", step
@@ -118,14 +114,14 @@ def test_target_table():
 
 def test_committed_compile_counts_are_current():
     """The budgets' compile counts equal a fresh count (launchers called, nothing run)."""
-    gpu_check()  # puts bench/ on the path
-    import gpu_check_compiles as gcc
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check_compiles.py")], cwd=ROOT, env=env,
+    import gpu_check.compiles as gcc
+
+    env = dict(BENCH_PATH, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "gpu_check.compiles"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
-    assert fresh == gcc.counts(), "kernels or shapes changed: python bench/gpu_check_compiles.py --write"
+    assert fresh == gcc.counts(), "kernels or shapes changed: PYTHONPATH=bench python -m gpu_check.compiles --write"
 
 
 def test_a_step_past_its_timeout_is_killed_and_recorded(tmp_path):

@@ -27,7 +27,7 @@ TINY = ["--epochs", "1", "--max-train-samples", "96", "--max-val-samples", "64",
 def cpu_only(monkeypatch):
     # These tests pin the CPU training loop, bit for bit across a resume. On a GPU host "--device
     # auto" would train on CUDA, whose bias-table backward accumulates with atomics (not bit-exact);
-    # CUDA fine-tuning is checked by bench/gpu_check.py's finetune step instead.
+    # CUDA fine-tuning is checked by bench/gpu_check's finetune step instead.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 

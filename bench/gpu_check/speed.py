@@ -7,7 +7,7 @@ reduction and block DIMAP at 50%/75% converted on the GPU (convert's per-layer c
 has one, measured there), over dense on timm's SDPA path. ``speed.breakeven.s3_mlp.{fp16,bf16}.*``
 sweep tile sparsity per block size for the block-sparse kernel and torch BSR, plus 2:4 at 50%
 (bench/breakeven.py): each row's value is its break-even sparsity (None: never), its ``points``
-the curve that gpu_check_report draws as breakeven_gpu.png in the report folder.
+the curve that gpu_check.report draws as breakeven_gpu.png in the report folder.
 
 Timing: ``triton.testing.do_bench(..., return_mode="median")`` (CUDA events, L2 flushed before
 every rep) with at least ~12 reps after warm-up; the plan, whose work syncs with the host, is
@@ -29,10 +29,10 @@ import statistics
 import time
 import traceback
 
-import gpu_check_attention as attn
-import gpu_check_sparse as sparse
-from gpu_check_models import block_prune_, sdpa_path, small_swin, timm_swin_model, tiny_state
-from gpu_check_steps import Ctx, Rows
+from . import attention as attn
+from . import sparse as sparse
+from .models import block_prune_, sdpa_path, small_swin, timm_swin_model, tiny_state
+from .context import Ctx, Rows
 
 BATCH = 128
 # stage -> (resolution, channels, heads) at 224, window 7, shift 3
@@ -104,7 +104,9 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     # issue 14's end-to-end rows last among the targets: building the pruned models plans on the host
     jobs += [(True, "e2e", lambda m=m: s.end_to_end(m), [f"speed.e2e.{m}.fp16.{v}" for v in E2E_KEYS.values()])
              for m in ("swin_b", "swin_t")]
-    be = [f"speed.breakeven.s3_mlp.{{}}.b{b}.{c}" for b in (16, 32, 64) for c in ("ours", "torch_bsr")]
+    from dimap_fast.engine.values import TILE_SIZES
+
+    be = [f"speed.breakeven.s3_mlp.{{}}.b{b}.{c}" for b in TILE_SIZES for c in ("ours", "torch_bsr")]
     jobs += [(False, "breakeven", lambda: sparse.breakeven(s, "fp16"),  # issue 14's plot: first of the info jobs
               [n.format("fp16") for n in be] + ["speed.breakeven.s3_mlp.fp16.two_four"])]
     jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32"),
@@ -359,7 +361,7 @@ class Speed:
                 t_dense = self.timer.ms(lambda: models["dense"](x))
         except Exception as exc:  # noqa: BLE001 - no dense time: every row of this model says why
             traceback.print_exc()
-            from gpu_check_steps import error_line
+            from .context import error_line
 
             for v in E2E_KEYS.values():
                 self.rows.add(f"{prefix}.{v}", None, "x", error=error_line(exc))

@@ -1,16 +1,14 @@
 """What every gpu_check step shares (rows, deadline, dispatch) and the end-to-end checks:
 tests, plan, convert, finetune. The kernel checks and the timings have files of their own.
 
-A step runs in its own process (``gpu_check.py --step NAME``); under --dry-run the driver has set
+A step runs in its own process (``python -m gpu_check --step NAME``); under --dry-run the driver has set
 TRITON_INTERPRET=1 and hidden CUDA before anything here imports torch or triton.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -19,85 +17,11 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_check_models import block_prune_, small_swin, timm_swin_model, tiny_state
+from .models import block_prune_, small_swin, timm_swin_model, tiny_state
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---- plumbing ----
-
-@dataclass
-class Ctx:
-    dry: bool
-    deadline: float
-    work: Path
-    parts: str | None = None
-
-    def left(self) -> float:
-        """Seconds until this step must be done."""
-        return self.deadline - time.time()
-
-
-class Cell:
-    """What a ``Rows.row`` block measures: set ``value`` and optionally ``note``."""
-
-    value = None
-    note = None
-
-
-def error_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
-class Rows:
-    """Rows appended to the step's JSON-lines file as they are measured: one write per row, so
-    parallel parts can share the file and a step that is killed keeps what it measured."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.failed = False  # a non-optional row raised: the step reports "failed"
-
-    def add(self, name: str, value, unit: str, note: str | None = None, error: str | None = None) -> None:
-        row = {"name": name, "value": value, "unit": unit}
-        if note:
-            row["note"] = note
-        if error:
-            row["error"] = error
-        self._write(row)
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        print(f"  {name} = {shown} {unit}" + (f"  ({note})" if note else "") + (f"  ERROR {error}" if error else ""),
-              flush=True)
-
-    def plan(self, names: list[str]) -> None:
-        """Name the rows this step sets out to measure: the driver reports any it did not make
-        (the step crashed or was killed first) as missing with the step's error."""
-        self._write({"name": f"{names[0].split('.')[0]}.planned_rows", "value": len(names), "unit": "rows",
-                     "planned": names})
-
-    def _write(self, row: dict) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(row) + "\n").encode())
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def row(self, name: str, unit: str, optional: bool = False):
-        """``with rows.row(name, unit) as c: c.value = ...``: an exception becomes an error row."""
-        cell = Cell()
-        try:
-            yield cell
-        except Exception as exc:  # noqa: BLE001 - any failure of a measurement is that row's result
-            traceback.print_exc()
-            self.add(name, None, unit, cell.note, error_line(exc))
-            if not optional:
-                self.failed = True
-        else:
-            self.add(name, cell.value, unit, cell.note)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_step(args) -> int:
@@ -105,13 +29,13 @@ def run_step(args) -> int:
     ctx = Ctx(bool(args.dry_run), args.deadline or time.time() + 600, Path(args.work or "."), args.parts)
     rows = Rows(args.rows)
     if args.step == "kernels":
-        from gpu_check_kernels import step_kernels as fn
+        from .kernel_checks import step_kernels as fn
     elif args.step == "speed":
-        from gpu_check_speed import step_speed as fn
+        from .speed import step_speed as fn
     else:
         fn = {"tests": step_tests, "plan": step_plan, "convert": step_convert, "finetune": step_finetune}[args.step]
     print(f"step {args.step}{' (dry run)' if ctx.dry else ''}, {ctx.left():.0f} s", flush=True)
-    from gpu_check_compiles import count_compiles
+    from .compiles import count_compiles
 
     compiles = count_compiles()
     try:
@@ -161,7 +85,7 @@ _PROGRESS = re.compile(r"^([.FEsxX]+)\s*(\[\s*\d+%\])?$")
 def step_tests(rows: Rows, ctx: Ctx) -> None:
     """The GPU subset: none may fail or skip, and every collected test passes (a test that
     skips on a GPU host is a check that did not run)."""
-    from gpu_check_compiles import TESTS_WORKERS
+    from .compiles import TESTS_WORKERS
 
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
     if ctx.dry:  # the interpreter run of these tests is part of `make test` already
@@ -271,7 +195,7 @@ def step_convert(rows: Rows, ctx: Ctx) -> None:
         model, block, dev = block_prune_(small_swin(16), 0.5, 16), 16, "cpu"
         x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     else:
-        from gpu_check_compiles import CONVERT_BATCH
+        from .compiles import CONVERT_BATCH
 
         model, block, dev = block_prune_(timm_swin_model("swin_tiny_patch4_window7_224"), 0.5, 32), 32, "cuda"
         x = torch.randn(CONVERT_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1))

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = Path(__file__).resolve().parent / "gpu_check.py"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"  # on the steps' PYTHONPATH: each runs as ``python -m gpu_check``
 KILL_GRACE_S = 5
 
 
@@ -24,8 +24,7 @@ def child_env(dry_run: bool, wheel_dir: str | None) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, also on a GPU machine
     else:
         env.pop("TRITON_INTERPRET", None)
-    if wheel_dir:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [wheel_dir, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [wheel_dir, str(BENCH), env.get("PYTHONPATH")]))
     return env
 
 
@@ -62,7 +61,7 @@ def run_step_process(name: str, rows_file: Path, log_file: Path, env: dict, time
               work: Path) -> tuple[str, str | None]:
     """Run one step in its own process group; returns (status, error)."""
     deadline = time.time() + timeout - KILL_GRACE_S
-    cmd = [sys.executable, str(SCRIPT), "--step", name, "--rows", str(rows_file),
+    cmd = [sys.executable, "-m", "gpu_check", "--step", name, "--rows", str(rows_file),
            "--work", str(work), "--deadline", f"{deadline:.1f}"] + (["--dry-run"] if dry_run else [])
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -118,12 +117,10 @@ def read_rows(path: Path) -> list[dict]:
 def environment(dry_run: bool, wheel_dir: str | None) -> dict:
     import importlib.metadata as md
 
-    if wheel_dir:
-        sys.path.insert(0, wheel_dir)  # versions as the steps see them
-
-    def version(pkg):
+    def version(pkg):  # as the steps see it: the wheels folder comes first on their path
+        found = next(iter(md.distributions(name=pkg, path=[wheel_dir])), None) if wheel_dir else None
         try:
-            return md.version(pkg)
+            return found.version if found else md.version(pkg)
         except md.PackageNotFoundError:
             return None
 

@@ -1,6 +1,6 @@
-"""Everything that needs a GPU, as one prepared command: ``python bench/gpu_check.py``.
+"""Everything that needs a GPU, as one prepared command: ``make gpu-check``, which runs
 
-    python bench/gpu_check.py [--out DIR] [--dry-run] [--wheels DIR] [--only STEP,...]
+    PYTHONPATH=bench python -m gpu_check [--out DIR] [--dry-run] [--wheels DIR] [--only STEP,...]
 
 Steps, in order, each in its own subprocess under its own wall-clock budget (a crash, hang or
 timeout is that step's failure; the next step still runs):
@@ -15,7 +15,7 @@ timeout is that step's failure; the next step still runs):
 The clock starts when this process starts, and the whole run fits 8 minutes with 30 s to spare
 (TOTAL_S): each step's budget is its work other than compiling plus the Triton compiles it needs
 on a cold machine (empty Triton and inductor caches), counted with nothing run by
-gpu_check_compiles; ``speed`` gets what the other selected steps leave and runs its targets
+gpu_check.compiles; ``speed`` gets what the other selected steps leave and runs its targets
 first (``--only speed`` gives it the whole run: on a cold machine, all speed rows need that
 second run, COLD_RUNS). A step's timeout is its budget plus whatever
 the steps before it left unused. Steps append their rows to a file as they measure them, so a
@@ -65,20 +65,18 @@ def _process_start() -> float:
 
 STARTED = _process_start()
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "bench") not in sys.path:  # also when imported by path (tests): its helpers sit beside it
-    sys.path.append(str(ROOT / "bench"))
+ROOT = Path(__file__).resolve().parents[2]
 
-from gpu_check_compiles import TESTS_WORKERS, compile_seconds, planned  # noqa: E402
-from gpu_check_report import archive_logs, print_summary, write_reports  # noqa: E402
-from gpu_check_run import (child_env, cuda_available, environment, install_wheels, read_rows,  # noqa: E402
+from .compiles import TESTS_WORKERS, compile_seconds, planned
+from .report import archive_logs, print_summary, write_reports
+from .processes import (child_env, cuda_available, environment, install_wheels, read_rows,
                            run_step_process)
 
 
@@ -153,7 +151,7 @@ TARGETS = [
 
 STEPS = ("tests", "kernels", "plan", "convert", "finetune", "speed")
 # Budgets, from the process start: 8 minutes less 30 s of slack. A step's budget is its work
-# other than compiling (BASE_S, estimates) plus its counted compiles (gpu_check_compiles) at
+# other than compiling (BASE_S, estimates) plus its counted compiles (gpu_check.compiles) at
 # PARALLEL at a time; ``speed`` gets what the selected steps leave, and runs its targets first.
 TOTAL_S = 450
 STARTUP_S = 15  # estimate: interpreter, wheels and the environment probe before the first step
@@ -164,7 +162,7 @@ DRY_BUDGET_S = {"tests": 40, "kernels": 90, "plan": 40, "convert": 40, "finetune
 
 SPEED_MIN_S = 30  # speed's timing beyond its compiles, for its first targets
 # On a cold machine every step fits one run except speed beside the others: two runs, each its
-# own 8 minutes (the order gpu_check_speed keeps: targets first, info jobs while time is left).
+# own 8 minutes (the order gpu_check.speed keeps: targets first, info jobs while time is left).
 COLD_RUNS = (("tests", "kernels", "plan", "convert", "finetune"), ("speed",))
 
 
@@ -355,7 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.step:
-        from gpu_check_steps import run_step
+        from .steps import run_step
 
         return run_step(args)
     return run(args)

@@ -9,12 +9,11 @@ kernel variant per (stage shape, shift, dtype), which is CPU work.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 
-from gpu_check_steps import Ctx, Rows
+from .context import Ctx, Rows
 
 VARIANTS = {"fp32_ieee": ("float32", "highest"), "fp32_tf32": ("float32", "high"), "fp16": ("float16", "highest"),
             "bf16": ("bfloat16", "highest")}
@@ -69,7 +68,7 @@ def _run_parts(rows: Rows, ctx: Ctx) -> None:
     split = [",".join(PARTS[i::jobs]) for i in range(jobs)]
     procs = []
     for parts in split:
-        cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "gpu_check.py"), "--step", "kernels",
+        cmd = [sys.executable, "-m", "gpu_check", "--step", "kernels",
                "--rows", rows.path, "--work", str(ctx.work), "--deadline", f"{ctx.deadline:.1f}", "--parts", parts]
         procs.append((parts, subprocess.Popen(cmd + (["--dry-run"] if ctx.dry else []))))
     for parts, proc in procs:

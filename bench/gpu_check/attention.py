@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import copy
 
-from gpu_check_models import sdpa_path, small_swin, timm_swin_model
-from gpu_check_steps import Ctx, Rows
+from .models import sdpa_path, small_swin, timm_swin_model
+from .context import Ctx, Rows
 
 # stage -> (resolution, channels, heads, window, batch)
 TRAIN_STAGES = {"swin_b.s1": (56, 128, 4, 7, 128), "swin_b384.s1": (96, 128, 4, 12, 32)}

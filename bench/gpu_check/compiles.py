@@ -14,8 +14,8 @@ under triton 3.6's rules: its shapes are the tests'), the scoring kernels (their
 per dtype and block shape, not per tensor shape) and ``finetune`` (the demo model's three
 attention kernels, twice: an estimate).
 
-``python bench/gpu_check_compiles.py [--write]`` prints the counts (and writes COUNTS_FILE, which
-the budgets in gpu_check.py read; a dry run recounts and its test checks the file is current).
+``PYTHONPATH=bench python -m gpu_check.compiles [--write]`` prints the counts (and writes COUNTS_FILE, which
+the budgets in driver.py read; a dry run recounts and its test checks the file is current).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-COUNTS_FILE = Path(__file__).resolve().parent / "gpu_check_compiles.json"
+from dimap_fast.atomic import write_text_atomic
+
+COUNTS_FILE = Path(__file__).resolve().parent / "compiles.json"
 COMPILE_S = 1.5  # estimate: seconds of one sm_90 compile of these kernels on a lent machine's CPU
 TESTS_COMPILES = 224  # issue 20's count for `pytest -m gpu tests`
 TESTS_WORKERS = 12  # pytest -n 12 on the 16-core machine: compiles spread over processes
@@ -104,7 +106,7 @@ def _precision(name: str):
 
 
 def _kernels_step():
-    import gpu_check_kernels as gk
+    from . import kernel_checks as gk
 
     shapes, block, m = gk.linear_shapes(False)
     for variant, (dtype, precision) in gk.VARIANTS.items():
@@ -124,7 +126,7 @@ def _convert_step():
 
 
 def _speed_step():
-    import gpu_check_speed as gs
+    from . import speed as gs
 
     _precision("highest")
     for res, c, heads in gs.ATTN.values():
@@ -192,13 +194,10 @@ def main(argv=None) -> int:
     found = count()
     print(json.dumps(found))
     if "--write" in argv:
-        tmp = COUNTS_FILE.with_suffix(".tmp")
-        tmp.write_text(json.dumps(found, indent=1) + "\n")
-        os.replace(tmp, COUNTS_FILE)
+        write_text_atomic(COUNTS_FILE, json.dumps(found, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

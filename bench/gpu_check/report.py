@@ -1,39 +1,22 @@
-"""The reports of bench/gpu_check.py: report.json and report.md (written atomically) and the
+"""The reports of the GPU check (bench/gpu_check/): report.json and report.md (written atomically) and the
 one-screen summary it prints at the end."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from dimap_fast.atomic import atomic_path, write_text_atomic
 
 
 def archive_logs(out: Path, logs: Path) -> None:
     """Every step's log as one file, logs.tar.gz, replaced atomically (the folder stays small)."""
     import tarfile
 
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".logs.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out / "logs.tar.gz") as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             for log in sorted(logs.glob("*.log")):
                 tar.add(log, arcname=f"logs/{log.name}")
-        os.replace(tmp, out / "logs.tar.gz")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(v) -> str:
@@ -50,8 +33,8 @@ def _fmt(v) -> str:
 
 def write_reports(out: Path, report: dict) -> None:
     _breakeven_plot(out, report)
-    _write_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
-    _write_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
 
 
 def _breakeven_plot(out: Path, report: dict) -> None:
