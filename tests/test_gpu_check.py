@@ -57,8 +57,8 @@ def test_dry_run_reports_every_target(tmp_path):
 
 def test_refuses_without_cuda_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device, also on a GPU machine
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, env=env,
+    env = dict(BENCH_PATH, CUDA_VISIBLE_DEVICES="")  # no device, also on a GPU machine
+    done = subprocess.run([sys.executable, "-m", "gpu_check", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = (done.stdout + done.stderr).splitlines()

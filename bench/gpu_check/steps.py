@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .context import Ctx, Rows
 from .models import block_prune_, small_swin, timm_swin_model, tiny_state
 
 ROOT = Path(__file__).resolve().parents[2]
