@@ -14,12 +14,12 @@ against F.linear before it is timed:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+from dimap_fast.atomic import atomic_path
 from dimap_fast.engine.values import TILE_SIZES
 
 SHAPES = ((512, 2048), (2048, 512))  # (in, out): Swin-B stage-3 MLP
@@ -172,12 +172,8 @@ def plot(panels: dict, path, title: str, marks: dict | None = None) -> None:
     fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

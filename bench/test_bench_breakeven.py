@@ -22,6 +22,7 @@ import time
 import torch
 from breakeven import (BLOCKS, SHAPES, SPARSITIES, bsr_fn, break_even, dense_fn, fmt_break_even, ours_fn,
                        pick_bsr_way, plot, tiled_weights, two_four_fn)
+from dimap_fast.atomic import write_text_atomic
 from results import RESULTS
 
 CUDA = torch.cuda.is_available()
@@ -167,7 +168,4 @@ def _write_md(path, lines):
             "Shapes: Swin-B's stage-3 MLP (18 of its 24 blocks); the PyTorch study's 768x3072 is ViT-B's "
             "(Swin-B's MLPs are 128*2^i -> 4x that). Rows: 8 images' stage-3 tokens on the CPU, 128 on CUDA.",
             "", "```", *lines, "```", ""]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(text))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(text))

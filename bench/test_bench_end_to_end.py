@@ -25,6 +25,8 @@ import torch
 from end_to_end import MODELS, UNCONVERTED, VARIANTS, build_variants, table, timm_model
 from results import RESULTS
 
+from dimap_fast.atomic import write_text_atomic
+from dimap_fast.host import cpu_model
 from dimap_fast.train import flush_denormals
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -88,11 +90,7 @@ def test_end_to_end_summary():
 
 
 def _write_doc(lines):
-    import platform
-    import tempfile
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_model()
     text = ["# End-to-end images/s on the CPU (issue 14)", "",
             f"Machine: {os.cpu_count()}-vCPU VM ({cpu}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; load average {_LOAD.get('start', 0):.1f} at the start and "
@@ -106,7 +104,4 @@ def _write_doc(lines):
             "", "```", *lines, "```", ""]
     path = os.path.abspath(DOC)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(text))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(text))

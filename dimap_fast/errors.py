@@ -1,4 +1,5 @@
-"""The one exception type users catch, and the checks every public entry shares."""
+"""DimapError, the exception every refusal of bad input raises, and the checks and the message
+shortening every public entry shares. A leaf: imports nothing of ours."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one verb: prune a model in place, to a ratio or to a FLOPs budget, and keep it pruned.
+"""``prune_``: prune a model in place, to a ratio or to a FLOPs budget, and keep it pruned.
 
     handle = dimap_fast.prune_(model, 0.5, pattern=Pattern.block(32))
     handle = dimap_fast.prune_(model, FlopsReduction(0.5), pattern=Pattern.channel())

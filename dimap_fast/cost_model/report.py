@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
 from . import masks_cost, worker
 from .baselines import cublas_seconds, timm_attention_span
 from .hardware import H100
@@ -149,10 +149,7 @@ def write_json(path: Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"estimate": True, "device": H100.name, "results": rows}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
-    os.replace(tmp, path)
+    write_text_atomic(path, body)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+
 TARGET = ("cuda", 90, 32)
 _CACHE = Path(os.environ.get("DIMAP_FAST_CACHE", Path.home() / ".cache" / "dimap_fast")) / "sass"
 
@@ -148,7 +150,5 @@ def compile_sass(module: str, kernel: str, spec: dict) -> Sass:
                spill=res["STACK"] + res["LOCAL"], num_warps=compiled.metadata.num_warps,
                insns=insns, loops=loops)
     _CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(out)))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    write_text_atomic(path, json.dumps(asdict(out)))  # a reader never sees half a file
     return out

@@ -24,7 +24,7 @@ import torch
 from ..arch import find_adapter
 from .values import Pattern
 from ..errors import DimapError
-from .flops import tally, workload
+from .flops import pruned_macs, share_removed, tally, workload
 from .prunable import prune_count
 
 MLP_ALIGN = 8  # shrink()'s default: its MLP widths are multiples of 8 (zero-output neurons fill up)
@@ -54,7 +54,7 @@ class Kept:
         if self.kind == "unstructured":
             # kept weights are the top-c magnitudes and zeros sort last: min(c, nonzeros) stay nonzero
             self.full = np.array([u.numel for u in plan.units], dtype=np.int64)
-            self.nonzeros = np.array([_nonzeros(plan._scorer, i, u.numel) for i, u in enumerate(plan.units)], dtype=np.int64)
+            self.nonzeros = np.array([_nonzeros(plan, i, u.numel) for i, u in enumerate(plan.units)], dtype=np.int64)
             return
         weights = {layer.name: layer.tensor for layer in plan.layers}
         if self.kind == "block":
@@ -80,11 +80,11 @@ class Kept:
         return kept
 
 
-def _nonzeros(scorer, i: int, n: int) -> int:
+def _nonzeros(plan, i: int, n: int) -> int:
     lo, hi = 0, n  # magnitudes are sorted descending: find the first zero
     while lo < hi:
         mid = (lo + hi) // 2
-        if scorer.magnitude_at(i, mid) > 0:
+        if plan.magnitude_at(i, mid) > 0:
             lo = mid + 1
         else:
             hi = mid
@@ -143,9 +143,8 @@ class FlopsBudget:
         self._seen: dict[tuple, float] = {}
 
     def reduction(self, counts: np.ndarray) -> float:
-        """1 - pruned / dense, the very expression ``report`` evaluates."""
-        pruned = self.dense - int(self._cost @ (self._kept.full - self._kept.at(counts)))
-        return 1 - pruned / self.dense if self.dense else 0.0
+        """The FLOPs reduction at these keep counts, by the formulas ``report`` evaluates."""
+        return share_removed(self.dense, pruned_macs(self.dense, self._cost, self._kept.full - self._kept.at(counts)))
 
     def reduction_at(self, ratio: float, keep_counts) -> float:
         key = tuple(prune_count(ratio, s) for s in self._sizes)  # all that the keep counts depend on

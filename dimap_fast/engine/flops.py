@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
@@ -51,7 +52,7 @@ def report(model, input_size=None, module_map=None, example_input=None) -> dict:
         params = sum(p.numel() for p in model.parameters())
         inputs = example_input if example_input is not None else input_shape(model, input_size)
         dense, pruned = count_flops(model, inputs, {layer.name for layer in layers})
-        flops = {"dense": dense, "pruned": pruned, "reduction": 1 - pruned / dense if dense else 0.0}
+        flops = {"dense": dense, "pruned": pruned, "reduction": share_removed(dense, pruned)}
     else:
         params = sum(t.numel() for t in model.values() if t.is_floating_point())
         flops = None
@@ -200,12 +201,24 @@ def count_flops(model: torch.nn.Module, inputs, prunable_names=frozenset()) -> t
 def tally(model: torch.nn.Module, work: Workload, prunable_names=frozenset()) -> tuple[int, int]:
     """(dense, pruned) multiply-adds of ``work`` with the model's weights as they are now."""
     modules = dict(model.named_modules())
-    removed = 0
+    costs, removed = [], []
     for name, positions in work.positions.items():
         if name + ".weight" in prunable_names:
             weight = modules[name].weight
-            removed += positions * (weight.numel() - int(torch.count_nonzero(weight)))
-    return work.total, work.total - removed
+            costs.append(positions)
+            removed.append(weight.numel() - int(torch.count_nonzero(weight)))
+    return work.total, pruned_macs(work.total, costs, removed)
+
+
+def pruned_macs(dense: int, costs, removed) -> int:
+    """The multiply-adds pruning leaves of ``dense``: each removed weight (or unit) takes away its
+    cost, the multiply-adds it does per forward pass (its layer's positions, for a weight)."""
+    return dense - int(np.dot(np.asarray(costs, dtype=np.int64), np.asarray(removed, dtype=np.int64)))
+
+
+def share_removed(dense: int, pruned: int) -> float:
+    """The share of the dense FLOPs pruning removes (0 for a model that computes nothing)."""
+    return 1 - pruned / dense if dense else 0.0
 
 
 def format_report(rep: dict, layers: bool = False) -> str:

@@ -137,6 +137,13 @@ class Plan:
             for i, (u, c) in enumerate(zip(self.units, counts))
         }
 
+    def magnitude_at(self, unit_layer: int, rank: int) -> float:
+        """The ``rank``-th largest value (0 = the largest) of unit layer ``unit_layer``: |w|, or a
+        tile's or a channel's energy."""
+        if self._scorer is None:
+            raise DimapError("pattern '2:4' ranks no values: every group of 4 keeps its 2 largest weights")
+        return self._scorer.magnitude_at(unit_layer, rank)
+
     def thresholds(self, ratio: float) -> dict[str, float]:
         """Per module, the smallest key that stays: the score (dimap) or the magnitude (global).
 

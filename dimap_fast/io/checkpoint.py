@@ -145,7 +145,7 @@ def _pickle_refusal(path: Path, text: str) -> str:
 def check_fits(own: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], path) -> None:
     """Refuse tensors (``shapes``) that do not fit a model's own (``own``): one line naming the first misfit.
 
-    The one architecture check: ``loading.load_into`` and ``loading.check_architecture`` both end here.
+    The one architecture check: ``models.load_into`` and ``models.check_architecture`` both end here.
     """
     for key, shape in shapes.items():
         if key in own and tuple(own[key]) != tuple(shape):
