@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..engine.values import METHODS
 from ..errors import DimapError
@@ -30,12 +29,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..engine.budget import check_budget_pattern, flops_metadata
-    from ..io.checkpoint import check_output, save_pruned
-    from ..errors import check_model_name
-    from ..io.models import check_architecture, load_source, model_config
-    from ..engine.masks import prune_state
+    from ..engine.budget import check_budget_pattern
     from ..engine.plan import plan
+    from ..errors import check_model_name
+    from ..io.checkpoint import check_output
+    from .pruned_file import load_checked, write_pruned
 
     out = check_output(args.out, [args.source])
     if out.exists() and not args.overwrite:
@@ -47,24 +45,11 @@ def run(args) -> int:
         return _prune_and_shrink(args, out)
     if args.model:
         check_model_name(args.model)  # before reading a large checkpoint
-    src = load_source(args.source, arch=args.model, pretrained=args.pretrained, need_model=by_flops)
-    if by_flops and src.model is None:
-        raise DimapError(f"--flops-reduction counts FLOPs by running the architecture, and {args.source} names none: "
-                         "pass --model NAME")
-    if src.path is not None and src.arch and src.model is None:  # a checkpoint of another architecture is refused
-        check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
+    src = load_checked(args.source, args.model, "--flops-reduction" if by_flops else None, args.pretrained)
     # the model holds the checkpoint's values, so both plans give the same masks; only a model can be run
     p = plan(src.model if by_flops else src.state_dict, method=args.method, progress=True, pattern=args.pattern)
     chosen = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
-    masks = p.masks(chosen)
-    state = prune_state(src.state_dict, masks)
-    meta = {"method": args.method, "ratio": repr(chosen), "source": args.source, "timm_model": src.arch or "",
-            **args.pattern.metadata()}
-    if by_flops:
-        meta.update(flops_metadata(p, args.flops_reduction, chosen))
-    if model_config(src.metadata):
-        meta["model_config"] = json.dumps(model_config(src.metadata))
-    save_pruned(out, state, masks, meta)
+    write_pruned(out, src, args.source, p, args.method, chosen, args.flops_reduction)
     print(format_sparsity(p.sparsity(chosen)))
     if by_flops:
         print(format_budget(p, args.flops_reduction, chosen, shrunk=args.shrink))
@@ -79,9 +64,8 @@ def format_budget(p, target: float, chosen: float, shrunk: bool) -> str:
 
 
 def _prune_and_shrink(args, out) -> int:
-    from ..io.models import save_shrunk
-    from ..io.models import load_source, model_config
     from ..engine.plan import plan
+    from ..io.models import load_source, model_config, save_shrunk
     from ..shrink import block_sizes, shrink
 
     if args.pattern.kind != "channel":

@@ -22,12 +22,11 @@ import io
 import time
 from pathlib import Path
 
-from ..engine.budget import check_budget_pattern, flops_metadata
+from ..atomic import remove_stale_temps, write_text_atomic
+from ..engine.budget import check_budget_pattern
 from ..engine.values import METHODS, Pattern, as_pattern, check_reduction, supported
 from ..errors import DimapError, check_choice, check_model_name, check_ratio
-from ..atomic import remove_stale_temps, write_text_atomic
-from ..io.checkpoint import (MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, safetensors_header,
-                             save_pruned)
+from ..io.checkpoint import MASK_PREFIX, check_output, checkpoint_path, is_shrunk, looks_like_path, safetensors_header
 from ..io.models import check_architecture
 
 SUMMARY = "summary.csv"
@@ -50,9 +49,8 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     """
     from tqdm import tqdm
 
-    from ..engine.masks import prune_state
     from ..engine.plan import plan
-    from ..io.models import load_source
+    from .pruned_file import load_checked, write_pruned
 
     by_flops = flops_reductions is not None
     if by_flops and ratios is not None:
@@ -85,23 +83,13 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
                 continue
             start = time.perf_counter()
             if src is None:
-                src = load_source(spec, arch=arch, need_model=by_flops)
-                if by_flops and src.model is None:
-                    raise DimapError(_no_architecture(spec))
-                if src.path is not None and src.arch and src.model is None:
-                    check_architecture({k: tuple(v.shape) for k, v in src.state_dict.items()}, src.arch, src.path)
+                src = load_checked(spec, arch, "--flops-reductions" if by_flops else None)
             if p is None:
                 p = plan(src.model if by_flops else src.state_dict, method=method, pattern=pattern)
                 # every reduction of this model is searched now: one out of reach stops the sweep before its files
                 chosen = {v: p.ratio_for_flops(v) for v in dict.fromkeys(j[2] for j in jobs if j[0] == spec)} if by_flops else {}
             ratio = chosen[value] if by_flops else value
-            masks = p.masks(ratio)
-            meta = {"method": method, "ratio": repr(ratio), "source": spec, "timm_model": src.arch or "",
-                    **pattern.metadata()}
-            if by_flops:
-                meta.update(flops_metadata(p, value, ratio))
-            state = {} if masks_only else prune_state(src.state_dict, masks)
-            save_pruned(out, state, masks, meta)
+            write_pruned(out, src, spec, p, method, ratio, value if by_flops else None, masks_only)
             row = _row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s")
             rows.append(_with_target(row, value, p.flops_reduction(ratio)) if by_flops else row)
             _write_csv(out_dir / SUMMARY, rows)
