@@ -38,6 +38,8 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
     import copy
 
     from ..io.models import create_timm_model, demo_model_from_metadata
+    from ..nn import convert
+    from ..nn.drop_ins import drop_ins_for
 
     model = src.model
     dense = create_timm_model(src.arch) if src.arch else demo_model_from_metadata(src.metadata)
@@ -45,9 +47,7 @@ def compare_throughput(src, batch: int = 8, input_size=None) -> dict:
     shape = find_adapter(model).input_shape(model, input_size, batch)
     device = next(model.parameters()).device
     pairs = {"": (dense, model)}
-    if device.type == "cpu" and find_adapter(model).swaps():
-        from ..nn import convert
-
+    if device.type == "cpu" and drop_ins_for(find_adapter(model).name):
         pairs["_converted"] = tuple(convert(copy.deepcopy(m), choose="dense") for m in (dense, model))
     sdpa = any(getattr(m, "fused_attn", False) for m in model.modules())
     out = {"batch": batch, "device": str(device), "attention": "sdpa" if sdpa else "eager"}
