@@ -157,11 +157,14 @@ _TILES: dict = {}
 _TILE_CACHE_SIZE = 16
 
 
+_UNVERSIONED = object()
+
+
 def _version(t):
     try:
         return None if t is None else t._version
     except RuntimeError:  # inference tensors keep no version counter: never cached
-        return False
+        return _UNVERSIONED
 
 
 def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tensor:
@@ -176,10 +179,14 @@ def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tenso
         masks = mask if mask is not None else (
             region_class_masks(win, shift, device=table.device) if any(shift) else None)
         tile = folded_bias_tile(dense_position_bias(table.detach(), win), masks, block)
-    if False not in key:
+    if _UNVERSIONED not in key:
         while len(_TILES) >= _TILE_CACHE_SIZE:
             _TILES.pop(next(iter(_TILES)))
         _TILES[key] = (weakref.ref(table), None if mask is None else weakref.ref(mask), tile)
+        # a table computed per call (SwinV2's) must not keep its tile alive after it is gone
+        for t in (table, mask):
+            if t is not None:
+                weakref.finalize(t, _TILES.pop, key, None)
     return tile
 
 
