@@ -61,6 +61,7 @@ from .window_attention_reference import (  # noqa: F401  (re-exported: one impor
 _GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32, 4, 2)},
               "ieee": {16: (32, 4, 1), 32: (32, 4, 1), 64: (16, 4, 1), 128: (16, 4, 1)}}
 _BWD_ONE_WARPS = 4
+_BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
 _HEADS_PER_PROGRAM = 4
 _SMS = 132  # H100 SXM: a backward program sums the bias gradient over about windows*heads/(8*SMs)
@@ -112,6 +113,7 @@ class _Geometry:
                           EVEN_D=hd == hdp, PREC=self.prec,
                           UPCAST=qkv.dtype == torch.bfloat16 and self.interp)
         self.dtype = qkv.dtype
+        self.one_program_backward = _one_program_backward(self.nb, qkv.dtype, hdp)
 
     @property
     def windows_per_program(self) -> int:
@@ -129,7 +131,7 @@ class _Geometry:
         if not backward:
             return [(_window_attn_fwd, split, dict(common, store_lse=int(train)), blocked,
                      self.warps, self.stages)]
-        if self.nb == 1:
+        if self.one_program_backward:
             wpp = self.windows_per_program
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
                         want_dbias=int(want_bias), want_dqkv_bias=int(want_qkv_bias))
@@ -139,6 +141,11 @@ class _Geometry:
                  self.warps, self.bwd_stages),
                 (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
                  blocked, self.warps, self.bwd_stages)]
+
+
+def _one_program_backward(nb: int, dtype: torch.dtype, hdp: int) -> bool:
+    """Whether one kernel does the whole backward (windows of one block, where it fits sm_90)."""
+    return nb == 1 and (dtype.itemsize == 2 or hdp <= _BWD_ONE_MAX_FP32_HDP)
 
 
 def _arg_names(kernel) -> list:
@@ -157,11 +164,14 @@ _TILES: dict = {}
 _TILE_CACHE_SIZE = 16
 
 
+_UNVERSIONED = object()
+
+
 def _version(t):
     try:
         return None if t is None else t._version
     except RuntimeError:  # inference tensors keep no version counter: never cached
-        return False
+        return _UNVERSIONED
 
 
 def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tensor:
@@ -176,10 +186,14 @@ def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tenso
         masks = mask if mask is not None else (
             region_class_masks(win, shift, device=table.device) if any(shift) else None)
         tile = folded_bias_tile(dense_position_bias(table.detach(), win), masks, block)
-    if False not in key:
+    if _UNVERSIONED not in key:
         while len(_TILES) >= _TILE_CACHE_SIZE:
             _TILES.pop(next(iter(_TILES)))
         _TILES[key] = (weakref.ref(table), None if mask is None else weakref.ref(mask), tile)
+        # a table computed per call (SwinV2's) must not keep its tile alive after it is gone
+        for t in (table, mask):
+            if t is not None:
+                weakref.finalize(t, _TILES.pop, key, None)
     return tile
 
 
@@ -225,7 +239,7 @@ class _WindowAttention(torch.autograd.Function):
                             else (1,), dtype=torch.float32, device=qkv.device)
         dqkv_bias = torch.zeros(qkv.shape[-1] if want_qkv_bias else 1, dtype=torch.float32,
                                 device=qkv.device)
-        delta = torch.empty(lse.shape if geo.nb > 1 else (1,), dtype=torch.float32,
+        delta = torch.empty((1,) if geo.one_program_backward else lse.shape, dtype=torch.float32,
                             device=qkv.device)
         pointers = dict(qkv_ptr=qkv, tile_ptr=tile, qkv_bias_ptr=qkv_bias_arg, out_ptr=out,
                         do_ptr=d_out, lse_ptr=lse, delta_ptr=delta, dqkv_ptr=dqkv,
@@ -327,7 +341,12 @@ def launch_configs() -> list:
                 out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=1), warps,
                                    stages))
                 bwd = min(stages, _BWD_STAGES)
-                out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS, bwd))
+                if _one_program_backward(1, dtype, hdp):
+                    out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
+                                       bwd))
+                else:
+                    out += [_config(k, dtype, prec, dict(const, NB=1), warps, bwd)
+                            for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
                 if hdp == 32:
                     out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=3), warps,
                                        stages))

@@ -18,7 +18,7 @@ gradient.
 from __future__ import annotations
 
 from ._common import tl, triton
-from .window_attention_kernels import _load_rows, _scaled_q, _tokens, _up, _window_of
+from .window_attention_kernels import LOG2E, _load_rows, _scaled_q, _tokens, _up, _window_of
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _window_attn_bwd_one(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, do_ptr, lse_p
         lse = tl.load(lse_ptr + ((b * H + sy) * W + sx) * HEADS + h, mask=real, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) \
             + tl.load(tile_h + (cls * HEADS).to(tl.int64) * (BLOCK * BLOCK))
-        p = tl.where(real[:, None], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
@@ -133,7 +133,7 @@ def _window_attn_bwd_dq(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, do_ptr, lse_pt
             v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok,
                                qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) + tl.load(tile_h + kb * piece)
-            p = tl.where(real[:, None], tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             tl.atomic_add(dtile_h + kb * piece, ds, mask=(want_dbias != 0) & (local >= 0),
@@ -192,7 +192,7 @@ def _window_attn_bwd_dkdv(qkv_ptr, tile_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
             lse = tl.load(lse_ptr + tok, mask=real, other=0.0)
             delta = tl.load(delta_ptr + tok, mask=real, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) + tl.load(tile_h + qb * (NB * piece))
-            p = tl.where(real[:, None], tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)

@@ -1,17 +1,24 @@
 """The static cost model pinned on cases whose counts can be worked out by hand."""
 
+import json
+import os
 from collections import Counter
 
 import pytest
 
-from dimap_fast.cost_model.capture import Replay
+from dimap_fast.cost_model import report, worker
+from dimap_fast.cost_model.capture import Launch, Replay, source_loops, spec
 from dimap_fast.cost_model.hardware import H100
-from dimap_fast.cost_model.kernel_cost import estimate, executions
+from dimap_fast.cost_model.kernel_cost import (ProgramCost, compute_cycles, estimate, executions,
+                                               unroll)
 from dimap_fast.cost_model.sass import Sass, parse
+
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 F = "/k.py"
 # 3 instructions before the loop (lines 1-2), a 5-instruction loop body from source line 4 (the
-# loop over lines 3-6, counted by line 4), the exit and its trap.
+# loop over lines 3-6, counted by line 4), the exit, its trap and the padding after it.
 LISTING = f"""
 	//## File "{F}", line 1
         /*0000*/                   S2R R0, SR_TID.X ;
@@ -30,6 +37,7 @@ LISTING = f"""
         /*0080*/                   EXIT ;
 .L_x_1:
         /*0090*/                   BRA `(.L_x_1);
+        /*00a0*/                   NOP;
 """
 
 
@@ -40,14 +48,50 @@ def _sass():
 
 def test_listing_parses_into_one_loop():
     sass = _sass()
-    assert len(sass.insns) == 10
-    assert sass.loops == [(3, 7)]  # the trap's branch to itself is no loop
+    assert len(sass.insns) == 9  # the trap after EXIT and the padding never run
+    assert sass.loops == [(3, 7)]
 
 
 def test_instruction_count_equals_hand_count():
     sass = _sass()
     hits = {(F, 4): 10.0}  # the replayed programs ran the loop body 10 times each
-    assert sum(executions(sass, [(3, 6, 4)], hits, F)) == 3 + 5 * 10 + 2
+    assert sum(executions(sass, [(3, 6, 4)], hits, F)) == 3 + 5 * 10 + 1
+
+
+@triton.jit
+def _sum_rows(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n):
+        acc += tl.load(x_ptr + i * BLOCK + offs)
+    tl.store(out_ptr + offs, acc)
+
+
+def test_fresh_sm90_compile_counts_a_known_loop_by_hand(monkeypatch):
+    # BLOCK = 128 floats over 4 warps: every warp loads one float a thread per iteration, adds it,
+    # and stores once at the end. ptxas unrolls the loop (a main body, copies and a remainder);
+    # whatever it does, a warp executes exactly n loads, n adds and one store.
+    import torch
+
+    n = 37
+    launch = Launch(_sum_rows, (1, 1, 1), (torch.zeros(128 * n), torch.empty(128), n),
+                    {"BLOCK": 128, "num_warps": 4})
+    # compiled in the model's worker, away from this process's interpreter (as the report does)
+    here = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    [sass] = worker.call("compile", [(_sum_rows.fn.__module__, "_sum_rows", spec(launch))])
+    assert sass.num_warps == 4 and sass.spill == 0
+    code = _sum_rows.fn.__code__
+    loops = [l for l in source_loops(code.co_filename) if l[0] == code.co_firstlineno + 4]
+    hits = {(code.co_filename, loops[0][2]): float(n)}  # the loop body's line ran n times
+    execs = executions(sass, loops, hits, code.co_filename)
+    by_op = Counter()
+    for insn, e in zip(sass.insns, execs):
+        by_op[insn.op.split(".")[0]] += e
+    assert (by_op["LDG"], by_op["FADD"], by_op["STG"]) == (n, n, 1)
+    main = max(sass.loops, key=lambda ab: ab[1] - ab[0])
+    u = unroll(sass, *main)
+    assert u is not None and by_op["LDG"] == u * execs[main[0]]  # the main body ran n / u times
 
 
 def test_copy_kernel_estimate_is_bytes_over_bandwidth():
@@ -66,6 +110,35 @@ def test_copy_kernel_estimate_is_bytes_over_bandwidth():
 
 def test_small_tensors_are_charged_once():
     rep = Replay(programs=1, unique_bytes={"bias": 4096.0}, footprint={"bias": 4096})
-    sass = _sass()
-    e = estimate("k", sass, rep, F, [], 1000)
+    e = estimate("k", _sass(), rep, F, [], 1000)
     assert e.bytes == 4096  # 1000 programs re-read it from L2, not DRAM
+
+
+def test_waves_and_tail_by_hand():
+    cost = ProgramCost(per_warp=1000.0, chain_cycles=3000.0, mma_cycles=0.0)
+    # 133 programs over 132 SMs: one SM runs 2; with 1 resident block, 2 waves of its chain.
+    waves, issue, chain, tensor, cycles = compute_cycles(cost, 133, 1, 4, H100)
+    assert (waves, cycles) == (2, 2 * 3000.0)
+    # 8 resident blocks of 4 warps: 8 warps a scheduler issue 8000 cycles, more than the chain.
+    waves, issue, chain, tensor, cycles = compute_cycles(cost, 132 * 8, 8, 4, H100)
+    assert (waves, cycles) == (1, 8 * 1000.0)
+
+
+def test_estimate_for_reads_the_cached_report_and_never_builds(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "CACHE", tmp_path / "static_report.json")
+    assert report.estimate_for("speed.plan.swin_b") is None  # no report: None, nothing compiled
+    report.write_json(report.CACHE, [report._row("masks.swin_b.cuda", 2.5, "ms")])
+    data = json.loads(report.CACHE.read_text())
+    assert data["kind"] == "estimate" and data["results"][0]["kind"] == "estimate"
+    assert set(data["results"][0]) >= {"name", "value", "unit", "target", "met"}
+    assert data["results"][0]["met"] is True
+    assert report.estimate_for("speed.plan.swin_b") == 2.5
+    assert report.estimate_for("speed.no_such_row") is None
+
+
+def test_gpu_rows_name_rows_the_report_makes():
+    from dimap_fast.cost_model.workloads import attention_workloads, sparse_workloads
+
+    made = {w.name for w in attention_workloads() + sparse_workloads()}
+    for gpu_row, row in report.GPU_ROWS.items():
+        assert row.startswith("masks.") or row.rsplit(".", 1)[0] in made, (gpu_row, row)

@@ -4,15 +4,18 @@ models, each beside what it replaces. Ratios are "how many times faster" (> 1 = 
 Issue 14's rows: ``speed.e2e.{swin_b,swin_t}.fp16.*`` (batch 128) time the models of
 bench/end_to_end.py, as bench/test_bench_end_to_end.py does on the CPU: shrunk at 30%/50% FLOPs
 reduction and block DIMAP at 50%/75% converted on the GPU (convert's per-layer choice, where it
-has one, measured there), over dense on timm's SDPA path. ``speed.breakeven.s3_mlp.{fp16,bf16}.*``
-sweep tile sparsity per block size for the block-sparse kernel and torch BSR, plus 2:4 at 50%
-(bench/breakeven.py): each row's value is its break-even sparsity (None: never), its ``points``
-the curve that gpu_check.report draws as breakeven_gpu.png in the report folder.
+has one, measured there), over dense on timm's SDPA path. The Linear and break-even rows live in
+gpu_check/sparse.py.
+
+Fair baselines (issue 20): ``speed.model.*`` time the block-pruned model converted to the
+block-sparse kernel (``choose="kernel"``) over the same model unconverted on timm's SDPA path;
+the ``.vs_eager`` rows, and every row named ``fused_vs_eager``, are the eager comparison.
 
 Timing: ``triton.testing.do_bench(..., return_mode="median")`` (CUDA events, L2 flushed before
 every rep) with at least ~12 reps after warm-up; the plan, whose work syncs with the host, is
-timed on the wall clock (median of 10). Jobs run targets first; an info job is skipped once the
-step's deadline is too close. In a dry run everything is tiny, on the CPU, under the interpreter,
+timed on the wall clock (median of 10). Jobs run targets first; every row a job would make is
+named up front (``Rows.plan``), and an info job that finds the step's deadline too close reports
+its rows missing with the reason, as the driver does for any planned row never written. In a dry run everything is tiny, on the CPU, under the interpreter,
 timed once with time.perf_counter, and only one info job of each kind runs: the rows exist, their
 values mean nothing.
 
@@ -134,7 +137,7 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
         seen.add(kind)
     rows.plan([n for *_, names in selected for n in names])  # a row planned and not measured is reported missing
     for target, kind, job, names in selected:
-        need = INFO_RESERVE_S * (3 if "compile" in kind else 1)
+        need = INFO_RESERVE_S * (3 if "compile" in kind and not ctx.dry else 1)  # a dry run compiles nothing
         if not target and ctx.left() < need:
             for name in names:  # reported, never dropped
                 rows.add(name, None, "", "missing", f"not measured: {ctx.left():.0f} s left of the step's budget, "

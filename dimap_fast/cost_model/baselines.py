@@ -35,6 +35,7 @@ class _Tally:
     def __init__(self, gpu: Gpu):
         self.gpu, self.bytes, self.seconds, self.count, self.syncs = gpu, 0.0, 0.0, 0, 0
         self.sort_bytes = 0.0  # the part of ``bytes`` that sorts moved
+        self.sort_elements = 0  # elements of their inputs
 
     def add(self, nbytes: float, flops: float = 0.0, dtype=torch.float16) -> None:
         peak = self.gpu.tensor_peak(_PEAK.get(dtype, "tf32"))
@@ -64,6 +65,7 @@ class _Bytes(TorchDispatchMode):
         nbytes = sum(unique_bytes(t) for t in tensors)
         if func.overloadpacket in (aten.sort, aten.argsort):
             self.tally.sort_bytes += nbytes
+            self.tally.sort_elements += tensors[0].numel()
         self.tally.add(nbytes, flops, dtype)
         return out
 

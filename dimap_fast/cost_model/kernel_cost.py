@@ -1,29 +1,45 @@
 """One launch's estimated time on an H100, from its sm_90 code and its replayed programs.
 
-- SASS instructions per program: each instruction counted once per execution, an instruction in a
-  loop body as many times as the source loop it came from ran (line hits of the replayed
-  programs); where ptxas unrolled a loop into a main body and remainder copies, the main body runs
-  iterations / unroll and the copies are left out (at most unroll - 1 iterations, uncounted).
-- issue time: warp-instructions of all programs over the GPU's issue slots (132 SMs x 4 per cycle);
-  latency time: resident blocks run in waves, each warp waiting on its dependent instructions when
-  few warps share a scheduler (hardware.py's latencies);
-- tensor time: the HGMMA / HMMA shapes times their executions over the tensor-core peak;
-- memory time: per program, the 32-byte sectors it touches in each argument (so re-reads by
-  other programs count again), except arguments small enough to stay in L2, charged once.
-The estimate is the largest of the four; the floor (each input read once, each output written
-once) is the workload's. All of it is an estimate.
+Counts, per warp of one program:
+- I, SASS instructions executed: each instruction once per execution; a loop body as often as its
+  source loop ran in the replayed programs (line hits), over ptxas's unroll factor u (the loop's
+  memory and matrix instructions over its PTX loop's, which ptxas never merges). The peeled and
+  remainder copies ptxas emits around an unrolled loop are not counted: the n iterations are all
+  charged at the main body's cost, n / u times (loop entry code between the copies, a few integer
+  instructions per entry, is left out with them).
+- load waits: the clusters of global loads a warp waits on in turn (a cluster ends at the first
+  arithmetic or matrix instruction after it), times their executions;
+- tensor FLOP: the HGMMA / HMMA shapes times their executions (an HGMMA is a warpgroup's).
+
+Time, for P programs of w warps with R resident blocks per SM (hardware.py's constants):
+- the grid over the SMs: the busiest SM runs p = ceil(P / SMs) programs, in ceil(p / R) waves;
+- a wave of b blocks takes max(issue, chain, tensor) cycles: issue = ceil(b w / 4) I, the
+  warp-instructions of its busiest scheduler at one a cycle; chain = one program's dependent
+  path, I x ALU latency + load waits x DRAM latency + its tensor FLOP at the SM's full rate
+  (nothing of a program overlaps itself: the conservative side); tensor = b x its tensor FLOP at
+  that rate;
+- compute = the waves' cycles over the clock; memory = bytes over the copy rate, bytes counted
+  per program as the 32-byte sectors it touches in each argument (re-reads by other programs
+  count again), except arguments small enough to stay in L2, charged once.
+The estimate is max(compute, memory): the two overlap fully, the optimistic side, so the report
+also gives their sum. The floor (each input read once, each output written once) is the
+workload's. All of it is an estimate.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from .hardware import H100, Gpu
-from .sass import GLOBAL_OPS, TENSOR_OPS, Sass
+from .sass import TENSOR_OPS, Sass, work_class
 
 _MMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)")
+_LOADS = ("LDG", "LDGSTS", "UTMALDG", "ATOMG")
+_MATH = ("FADD", "FMUL", "FFMA", "FMNMX", "MUFU", "HADD2", "HMUL2", "HFMA2", "FSEL", "FSETP",
+         "HGMMA", "HMMA", "QGMMA", "IMMA", "F2F", "F2FP", "DADD", "DFMA", "DMUL")
 
 
 @dataclass(frozen=True)
@@ -39,19 +55,26 @@ class KernelEstimate:
     tensor_insns: int  # in the code, not executed
     fenced_atomics_in_loops: int
     bytes: float
-    issue_s: float
-    latency_s: float
-    tensor_s: float
+    waves: int  # on the busiest SM
+    issue_s: float  # its schedulers' issue time alone
+    chain_s: float  # its programs' dependent paths alone, wave after wave
+    tensor_s: float  # its tensor cores alone
+    compute_s: float  # wave by wave, the largest of the three
     memory_s: float
 
     @property
     def seconds(self) -> float:
-        return max(self.issue_s, self.latency_s, self.tensor_s, self.memory_s)
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def no_overlap_seconds(self) -> float:
+        return self.compute_s + self.memory_s
 
     @property
     def bound(self) -> str:
-        parts = {"issue": self.issue_s, "latency": self.latency_s, "tensor": self.tensor_s,
-                 "memory": self.memory_s}
+        if self.memory_s >= self.compute_s:
+            return "memory"
+        parts = {"issue": self.issue_s, "latency": self.chain_s, "tensor": self.tensor_s}
         return max(parts, key=parts.get)
 
 
@@ -63,8 +86,26 @@ def resident_blocks(sass: Sass, gpu: Gpu = H100) -> int:
     return max(0, min(by_regs, by_shared, by_threads, gpu.max_blocks_per_sm))
 
 
+def _work(sass: Sass, lo: int, hi: int) -> Counter:
+    return Counter(c for i in sass.insns[lo:hi + 1] if (c := work_class(i.op)))
+
+
+def unroll(sass: Sass, lo: int, hi: int) -> int | None:
+    """ptxas's unroll factor of the SASS loop lo..hi: u where its work is u times a PTX loop's."""
+    work = _work(sass, lo, hi)
+    if not work:
+        return None
+    for u in range(1, max(work.values()) + 1):
+        if all(n % u == 0 for n in work.values()):
+            per = {c: n // u for c, n in work.items()}
+            if any(per == p for p in sass.ptx_loops):
+                return u
+    return None
+
+
 def executions(sass: Sass, loops: list[tuple[int, int, int]], hits: dict, file: str) -> list[float]:
-    """How often each instruction runs per program (per warp)."""
+    """How often each instruction runs per program (per warp). ``loops``: the kernel file's source
+    loops (first line, last line, line counted once an iteration); ``hits``: line hits per program."""
     def source_loop(lo: int, hi: int):
         branch = sass.insns[hi]
         inside = [l for l in loops if branch.file == file and l[0] <= branch.line <= l[1]]
@@ -74,31 +115,66 @@ def executions(sass: Sass, loops: list[tuple[int, int, int]], hits: dict, file: 
             inside = [l for l, v in votes.items() if lines and v * 2 >= len(lines)]
         return min(inside, key=lambda l: l[1] - l[0]) if inside else None
 
-    def weight(lo: int, hi: int) -> int:  # memory and matrix work, the part unrolling repeats
-        n = sum(i.op.split(".")[0] in GLOBAL_OPS + TENSOR_OPS + ("LDS", "STS", "LDSM")
-                for i in sass.insns[lo:hi + 1])
-        return n or (hi - lo + 1)
+    def weight(ab) -> int:
+        return sum(_work(sass, *ab).values()) or (ab[1] - ab[0] + 1)
 
-    mapped = [(lo, hi, source_loop(lo, hi)) for lo, hi in sass.loops]
-    runs = {}
-    for lo, hi, src in mapped:
-        if src is None:
-            runs[(lo, hi)] = 1.0
-            continue
-        group = [(a, b) for a, b, s in mapped if s == src]
-        base = min(weight(a, b) for a, b in group)
-        main = max(group, key=lambda ab: weight(*ab))
-        unroll = max(1, round(weight(*main) / base))
-        iters = hits.get((file, src[2]), 0.0)
-        runs[(lo, hi)] = iters / unroll if (lo, hi) == main else 0.0
+    groups: dict = {}
+    for lo, hi in sass.loops:
+        groups.setdefault(source_loop(lo, hi), []).append((lo, hi))
+    runs = {ab: 1.0 for ab in groups.pop(None, [])}  # a loop of no source loop: once (undercounts)
+    dropped: set[int] = set()  # peeled and remainder copies: their iterations are charged to main
+    for src, members in groups.items():
+        main = max(members, key=weight)
+        u = unroll(sass, *main) or max(1, round(weight(main) / min(weight(m) for m in members)))
+        for m in members:
+            runs[m] = hits.get((file, src[2]), 0.0) / u if m == main else 0.0
+        dropped.update(_copies(sass, members, main, u))
     out = []
     for k in range(len(sass.insns)):
-        enclosing = [(lo, hi) for lo, hi in sass.loops if lo <= k <= hi]
-        out.append(runs[min(enclosing, key=lambda ab: ab[1] - ab[0])] if enclosing else 1.0)
+        enclosing = [ab for ab in sass.loops if ab[0] <= k <= ab[1]]
+        if k in dropped:
+            out.append(0.0)
+        else:
+            out.append(runs[min(enclosing, key=lambda ab: ab[1] - ab[0])] if enclosing else 1.0)
     return out
 
 
+def _copies(sass: Sass, members, main, u: int) -> list[int]:
+    """The straight-line copies of a loop ptxas unrolled: the code from the zero-trip guard (a
+    forward branch past the last copy) to the last copy, outside the copies that are loops, when
+    its work is a whole number of iterations (else it is left counted once: the safe side)."""
+    first, last = min(m[0] for m in members), max(m[1] for m in members)
+    guards = [k for k in range(first) if sass.insns[k].target > last]
+    if not guards:
+        return []
+    lo = guards[-1] + 1
+    if any(a >= lo and b <= last and (a, b) not in members for a, b in sass.loops):
+        return []  # another loop inside: not a plain run of copies
+    inside = [k for k in range(lo, last + 1) if not any(a <= k <= b for a, b in members)]
+    per = {c: n / u for c, n in _work(sass, *main).items()}
+    work = Counter(c for k in inside if (c := work_class(sass.insns[k].op)))
+    ratios = {work.get(c, 0) / n for c, n in per.items() if n}
+    if set(work) - set(per) or len(ratios) != 1 or not float(ratios.pop()).is_integer():
+        return []
+    return inside
+
+
+def load_waits(sass: Sass, execs: list[float]) -> float:
+    waits, waiting, region = 0.0, False, None
+    for k, insn in enumerate(sass.insns):
+        here = next((ab for ab in sass.loops if ab[0] <= k <= ab[1]), None)
+        if here != region:
+            region, waiting = here, False
+        op = insn.op.split(".")[0]
+        if op in _LOADS and execs[k] and not waiting:
+            waits, waiting = waits + execs[k], True
+        elif op in _MATH:
+            waiting = False
+    return waits
+
+
 def _tensor_flops(sass: Sass, execs: list[float]) -> tuple[float, str]:
+    """Per program: FLOP of its matrix instructions, and the operand type they run at."""
     flops, kind = 0.0, "fp16"
     for insn, n in zip(sass.insns, execs):
         op = insn.op.split(".")[0]
@@ -107,31 +183,55 @@ def _tensor_flops(sass: Sass, execs: list[float]) -> tuple[float, str]:
             # HGMMA: a warpgroup of 4 warps issues one m64nNkK between them; HMMA: each warp its own
             share = sass.num_warps / 4 if op in ("HGMMA", "QGMMA") else sass.num_warps
             flops += 2 * mm * nn * kk * n * share
-            if ".TF32" in insn.op or "F32.TF32" in insn.op:
+            if "TF32" in insn.op:
                 kind = "tf32"
-            elif ".BF16" in insn.op:
+            elif "BF16" in insn.op:
                 kind = "bf16"
     return flops, kind
 
 
+@dataclass(frozen=True)
+class ProgramCost:
+    """One program's work, per warp: instructions, its dependent path and its tensor cycles."""
+
+    per_warp: float
+    chain_cycles: float
+    mma_cycles: float
+
+
+def program_cost(sass: Sass, hits: dict, file: str, loops, gpu: Gpu = H100) -> ProgramCost:
+    execs = executions(sass, loops, hits, file)
+    per_warp = sum(execs)
+    flops, kind = _tensor_flops(sass, execs)
+    mma = flops / gpu.flops_per_clock(kind)  # at the SM's whole rate
+    chain = per_warp * gpu.alu_latency_cycles + load_waits(sass, execs) * gpu.dram_latency_cycles + mma
+    return ProgramCost(per_warp, chain, mma)
+
+
+def compute_cycles(cost: ProgramCost, programs: int, resident: int, num_warps: int,
+                   gpu: Gpu = H100) -> tuple[int, float, float, float, float]:
+    """The busiest SM's waves: (waves, issue, chain, tensor, total) cycles."""
+    per_sm = math.ceil(programs / gpu.sms)
+    resident = max(1, resident)
+    waves = math.ceil(per_sm / resident)
+    issue = tensor = cycles = 0.0
+    for wave in range(waves):
+        blocks = min(resident, per_sm - wave * resident)
+        i = math.ceil(blocks * num_warps / gpu.schedulers_per_sm) * cost.per_warp
+        issue, tensor = issue + i, tensor + blocks * cost.mma_cycles
+        cycles += max(i, cost.chain_cycles, blocks * cost.mma_cycles)
+    return waves, issue, waves * cost.chain_cycles, tensor, cycles
+
+
 def estimate(name: str, sass: Sass, replay, file: str, loops, programs: int,
              gpu: Gpu = H100) -> KernelEstimate:
-    execs = executions(sass, loops, replay.line_hits, file)
-    per_warp = sum(execs)
-    loads = sum(n for i, n in zip(sass.insns, execs) if i.op.split(".")[0] in ("LDG", "LDGSTS"))
-    resident = max(1, resident_blocks(sass, gpu))
-    warp_insns = per_warp * sass.num_warps * programs
-    issue = warp_insns / (gpu.sms * gpu.schedulers_per_sm * gpu.clock_hz)
-    per_scheduler = max(1.0, resident * sass.num_warps / gpu.schedulers_per_sm)
-    cycles = (per_warp * max(1.0, gpu.alu_latency_cycles / per_scheduler)
-              + loads * gpu.load_latency_cycles / per_scheduler)
-    waves = math.ceil(programs / (gpu.sms * resident))
-    latency = waves * cycles / gpu.clock_hz
-    flops, kind = _tensor_flops(sass, execs)
-    tensor = flops * programs / gpu.tensor_peak(kind)
+    cost = program_cost(sass, replay.line_hits, file, loops, gpu)
+    waves, issue, chain, tensor, cycles = compute_cycles(cost, programs, resident_blocks(sass, gpu),
+                                                         sass.num_warps, gpu)
     nbytes = sum(min(replay.footprint[n], b * programs) if replay.footprint[n] <= gpu.l2_bytes // 2
                  else b * programs for n, b in replay.unique_bytes.items())
+    hz = gpu.clock_hz
     return KernelEstimate(name, programs, sass.num_warps, sass.regs, sass.shared, sass.spill,
-                          resident_blocks(sass, gpu), per_warp, sass.count(*TENSOR_OPS),
-                          sass.fenced_atomics_in_loops(), nbytes, issue, latency, tensor,
-                          gpu.memory_seconds(nbytes))
+                          resident_blocks(sass, gpu), cost.per_warp, sass.count(*TENSOR_OPS),
+                          sass.fenced_atomics_in_loops(), nbytes, waves, issue / hz, chain / hz,
+                          tensor / hz, cycles / hz, gpu.memory_seconds(nbytes))

@@ -1,57 +1,62 @@
-"""masks() on CUDA, estimated from its own launch sequence: ``compute_masks`` (plan + masks at one
-ratio) runs the Triton plan under the interpreter on a random-init Swin with the real model's
-layers at a reduced width, and every Triton launch, torch op and device-to-host read it makes is
-counted. Launch and read counts do not depend on the width; bytes scale with the weights, so they
-are scaled up to the real model's prunable weights. torch.sort is charged 4 passes over its input
-and output (a radix sort of 32-bit keys, 8 bits a pass), every other op its bytes once.
+"""``plan(state dict).masks(0.5)`` on CUDA (what the GPU check times as ``speed.plan.*``),
+estimated from its own launch sequence.
 
-Estimate = launches x launch cost + reads x sync cost + bytes / copy rate (hardware.py); the floor
-is one read of the prunable weights (fp32).
+The real code path runs under the interpreter on two stand-ins of the model (timm's Swin with
+its real layers and modules at two tiny widths: the layer sizes shrink, the launch and read
+sequence does not), and every Triton launch, torch op and device-to-host read it makes is
+recorded; each Triton launch is also replayed (a few programs, line hits and sectors touched)
+and later compiled for sm_90. The two runs must make the same sequence. Each quantity is then
+carried to the real model's N prunable weights from the two stand-ins: bytes and program counts
+linearly in N (they grow with the weights), a program's instructions and dependent path
+linearly in log2 N (binary searches over a layer are the only per-program work that grows).
+
+Estimate = (Triton launches + torch ops) x launch cost + host reads x sync cost + torch bytes
+over the copy rate + each Triton launch's max(compute, memory) (kernel_cost's wave model).
+torch.sort on CUDA sorts (key, int64 index) pairs by radix, 8 bits a pass: charged 4 passes,
+each reading and writing 12 bytes an element, plus a read of the keys. The floor is one read
+of the prunable weights (fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_window7_224"}
-_WIDTH = {"swin_t": 6, "swin_b": 8}  # embed dim of the stand-in: heads still divide it
-_REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
-_SORT_PASSES = 4
+REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
+WIDTHS = {"swin_t": (3, 6), "swin_b": (4, 8)}  # stand-ins: each stage's heads still divide them
+RATIO = 0.5
+_SORT_BYTES = 4 * 2 * (4 + 8) + 4  # per element
 
 
 @dataclass
 class MasksRun:
-    model: str
-    launches: int  # Triton kernels
-    torch_ops: int  # each a kernel on a GPU
+    """One stand-in's recorded run."""
+
+    weights: int  # prunable
+    torch_ops: int  # each a kernel launch on a GPU
+    torch_bytes: float
     syncs: int
-    bytes: float  # at the real model's size
-    weights: int  # prunable weights of the real model
-
-
-def _prunable(model) -> int:
-    from ..engine.prunable import prunable_layers
-
-    return sum(layer.numel for layer in prunable_layers(model))
+    launches: list = field(default_factory=list)  # dicts: kernel, module, spec, grid, programs, replay, file, loops
 
 
 @contextlib.contextmanager
-def _host_reads(counter: list):
-    # A CUDA tensor reaches the host through .cpu() or .tolist() (float() and .item() are
-    # _local_scalar_dense, counted by the dispatch mode); .numpy() follows a .cpu().
+def _host_reads(counter: list, active: list):
+    # A CUDA tensor reaches the host through .cpu(), .tolist() or .item() / float() (the last two
+    # are _local_scalar_dense, counted by the dispatch mode); .numpy() follows a .cpu().
     saved = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist")}
 
     def wrap(name):
         def f(self, *a, **k):
-            counter[0] += 1
+            counter[0] += active[0]
             return saved[name](self, *a, **k)
         return f
 
-    torch.Tensor.cpu = wrap("cpu")
-    torch.Tensor.tolist = wrap("tolist")
+    for name in saved:
+        setattr(torch.Tensor, name, wrap(name))
     try:
         yield
     finally:
@@ -59,42 +64,102 @@ def _host_reads(counter: list):
             setattr(torch.Tensor, name, f)
 
 
-def run(model: str, ratio: float = 0.5) -> MasksRun:
-    """Inside the interpreter worker: one compute_masks on the stand-in, counted."""
+def run(model: str, width: int) -> MasksRun:
+    """Inside the interpreter worker: plan(state dict).masks(RATIO) of one stand-in, recorded."""
     import timm
+    from torch.utils._python_dispatch import _disable_current_modes
     from triton.runtime import interpreter
 
-    from ..engine.plan import compute_masks
+    from ..engine.plan import plan
+    from . import capture
     from .baselines import count_bytes
 
     torch.manual_seed(0)
-    small = timm.create_model(MODELS[model], pretrained=False, embed_dim=_WIDTH[model])
-    # Every prunable weight is a Linear's, dim x (1 to 4) x dim: it grows with the width squared.
-    scale = (_REAL_WIDTH[model] / _WIDTH[model]) ** 2
-    real = round(_prunable(small) * scale)
-    launched = [0, 0.0]
+    sd = timm.create_model(MODELS[model], pretrained=False, embed_dim=width).state_dict()
+    launches, reads, active = [], [0], [1]
     original = interpreter.InterpretedFunction.run
 
-    def counted(self, *args, **kwargs):
-        if not kwargs.get("warmup"):
-            launched[0] += 1
-            launched[1] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
-        return original(self, *args, **kwargs)
+    def recorded(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        active[0] = 0  # the interpreter's own copies are no host reads, its torch ops no launches
+        try:
+            with _disable_current_modes():
+                copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+                launch = capture.Launch(self, capture._grid(grid, self, args, kwargs), copies, kwargs)
+                file = self.fn.__code__.co_filename
+                launches.append(dict(module=self.fn.__module__, kernel=launch.name, grid=launch.grid,
+                                     programs=launch.programs, spec=capture.spec(launch),
+                                     replay=capture.replay(launch), file=file,
+                                     loops=capture.source_loops(file)))
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            active[0] = 1
 
-    reads = [0]
-    interpreter.InterpretedFunction.run = counted
+    interpreter.InterpretedFunction.run = recorded
     try:
-        with _host_reads(reads), count_bytes(real=True) as ops:
-            compute_masks(small, ratio, backend="triton")
+        with _host_reads(reads, active), count_bytes(real=True) as ops:
+            p = plan(sd, backend="triton")
+            p.masks(RATIO)
     finally:
         interpreter.InterpretedFunction.run = original
-    nbytes = (ops.bytes + ops.sort_bytes * (_SORT_PASSES - 1) + launched[1]) * scale
-    return MasksRun(model, launched[0], ops.count, ops.syncs + reads[0], nbytes, real)
+    torch_bytes = ops.bytes - ops.sort_bytes + ops.sort_elements * _SORT_BYTES
+    weights = sum(layer.tensor.numel() for layer in p.layers)
+    return MasksRun(weights, ops.count, torch_bytes, ops.syncs + reads[0], launches)
 
 
-def seconds(r: MasksRun, gpu) -> float:
-    return (r.launches + r.torch_ops) * gpu.launch_s + r.syncs * gpu.sync_s + gpu.memory_seconds(r.bytes)
+@dataclass
+class MasksEstimate:
+    model: str
+    weights: int
+    launches: int  # Triton
+    torch_ops: int
+    syncs: int
+    torch_bytes: float
+    kernel_bytes: float
+    kernel_s: float  # the Triton launches' own time
+    slowest: str  # the Triton launch that takes longest, and why
+
+    def seconds(self, gpu) -> float:
+        return ((self.launches + self.torch_ops) * gpu.launch_s + self.syncs * gpu.sync_s
+                + gpu.memory_seconds(self.torch_bytes) + self.kernel_s)
+
+    def floor_seconds(self, gpu) -> float:
+        return gpu.memory_seconds(4 * self.weights)
 
 
-def floor_seconds(r: MasksRun, gpu) -> float:
-    return gpu.memory_seconds(4 * r.weights)
+def _line(x1: float, y1: float, x2: float, y2: float, x: float) -> float:
+    return y1 if x2 == x1 else y1 + (y2 - y1) * (x - x1) / (x2 - x1)
+
+
+def combine(model: str, small: MasksRun, large: MasksRun, sass: list, gpu) -> MasksEstimate:
+    """The real model's estimate from two stand-ins' runs (``sass``: each launch of ``small``
+    then of ``large`` compiled, in order)."""
+    from .kernel_cost import ProgramCost, compute_cycles, program_cost, resident_blocks
+
+    a, b = small.launches, large.launches
+    if [l["kernel"] for l in a] != [l["kernel"] for l in b] or small.syncs != large.syncs:
+        raise RuntimeError(f"masks() of {model}: the two stand-ins launch different sequences "
+                           f"({[l['kernel'] for l in a]} vs {[l['kernel'] for l in b]})")
+    scale = (REAL_WIDTH[model] / WIDTHS[model][1]) ** 2
+    n = round(large.weights * scale)  # every prunable weight is a Linear's: it grows as width^2
+    lin = lambda y1, y2: max(y1, _line(small.weights, y1, large.weights, y2, n))  # noqa: E731
+    log = lambda y1, y2: max(y1, _line(math.log2(small.weights), y1, math.log2(large.weights), y2,  # noqa: E731
+                                       math.log2(n)))
+    kernel_s, kernel_bytes, slowest = 0.0, 0.0, (0.0, "")
+    for la, lb, sa, sb in zip(a, b, sass[:len(a)], sass[len(a):]):
+        ca = program_cost(sa, la["replay"].line_hits, la["file"], la["loops"], gpu)
+        cb = program_cost(sb, lb["replay"].line_hits, lb["file"], lb["loops"], gpu)
+        cost = ProgramCost(log(ca.per_warp, cb.per_warp), log(ca.chain_cycles, cb.chain_cycles),
+                           log(ca.mma_cycles, cb.mma_cycles))
+        programs = round(lin(la["programs"], lb["programs"]))
+        raw = [sum(r["replay"].unique_bytes.values()) * r["programs"] for r in (la, lb)]
+        nbytes = lin(*raw)
+        *_, cycles = compute_cycles(cost, programs, resident_blocks(sb, gpu), sb.num_warps, gpu)
+        t = max(cycles / gpu.clock_hz, gpu.memory_seconds(nbytes))
+        kernel_s, kernel_bytes = kernel_s + t, kernel_bytes + nbytes
+        if t > slowest[0]:
+            why = "memory" if gpu.memory_seconds(nbytes) >= cycles / gpu.clock_hz else "latency/issue"
+            slowest = (t, f"{la['kernel']} {t * 1e6:.0f} us ({programs} programs, {why}-bound)")
+    return MasksEstimate(model, n, len(a), max(small.torch_ops, large.torch_ops), large.syncs,
+                         lin(small.torch_bytes, large.torch_bytes), kernel_bytes, kernel_s, slowest[1])

@@ -16,18 +16,19 @@ import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..host import cache_dir
 
 TARGET = ("cuda", 90, 32)
-_CACHE = Path(os.environ.get("DIMAP_FAST_CACHE", Path.home() / ".cache" / "dimap_fast")) / "sass"
+_CACHE = cache_dir() / "sass"
 
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
+_FORMAT = 2  # of the cached listing: bump when Insn or parse() changes
 TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
 GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG", "UTMASTG")
 
@@ -38,6 +39,7 @@ class Insn:
     op: str  # the opcode with its modifiers, e.g. "LDG.E.128"
     file: str
     line: int
+    target: int = -1  # a branch's destination (an index into the instructions), else -1
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Sass:
     num_warps: int
     insns: list = field(default_factory=list)
     loops: list = field(default_factory=list)  # (first index, last index) of each loop body
+    ptx_loops: list = field(default_factory=list)  # work histogram (``work_class``) of each PTX loop body
 
     def count(self, *prefixes: str, lo: int = 0, hi: int | None = None) -> int:
         hi = len(self.insns) - 1 if hi is None else hi
@@ -63,6 +66,40 @@ class Sass:
             if "MEMBAR" in body:
                 n += sum(op in ("ATOMG", "RED", "ATOM") for op in body)
         return n
+
+
+# Memory and matrix instructions, which ptxas neither merges nor splits: a loop's work, as classes
+# that its PTX and its SASS both name, so SASS work / PTX work is ptxas's unroll factor.
+_SASS_WORK = {"LDG": "ld", "LDGSTS": "cp", "STG": "st", "HGMMA": "mma", "QGMMA": "mma",
+              "HMMA": "mma", "ATOMG": "atom", "RED": "atom", "LDSM": "ldsm", "UTMALDG": "tma"}
+_PTX_WORK = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld\.global|cp\.async\.c[ga]|st\.global|wgmma\.mma_async|"
+                       r"mma\.sync|atom\.global|red\.global|ldmatrix|cp\.async\.bulk\.tensor)\b")
+_PTX_CLASS = {"ld.global": "ld", "cp.async.cg": "cp", "cp.async.ca": "cp", "st.global": "st",
+              "wgmma.mma_async": "mma", "mma.sync": "mma", "atom.global": "atom", "red.global": "atom",
+              "ldmatrix": "ldsm", "cp.async.bulk.tensor": "tma"}
+_PTX_LABEL = re.compile(r"^(\$L__BB\w+):")
+_PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);")
+
+
+def work_class(op: str) -> str | None:
+    return _SASS_WORK.get(op.split(".")[0])
+
+
+def ptx_loops(ptx: str) -> list[dict]:
+    """The work histogram of each PTX loop body (a branch back to an earlier label)."""
+    lines = ptx.splitlines()
+    labels, out = {}, []
+    for k, line in enumerate(lines):
+        if m := _PTX_LABEL.match(line):
+            labels[m.group(1)] = k
+        elif (m := _PTX_BRA.search(line)) and labels.get(m.group(1), k) < k:
+            hist: dict[str, int] = {}
+            for body in lines[labels[m.group(1)]:k]:
+                if w := _PTX_WORK.match(body):
+                    cls = _PTX_CLASS[w.group(1)]
+                    hist[cls] = hist.get(cls, 0) + 1
+            out.append(hist)
+    return out
 
 
 def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
@@ -84,9 +121,15 @@ def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
             if op.startswith("BRA") and (t := _TARGET.search(m.group(4))):
                 branches.append((len(insns), t.group(1)))
             insns.append(Insn(int(m.group(1), 16), op, file, line))
-    # a branch to itself is the trap after EXIT, never a loop that runs
-    loops = sorted((labels[t], i) for i, t in branches if t in labels and labels[t] < i)
+    for i, t in branches:
+        insns[i].target = labels.get(t, -1)
+    # A branch to itself is the trap after the last EXIT: it and the NOP padding after it never run.
+    traps = [i for i, t in branches if labels.get(t) == i]
+    if traps:
+        del insns[traps[-1]:]
+    loops = sorted((labels[t], i) for i, t in branches if t in labels and labels[t] < i < len(insns))
     return insns, loops
+
 
 
 def _tool(name: str) -> str:
@@ -117,7 +160,7 @@ def cache_key(module: str, kernel: str, spec: dict) -> str:
 
     fn = getattr(importlib.import_module(module), kernel)
     jit = fn if isinstance(fn, JITFunction) else JITFunction(getattr(fn, "fn", fn))
-    text = json.dumps([triton.__version__, jit.cache_key, spec], sort_keys=True, default=str)
+    text = json.dumps([_FORMAT, triton.__version__, jit.cache_key, spec], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -148,7 +191,7 @@ def compile_sass(module: str, kernel: str, spec: dict) -> Sass:
     insns, loops = parse(listing)
     out = Sass(regs=res["REG"], shared=compiled.metadata.shared + res["SHARED"],
                spill=res["STACK"] + res["LOCAL"], num_warps=compiled.metadata.num_warps,
-               insns=insns, loops=loops)
+               insns=insns, loops=loops, ptx_loops=ptx_loops(compiled.asm["ptx"]))
     _CACHE.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(asdict(out)))  # a reader never sees half a file
     return out

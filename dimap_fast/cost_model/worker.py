@@ -2,7 +2,8 @@
 
 - ``capture`` (TRITON_INTERPRET=1): run workloads' launchers as on a GPU, record each launch's
   spec and replay a few of its programs; also the bytes each torch op of the launcher moves.
-- ``compile`` (no interpreter): compile each spec for sm_90 (disk-cached) and read its SASS.
+- ``compile`` (no interpreter): compile each spec for sm_90 (disk-cached) and read its SASS;
+- ``masks`` (TRITON_INTERPRET=1): record a plan's masks() on stand-ins (masks_cost.run).
 
 Input and output travel as pickles through files named on the command line.
 """
@@ -68,7 +69,7 @@ def main(argv) -> int:
     if verb == "masks":
         from . import masks_cost
 
-        result = [masks_cost.run(m) for m in payload]
+        result = [masks_cost.run(model, width) for model, width in payload]
     else:
         result = _capture(payload) if verb == "capture" else _compile(payload)
     with open(dst, "wb") as f:

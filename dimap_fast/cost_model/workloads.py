@@ -1,5 +1,6 @@
 """The named workloads the static report estimates: Swin-T/B stage shapes at batch 128 (window 7 at
-224, window 12 at 384), the block-sparse linear of their MLPs at 50/75/90% tiles pruned.
+224, window 12 at 384), the block-sparse linear of Swin-B's MLPs at 50/75/90% of its 64 x 64
+tiles pruned (the GPU check's speed.linear shapes).
 
 Each workload calls the real launcher on real CPU tensors (inside ``capture.gpu_launches``, which
 records instead of running) and knows its memory floor: each input read once, each output written
@@ -65,13 +66,14 @@ class SparseLinear:
     model: str = "swin_b"
     stage: int = 2
     pruned: float = 0.75
-    batch: int = 64
+    batch: int = BATCH
     dtype: str = "fp16"
-    block: int = 32
+    block: int = 64
 
     @property
-    def name(self) -> str:
-        return f"sparse_linear.{self.model}.s{self.stage + 1}.mlp.{round(self.pruned * 100)}.{self.dtype}"
+    def name(self) -> str:  # as the GPU check's speed.linear rows: b = tile side, t = tiles pruned
+        return (f"sparse_linear.{self.model}.s{self.stage + 1}_mlp.b{self.block}."
+                f"t{round(self.pruned * 100)}.{self.dtype}")
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """(rows, in, out) of the stage's two MLP Linears."""

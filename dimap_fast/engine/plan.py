@@ -32,9 +32,9 @@ from .budget import FlopsBudget, Kept, check_budget_pattern
 from .values import Method, Pattern, as_pattern, check_reduction, supported
 from ..errors import DimapError, check_choice, check_ratio
 from .flops import input_shape
-from .prunable import Layer, named_tensors, prunable_layers, prune_count
+from .prunable import Layer, named_tensors, prunable_layers
 from .units import UnitLayer, two_four_mask, unit_layers
-from .scores import ThresholdGroup, build_states
+from .scores import NumpyScorer
 
 
 MASK_CHUNK = 1 << 16  # elements per |w| pass when masks are built: the buffer stays in cache
@@ -138,8 +138,7 @@ class Plan:
         }
 
     def magnitude_at(self, unit_layer: int, rank: int) -> float:
-        """The ``rank``-th largest value (0 = the largest) of unit layer ``unit_layer``: |w|, or a
-        tile's or a channel's energy."""
+        """The ``rank``-th largest value (0 = largest) of a unit layer: |w|, a tile's or a channel's energy."""
         if self._scorer is None:
             raise DimapError("pattern '2:4' ranks no values: every group of 4 keeps its 2 largest weights")
         return self._scorer.magnitude_at(unit_layer, rank)
@@ -252,40 +251,6 @@ class Plan:
             size[u.module] = size.get(u.module, 0) + u.numel
         modules = {m: 1.0 - kept[m] / size[m] for m in self.modules}
         return {"modules": modules, "layers": layers}
-
-
-class NumpyScorer:
-    """CPU path: numpy sorts and sums (both cores), then exact selection on block heads."""
-
-    def __init__(self, units: list[UnitLayer], method: str, bar=None):
-        self.method = method
-        squared = bool(units) and units[0].squared
-        if method == "dimap":
-            members = [[i for i, u in enumerate(units) if u.module == m] for m in dict.fromkeys(u.module for u in units)]
-        elif method == "global":
-            members = [list(range(len(units)))]
-        else:
-            members = []
-        values = [u.values for u in units]
-        self.states, built = build_states(values, method, bar, [u.name for u in units], squared, members)
-        self.groups: list[tuple[list[int], ThresholdGroup]] = list(zip(members, built))
-
-    def keep_counts(self, ratio: float) -> np.ndarray:
-        if self.method == "uniform":
-            return np.array([s.numel - prune_count(ratio, s.numel) for s in self.states], dtype=np.int64)
-        counts = np.zeros(len(self.states), dtype=np.int64)
-        for idx, group in self.groups:
-            counts[idx] = group.keep_counts(group.total - prune_count(ratio, group.total))
-        return counts
-
-    def magnitude_at(self, i: int, rank: int) -> float:
-        return self.states[i].magnitude_at(rank)
-
-    def key_at(self, i: int, rank: int) -> float:
-        return self.states[i].key_at(rank)
-
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.states)
 
 
 def layer_mask(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:

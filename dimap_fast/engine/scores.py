@@ -33,8 +33,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from .prunable import non_finite_error
+from .prunable import non_finite_error, prune_count
 from .sorting import sort_negated
+from .units import UnitLayer
 
 BLOCK = 64  # ranks per block: 16 bytes of heads per 64 weights, and a narrow band to recompute per ratio
 GROUP = 64  # blocks per group; BLOCK and GROUP define the summation order (the kernels use the same)
@@ -294,3 +295,37 @@ def _corrections(neg_values: np.ndarray, full: np.ndarray, items: list[tuple[flo
     np.add.at(out, np.searchsorted(neg_values, values, side="left"), amounts)
     np.cumsum(out, out=out)
     return np.subtract(full, out, out=out)
+
+
+class NumpyScorer:
+    """CPU path: numpy sorts and sums (both cores), then exact selection on block heads."""
+
+    def __init__(self, units: list[UnitLayer], method: str, bar=None):
+        self.method = method
+        squared = bool(units) and units[0].squared
+        if method == "dimap":
+            members = [[i for i, u in enumerate(units) if u.module == m] for m in dict.fromkeys(u.module for u in units)]
+        elif method == "global":
+            members = [list(range(len(units)))]
+        else:
+            members = []
+        values = [u.values for u in units]
+        self.states, built = build_states(values, method, bar, [u.name for u in units], squared, members)
+        self.groups: list[tuple[list[int], ThresholdGroup]] = list(zip(members, built))
+
+    def keep_counts(self, ratio: float) -> np.ndarray:
+        if self.method == "uniform":
+            return np.array([s.numel - prune_count(ratio, s.numel) for s in self.states], dtype=np.int64)
+        counts = np.zeros(len(self.states), dtype=np.int64)
+        for idx, group in self.groups:
+            counts[idx] = group.keep_counts(group.total - prune_count(ratio, group.total))
+        return counts
+
+    def magnitude_at(self, i: int, rank: int) -> float:
+        return self.states[i].magnitude_at(rank)
+
+    def key_at(self, i: int, rank: int) -> float:
+        return self.states[i].key_at(rank)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.states)

@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -146,6 +148,12 @@ def test_bias_tile_is_cached_until_the_table_changes(device):
     second = window_attention(qkv, **args)
     assert_close(second, exact_reference(qkv, **args))
     assert not torch.equal(first, second)
+    fresh = torch.randn(49, 2, device=device)  # a fresh tensor (version 0) is cached too ...
+    wa._bias_tile(fresh, None, (4, 4), (2, 2), 16)
+    held = len(wa._TILES)
+    del fresh  # ... and its tile leaves with it
+    gc.collect()
+    assert len(wa._TILES) == held - 1
 
 
 def test_launch_plan_names_every_argument():
