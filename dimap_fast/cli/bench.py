@@ -1,7 +1,7 @@
 """``dimap-fast bench``: time the block-sparse linear (and the fused window attention on CUDA);
 ``--static``: the static cost model's estimates for an H100 instead.
 
-The flags are parsed here; the timing is ``..kernel_bench``.
+The flags are parsed here; the timing is ``bench_body``.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-"""Files in and out: checkpoint formats, atomic writes and safetensors headers (checkpoint.py);
-models built and loaded from names, checkpoints and shrunk files (loading.py). Imports the engine
-and arch/; nothing above it."""
+"""Files in and out: checkpoint formats and safetensors headers (checkpoint.py); models built and
+loaded from names, checkpoints and shrunk files, and shrunk models saved (models.py); the shipped
+demo model (demo_model.py). Imports the engine, arch and shrink; nothing above them."""

@@ -8,7 +8,7 @@
 - every prunable nn.Linear (the module map's QKV-M, PRJ-M, MLP-M weights) runs the fastest of
   dense (kept as nn.Linear), the block-sparse kernel (``SparseLinear``), torch's BSR
   (``BsrLinear``) and 2:4 (``SemiSparseLinear``) for its shape, tile density, dtype and device,
-  read from a measured table (choice.py: measured once per device and cached on disk). A sparse
+  read from a measured table (format_choice.py: measured once per device and cached on disk). A sparse
   format must beat dense to be chosen, so a converted model is never slower than the dense one.
   The drop-ins share the Linear's Parameters. ``model.dimap_convert_report`` lists what each
   Linear got and the times behind it (``format_choices`` prints it).
@@ -68,7 +68,7 @@ def convert(model: nn.Module, block: int | None = None, *, min_sparsity: float =
     "dense" keeps every nn.Linear; "kernel" (``SparseLinear`` wherever ``min_sparsity`` is met), "bsr" or "2:4" force that format where it applies.
     ``example_input``: a batch like those the model will run, to learn each Linear's rows per
     call (default: one image of the model's input size, times ``batch_size``, default 32).
-    ``table``: the ChoiceTable of timings (default: the cache file, see choice.py).
+    ``table``: the ChoiceTable of timings (default: the cache file, see format_choice.py).
     Linears on the meta device stay dense (no zeros to count yet): after ``to_empty`` and loading
     the pruned weights, ``convert`` again swaps in the sparse ones. What each prunable Linear got
     is in ``model.dimap_convert_report`` (``format_choices`` prints it).

@@ -8,7 +8,7 @@ from reference import Reference, lamp_scores
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dimap_fast
-from dimap_fast import triton_scores
+from dimap_fast.engine import triton_scores
 
 SHAPES = {
     "layers.0.blocks.0.attn.qkv.weight": (12, 4),
