@@ -34,7 +34,6 @@ def run(args) -> int:
     from ..checkpoint import check_output, save_pruned
     from ..errors import check_model_name
     from ..loading import check_architecture, load_source, model_config
-    from ..masks import prune_state
     from ..plan import plan
 
     out = check_output(args.out, [args.source])
@@ -57,7 +56,7 @@ def run(args) -> int:
     p = plan(src.model if by_flops else src.state_dict, method=args.method, progress=True, pattern=args.pattern)
     chosen = p.ratio_for_flops(args.flops_reduction) if by_flops else args.ratio
     masks = p.masks(chosen)
-    state = prune_state(src.state_dict, masks)
+    state = src.state_dict  # save_pruned prunes each weight as it writes it: no pruned copy
     meta = {"method": args.method, "ratio": repr(chosen), "source": args.source, "timm_model": src.arch or "",
             **args.pattern.metadata()}
     if by_flops:
