@@ -49,7 +49,6 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
     """
     from tqdm import tqdm
 
-    from .masks import prune_state
     from .plan import plan
     from .loading import load_source
 
@@ -99,10 +98,11 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
                     **pattern.metadata()}
             if by_flops:
                 meta.update(flops_metadata(p, value, ratio))
-            state = {} if masks_only else prune_state(src.state_dict, masks)
+            state = {} if masks_only else src.state_dict  # pruned as it is written: no pruned copy
             save_pruned(out, state, masks, meta)
             row = _row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s")
             rows.append(_with_target(row, value, p.flops_reduction(ratio)) if by_flops else row)
+            state = masks = None  # neither may outlive its model: the next one loads beside nothing
             _write_csv(out_dir / SUMMARY, rows)
             bar.update(1)
     except DimapError:
