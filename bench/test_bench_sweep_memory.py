@@ -70,16 +70,19 @@ def test_large_prune_extra_peak(tmp_path):
 
 
 def test_memory_targets_measured_in_this_run():
-    keys = ("mem/runtime", "mem/sweep", "mem/base_weights", "mem/large_extra", "mem/large_weights")
-    missing = [k for k in keys if k not in RESULTS]
-    assert not missing, f"run the whole file: {missing} missing"
-    runtime, base, large = RESULTS["mem/runtime"], RESULTS["mem/base_weights"], RESULTS["mem/large_weights"]
-    sweep = (RESULTS["mem/sweep"] - runtime) / base
-    extra = RESULTS["mem/large_extra"] / large
-    print(f"\nruntime (imports only) {runtime / MB:.0f} MiB")
-    print(f"sweep T/S/B x {len(RATIOS)} ratios: peak {RESULTS['mem/sweep'] / MB:.0f} MiB = runtime + "
-          f"{sweep:.2f}x Swin-B's weights ({base / MB:.0f} MiB)")
-    print(f"prune Swin-L: extra peak {RESULTS['mem/large_extra'] / MB:.0f} MiB = {extra:.2f}x its weights "
-          f"({large / MB:.0f} MiB)")
+    runtime = RESULTS.get("mem/runtime")
+    base, large = RESULTS.get("mem/base_weights"), RESULTS.get("mem/large_weights")
+    sweep = extra = None
+    if runtime is not None:
+        print(f"\nruntime (imports only) {runtime / MB:.0f} MiB")
+    if None not in (runtime, base) and "mem/sweep" in RESULTS:
+        sweep = (RESULTS["mem/sweep"] - runtime) / base
+        print(f"sweep T/S/B x {len(RATIOS)} ratios: peak {RESULTS['mem/sweep'] / MB:.0f} MiB = runtime + "
+              f"{sweep:.2f}x Swin-B's weights ({base / MB:.0f} MiB)")
+    if large is not None and "mem/large_extra" in RESULTS:
+        extra = RESULTS["mem/large_extra"] / large
+        print(f"prune Swin-L: extra peak {RESULTS['mem/large_extra'] / MB:.0f} MiB = {extra:.2f}x its weights "
+              f"({large / MB:.0f} MiB)")
+    assert sweep is not None and extra is not None, "run the whole file: a row is missing"
     assert sweep <= 3.0, f"the sweep peaks at runtime + {sweep:.2f}x Swin-B's weights"
     assert extra <= 2.0, f"pruning Swin-L peaks at {extra:.2f}x its weights above the model"

@@ -142,3 +142,18 @@ def test_gpu_rows_name_rows_the_report_makes():
     made = {w.name for w in attention_workloads() + sparse_workloads()}
     for gpu_row, row in report.GPU_ROWS.items():
         assert row.startswith("masks.") or row.rsplit(".", 1)[0] in made, (gpu_row, row)
+
+
+def test_masks_estimate_carries_bytes_linearly_to_the_real_size():
+    from dimap_fast.cost_model import masks_cost
+
+    # 0.1 byte a weight at both stand-ins (Swin-B widths 4 and 8: 4x the weights): 0.1 at 128.
+    small = masks_cost.MasksRun(weights=1000, torch_ops=10, torch_bytes=100.0, syncs=2)
+    large = masks_cost.MasksRun(weights=4000, torch_ops=10, torch_bytes=400.0, syncs=2)
+    e = masks_cost.combine("swin_b", small, large, [], H100)
+    assert e.weights == 4000 * (128 // 8) ** 2
+    assert e.torch_bytes == pytest.approx(0.1 * e.weights)
+    assert e.seconds(H100) == pytest.approx(10 * H100.launch_s + 2 * H100.sync_s
+                                            + 0.1 * e.weights / H100.copy_bytes_per_s)
+    with pytest.raises(RuntimeError, match="different sequences"):
+        masks_cost.combine("swin_b", small, masks_cost.MasksRun(4000, 10, 400.0, 3), [], H100)

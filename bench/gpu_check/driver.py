@@ -204,9 +204,10 @@ def judge(value, target: Target, error=None) -> bool:
 
 
 def merge_rows(measured: list[dict], targets: dict[str, Target], step_errors: dict[str, str] | None = None,
-               steps=STEPS) -> list[dict]:
+               steps=STEPS, shown: dict[str, Target] | None = None) -> list[dict]:
     """The report's rows: each step's target rows in table order (a missing one with value None,
-    met False, note "missing" and its step's error), then its other rows as they came."""
+    met False, note "missing" and its step's error), then the ``shown`` targets (a real run's,
+    in a dry run: named with met None), then its other rows as they came."""
     step_errors = step_errors or {}
     by_name = {}
     for row in measured:
@@ -227,6 +228,10 @@ def merge_rows(measured: list[dict], targets: dict[str, Target], step_errors: di
                     row["error"] = step_errors[step]
             row.update(target=t.text, met=judge(row["value"], t, row.get("error")), source=t.source)
             out.append(_ordered(row, step))
+        for t in (t for t in (shown or {}).values() if t.name.split(".")[0] == step and t.name not in targets):
+            by_name.pop(t.name, None)
+            out.append(_ordered({"name": t.name, "value": None, "unit": t.unit, "target": t.text, "met": None,
+                                 "note": "a real run's target: judged on a GPU", "source": t.source}, step))
         for name in [n for n in by_name if n.split(".")[0] == step]:
             row = by_name.pop(name)
             row.update(target=None, met=None)
@@ -309,7 +314,8 @@ def run(args) -> int:
             report["steps"].append({"name": step, "status": status, "seconds": secs, "error": error,
                                     **_compile_plan(step, cold[step], measured)})
             print(f"[{step}] {status} in {secs:.1f} s" + (f": {error}" if error else ""), flush=True)
-            report["results"] = merge_rows(measured, expected_targets(dry, steps), errors, steps)
+            report["results"] = merge_rows(measured, expected_targets(dry, steps), errors, steps,
+                                           expected_targets(False, steps) if dry else None)
             report["seconds"] = round(time.time() - started, 1)
             archive_logs(out, tmp / "logs")
             write_reports(out, report)

@@ -84,13 +84,17 @@ def run(args) -> int:
 
 
 def run_static(json_path: Path | None) -> int:
-    from ..cost_model.report import build, format_table, write_json
+    from ..cost_model.report import CACHE, build, cached_rows, format_table, source_key, write_json
 
     if json_path is not None and json_path.is_dir():
         raise DimapError(f"--json {json_path} is a directory: name a file")
+    key = source_key()
+    reused = cached_rows(key) is not None
     rows = build()
     print(format_table(rows))
+    if reused:
+        print(f"(built before from these same sources; kept in {CACHE})")
     if json_path is not None:
-        write_json(json_path, rows)
+        write_json(json_path, rows, key)
         print(f"rows written to {json_path}")
     return 0

@@ -1,5 +1,5 @@
 """What ``dimap-fast bench`` measures (its flags are ``cli.bench``): the block-sparse linear (and, on
-CUDA, the fused window attention beside timm's own, eager and SDPA) over a grid of shapes and sparsities; a table, optionally a plot.
+CUDA, the fused window attention) over a grid of shapes and sparsities; a table, optionally a plot.
 
 Without CUDA the CPU code paths are timed: SparseLinear on CPU is F.linear on the zero-filled
 weight, so its speed-up is ~1 by design (it only promises never to be slower); the table header
@@ -54,34 +54,26 @@ def linear_table(shapes, sparsities, block, tokens, device, dtype, reps):
 
 
 def attention_table(images, device, dtype, reps):
-    """[(stage, timm eager ms, timm SDPA ms, fused ms)]: the attention half of a timm Swin block
-    from its normed tokens (qkv Linear, shifted windows of 7, proj), on timm's eager path and on its
-    SDPA path (``fused_attn``), against the same work with the fused kernel."""
-    import copy
-
+    """[(stage, reference ms, fused ms)]: the kernel's plain-torch reference (roll, partition,
+    attention, reverse from the qkv token map; it rebuilds the shift mask each call, so it is not
+    timm's module: bench/test_bench_attention.py times timm's eager and SDPA paths) vs the fused
+    kernel, shifted windows of 7."""
     import torch
 
-    from ..arch.timm_swin import swin_block
-    from ..nn import backend
-    from ..nn.drop_ins import drop_ins_for
+    from ..kernels import window_attention, window_attention_reference
 
     best_ms = _timer(device)
     rows = []
     with torch.inference_mode():
         for name, res, c, heads in ATTN_STAGES:
-            torch.manual_seed(0)
-            eager = swin_block(c, res, heads, shift=3 if res > 7 else 0).eval().to(device, dtype)
-            sdpa = copy.deepcopy(eager)
-            sdpa.attn.fused_attn = True
-            ours = drop_ins_for("timm-swin")[type(eager)].adopt(copy.deepcopy(eager))  # the drop-in block
-            x = torch.randn(images, res, res, c, device=device, dtype=dtype)
-
-            def fused(ours=ours, x=x):
-                with backend("triton"):  # the drop-in's attention half on the fused kernel, wherever x is
-                    return ours._attn(x)
-
-            t_eager, t_sdpa, t_fused = best_ms([lambda: eager._attn(x), lambda: sdpa._attn(x), fused], reps)
-            rows.append((name, t_eager, t_sdpa, t_fused))
+            qkv = torch.randn(images, res, res, 3 * c, device=device, dtype=dtype)
+            table = torch.randn(169, heads, device=device, dtype=dtype)
+            bias = torch.randn(3 * c, device=device, dtype=dtype)
+            shift = 3 if res > 7 else 0
+            args = (qkv, table, heads, 7, shift)
+            ref, fused = best_ms([lambda: window_attention_reference(*args, qkv_bias=bias),
+                                  lambda: window_attention(*args, qkv_bias=bias)], reps)
+            rows.append((name, ref, fused))
     return rows
 
 
@@ -125,12 +117,11 @@ def run_kernel_bench(args) -> int:
     if on_gpu:
         images = max(1, tokens // 196)
         attn = attention_table(images, device, dtype, reps)
-        print(f"\nwindow attention half of a block (qkv, shifted windows of 7, proj), {images} images, {dt}: "
-              f"timm eager and timm SDPA vs fused")
-        print(f"{'stage':>12} {'eager ms':>10} {'SDPA ms':>10} {'fused ms':>10} {'vs eager':>9} {'vs SDPA':>9}")
-        for name, eager, sdpa, fused in attn:
-            print(f"{name:>12} {eager:>10.3f} {sdpa:>10.3f} {fused:>10.3f} {eager / fused:>8.2f}x "
-                  f"{sdpa / fused:>8.2f}x")
+        print(f"\nwindow attention (shifted, window 7), {images} images, {dt}: the kernel's torch reference "
+              f"vs fused (not timm: bench/test_bench_attention.py times timm's eager and SDPA paths)")
+        print(f"{'stage':>12} {'ref ms':>10} {'fused ms':>10} {'vs ref':>9}")
+        for name, ref, fused in attn:
+            print(f"{name:>12} {ref:>10.3f} {fused:>10.3f} {ref / fused:>8.2f}x")
 
     if args.plot is not None:
         _plot(args.plot, rows, head)

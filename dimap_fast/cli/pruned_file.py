@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from ..engine.budget import flops_metadata
-from ..engine.masks import prune_state
 from ..errors import DimapError
 from ..io.checkpoint import save_pruned
 from ..io.models import Source, check_architecture, load_source, model_config
@@ -36,5 +35,5 @@ def write_pruned(out, src: Source, spec: str, plan, method: str, ratio: float, t
         meta.update(flops_metadata(plan, target, ratio))
     if model_config(src.metadata):
         meta["model_config"] = json.dumps(model_config(src.metadata))
-    save_pruned(out, {} if masks_only else prune_state(src.state_dict, masks), masks, meta)
+    save_pruned(out, {} if masks_only else src.state_dict, masks, meta)  # pruned as it is written: no copy
     return masks

@@ -92,6 +92,7 @@ def sweep(sources, ratios, methods, out_dir: Path, arch=None, masks_only=False, 
             write_pruned(out, src, spec, p, method, ratio, value if by_flops else None, masks_only)
             row = _row(spec, method, ratio, p.sparsity(ratio), out, f"{time.perf_counter() - start:.2f}s")
             rows.append(_with_target(row, value, p.flops_reduction(ratio)) if by_flops else row)
+            state = masks = None  # neither may outlive its model: the next one loads beside nothing
             _write_csv(out_dir / SUMMARY, rows)
             bar.update(1)
     except DimapError:

@@ -4,11 +4,12 @@ estimated from its own launch sequence.
 The real code path runs under the interpreter on two stand-ins of the model (timm's Swin with
 its real layers and modules at two tiny widths: the layer sizes shrink, the launch and read
 sequence does not), and every Triton launch, torch op and device-to-host read it makes is
-recorded; each Triton launch is also replayed (a few programs, line hits and sectors touched)
-and later compiled for sm_90. The two runs must make the same sequence. Each quantity is then
-carried to the real model's N prunable weights from the two stand-ins: bytes and program counts
-linearly in N (they grow with the weights), a program's instructions and dependent path
-linearly in log2 N (binary searches over a layer are the only per-program work that grows).
+recorded; each Triton launch is also replayed (a few programs: line hits, sectors touched)
+and later compiled for sm_90. The two runs must make the same
+sequence. Each quantity is then carried to the real model's N prunable weights from the two
+stand-ins: bytes and program counts linearly in N (they grow with the weights), a program's
+instructions and dependent path linearly in log2 N (binary searches over a layer are the only
+per-program work that grows).
 
 Estimate = (Triton launches + torch ops) x launch cost + host reads x sync cost + torch bytes
 over the copy rate + each Triton launch's max(compute, memory) (kernel_cost's wave model).
@@ -29,6 +30,7 @@ MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_
 REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
 WIDTHS = {"swin_t": (3, 6), "swin_b": (4, 8)}  # stand-ins: each stage's heads still divide them
 RATIO = 0.5
+_SAMPLES = 4  # programs of each launch replayed for line hits and sectors
 _SORT_BYTES = 4 * 2 * (4 + 8) + 4  # per element
 
 
@@ -51,8 +53,14 @@ def _host_reads(counter: list, active: list):
 
     def wrap(name):
         def f(self, *a, **k):
-            counter[0] += active[0]
-            return saved[name](self, *a, **k)
+            if not active[0]:  # the interpreter's own copies, or a torch mode calling it again
+                return saved[name](self, *a, **k)
+            counter[0] += 1
+            active[0] = 0
+            try:
+                return saved[name](self, *a, **k)
+            finally:
+                active[0] = 1
         return f
 
     for name in saved:
@@ -62,6 +70,44 @@ def _host_reads(counter: list, active: list):
     finally:
         for name, f in saved.items():
             setattr(torch.Tensor, name, f)
+
+
+@contextlib.contextmanager
+def _patched_once():
+    """Speed only: the interpreter patches triton.language again at every @jit helper call (most
+    of a masks() run's time); inside a kernel it is patched already, the same way."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original, patched = interpreter._patch_lang, set()  # the language modules patched now
+
+    class _Kept:
+        def restore(self):
+            pass
+
+    def patch(fn):
+        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if patched and langs <= patched:
+            return _Kept()
+        outer = not patched
+        patched.update(langs)
+        scope = original(fn)
+        if outer:
+            restore = scope.restore
+
+            def restore_outer():
+                patched.clear()
+                restore()
+            scope.restore = restore_outer
+        return scope
+
+    interpreter._patch_lang = patch
+    try:
+        yield
+    finally:
+        interpreter._patch_lang = original
 
 
 def run(model: str, width: int) -> MasksRun:
@@ -90,7 +136,7 @@ def run(model: str, width: int) -> MasksRun:
                 file = self.fn.__code__.co_filename
                 launches.append(dict(module=self.fn.__module__, kernel=launch.name, grid=launch.grid,
                                      programs=launch.programs, spec=capture.spec(launch),
-                                     replay=capture.replay(launch), file=file,
+                                     replay=capture.replay(launch, samples=_SAMPLES), file=file,
                                      loops=capture.source_loops(file)))
                 return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         finally:
@@ -98,7 +144,7 @@ def run(model: str, width: int) -> MasksRun:
 
     interpreter.InterpretedFunction.run = recorded
     try:
-        with _host_reads(reads, active), count_bytes(real=True) as ops:
+        with _patched_once(), _host_reads(reads, active), count_bytes(real=True) as ops:
             p = plan(sd, backend="triton")
             p.masks(RATIO)
     finally:

@@ -138,15 +138,46 @@ def masks_rows() -> list[dict]:
     return rows
 
 
-def build(include_masks: bool = True) -> list[dict]:
-    """Every row; also kept in ``CACHE`` for ``estimate_for``."""
+def source_key() -> str:
+    """What every row depends on: the package's and the kernels' sources and the versions of
+    triton, torch and timm. A report built from the same key is the same report."""
+    import hashlib
+
+    import timm
+    import torch
+    import triton
+
+    from .. import kernels
+
+    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} {timm.__version__}".encode())
+    for root in (Path(__file__).parents[1], Path(kernels.__file__).parent):
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def cached_rows(key: str | None = None) -> list[dict] | None:
+    """The last report built, if it was built from ``key`` (any key when None)."""
+    try:
+        data = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("results") if key is None or data.get("source_key") == key else None
+
+
+def build(include_masks: bool = True, reuse: bool = True) -> list[dict]:
+    """Every row; the whole report is kept in ``CACHE`` (for ``estimate_for``) and reused while
+    the sources it was built from are unchanged."""
+    key = source_key()
+    if reuse and include_masks and (rows := cached_rows(key)) is not None:
+        return rows
     workloads = attention_workloads() + sparse_workloads()
     rows = []
     for c, est in _kernels(worker.call("capture", workloads)):
         rows += attention_rows(c, est) if isinstance(c["workload"], Attention) else sparse_rows(c, est)
     if include_masks:
         rows += masks_rows()
-        write_json(CACHE, rows)
+        write_json(CACHE, rows, key)
     return rows
 
 
@@ -171,20 +202,16 @@ def estimate_for(row_name: str, rows: list[dict] | None = None) -> float | None:
     name = GPU_ROWS.get(row_name)
     if name is None:
         return None
-    if rows is None:
-        try:
-            rows = json.loads(CACHE.read_text())["results"]
-        except (OSError, ValueError, KeyError):
-            return None
-    return next((r["value"] for r in rows if r["name"] == name), None)
+    rows = cached_rows() if rows is None else rows
+    return next((r["value"] for r in rows or () if r["name"] == name), None)
 
 
-def write_json(path: Path, rows: list[dict]) -> None:
+def write_json(path: Path, rows: list[dict], key: str | None = None) -> None:
     """Atomically: a reader never sees half a report."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"kind": "estimate", "device": H100.name, "constants": asdict(H100),
-                       "results": rows}, indent=1)
+                       "source_key": key, "results": rows}, indent=1)
     write_text_atomic(path, body)
 
 

@@ -220,13 +220,17 @@ def _sort_header(path) -> None:
 
 
 def save_pruned(out, state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    """One safetensors file: the pruned weights (zeros in place) and the masks beside them."""
-    tensors = dict(state_dict)
-    for name, mask in masks.items():
-        tensors[MASK_PREFIX + name] = mask.to(torch.bool)
+    """One safetensors file: the weights, pruned (w * mask) as each is written, and the masks beside them."""
+    from .safetensors_stream import write_pruned
+
     meta = {"format": PRUNED_FORMAT}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    return save_atomic(out, tensors, meta)
+    out = Path(out)
+    remove_stale_temps(out.parent, [out.name])
+    with atomic_path(out) as tmp:
+        write_pruned(tmp, state_dict, masks, meta, MASK_PREFIX, atomic.write_file)
+        _sort_header(tmp)
+    return out
 
 
 def load_pruned(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
