@@ -25,6 +25,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	# the static cost model's estimates, which the GPU check reports beside its measurements
+	$(BIN)/dimap-fast bench --static --json docs/bench/static.json
 	$(BIN)/python -m pytest -q -s bench --benchmark-columns=min,median,rounds
 
 # On a GPU machine (Python, torch and triton already there, no network): the one prepared check.

@@ -200,7 +200,7 @@ def _speedup(slow, fast):
     return RESULTS[slow] / RESULTS[fast]
 
 
-def test_summary():
+def test_summary(bench_report):
     cpu = _speedup("cpu/block_train/timm", "cpu/block_train/dropin")
     assert cpu is not None, "run the whole file: the CPU rows above record what this compares"
     print(f"\nCPU Swin-B s3 block training step, timm -> drop-in: {cpu:.2f}x (not a target: timm's code both)")

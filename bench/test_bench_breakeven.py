@@ -22,7 +22,6 @@ import time
 import torch
 from breakeven import (BLOCKS, SHAPES, SPARSITIES, bsr_fn, break_even, dense_fn, fmt_break_even, ours_fn,
                        pick_bsr_way, plot, tiled_weights, two_four_fn)
-from dimap_fast.atomic import write_text_atomic
 from results import RESULTS
 
 CUDA = torch.cuda.is_available()
@@ -116,7 +115,7 @@ def _curves():
     return out
 
 
-def test_breakeven_summary():
+def test_breakeven_summary(bench_report):
     # rows missing fail, never skip: also when this summary runs without the sweep above
     assert any(k.startswith("breakeven/") for k in RESULTS), "no break-even rows: run the whole file"
     curves = _curves()
@@ -145,8 +144,6 @@ def test_breakeven_summary():
     plot(panels, png, f"Swin-B stage-3 MLP ({shapes}), {ROWS} rows: speed-up over dense F.linear"
          + (f" ({', '.join(dropped)}: no sparse candidate runs, see the table)" if dropped else ""), marks)
     assert os.path.getsize(png) > 0
-    if not QUICK:
-        _write_md(os.path.join(folder, f"{NAME}.md"), lines)
     print(f"plot: {png}")
     # A row whose sweep failed is missing, never passed: every block size of every candidate that runs
     want = [(dt, c) for dt in DTYPES for c in (("torch BSR", "ours") if CUDA else ("torch BSR",))
@@ -158,14 +155,3 @@ def test_breakeven_summary():
     if CUDA and not QUICK:
         ours = curves["fp16"]["ours"][64][0.75]
         assert ours >= 1.5, f"block-sparse linear at 75% (B=64, fp16) {ours:.2f}x F.linear, issue 14 wants >= 1.5x"
-
-
-def _write_md(path, lines):
-    text = ["# Break-even tile sparsity (issue 14)", "",
-            f"Machine: {os.cpu_count()}-vCPU VM, torch {torch.__version__}; load average "
-            f"{os.getloadavg()[0]:.1f} when written (other work shared the machine when it is above ~2). "
-            f"Made by `pytest -s bench/{os.path.basename(__file__)}`; plot: {os.path.basename(path)[:-3]}.png.",
-            "Shapes: Swin-B's stage-3 MLP (18 of its 24 blocks); the PyTorch study's 768x3072 is ViT-B's "
-            "(Swin-B's MLPs are 128*2^i -> 4x that). Rows: 8 images' stage-3 tokens on the CPU, 128 on CUDA.",
-            "", "```", *lines, "```", ""]
-    write_text_atomic(path, "\n".join(text))

@@ -44,7 +44,7 @@ def test_ratio_for_flops_after_planning(benchmark, swin_b, pattern):
     assert reached >= 0.5, f"{pattern}: ratio {ratio:.4f} removes only {reached:.2%} of the FLOPs"
 
 
-def test_budget_targets_measured_in_this_run():
+def test_budget_targets_measured_in_this_run(bench_report):
     rows = {p: RESULTS.get(f"budget/{p}") for p in PATTERNS}
     print("\nSwin-B, ratio_for_flops(0.5) after planning, best of 3, CPU "
           f"({torch.get_num_threads()} threads)")

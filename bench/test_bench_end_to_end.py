@@ -12,6 +12,10 @@ alone), and convert() does not make a model slower (issue 14: "convert() never m
 slower"; within 5% for noise, as test_bench_kernels): each converted block model against dense
 and against the same masked model unconverted (timm's forward on SDPA).
 
+GFLOPs and parameters as `dimap_fast.report` counts them (shrunk: the smaller architecture; block:
+zeroed weights removed). On this CPU torch BSR pays only past ~80-85% tile sparsity
+(breakeven_cpu.md), so convert keeps dense F.linear on the zero-filled block weights.
+
 BENCH_QUICK=1: batch 1, one round, nothing written (checks that the file runs). A full run writes
 its table to docs/bench/end_to_end_cpu.md.
 """
@@ -25,18 +29,14 @@ import torch
 from end_to_end import MODELS, UNCONVERTED, VARIANTS, build_variants, table, timm_model
 from results import RESULTS
 
-from dimap_fast.atomic import write_text_atomic
-from dimap_fast.host import cpu_model
 from dimap_fast.train import flush_denormals
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BATCH = {"swin_t": 1, "swin_b": 1} if QUICK else {"swin_t": 32, "swin_b": 8}
 ROUNDS = 1 if QUICK else 2
-DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "bench", "end_to_end_cpu.md")
 ALL = VARIANTS + UNCONVERTED
 _BUILT = {}
 _META = {}  # arch -> {variant: Variant without its model}: what the summary prints beside the times
-_LOAD = {}
 
 
 def variants_of(arch):
@@ -49,7 +49,6 @@ def variants_of(arch):
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_images_per_second(benchmark, arch):
-    _LOAD.setdefault("start", os.getloadavg()[0])
     models = {v: var.model for v, var in variants_of(arch).items()}
     times = {v: [] for v in models}
 
@@ -67,10 +66,9 @@ def test_images_per_second(benchmark, arch):
     benchmark.pedantic(lambda: one_round(x), rounds=ROUNDS, iterations=1)
     for v in models:
         RESULTS[f"e2e/{arch}/{v}"] = min(times[v])
-    _LOAD["end"] = os.getloadavg()[0]
 
 
-def test_end_to_end_summary():
+def test_end_to_end_summary(bench_report):
     lines = []
     for arch in MODELS:
         seconds = {v: RESULTS.get(f"e2e/{arch}/{v}") for v in ALL}
@@ -79,29 +77,9 @@ def test_end_to_end_summary():
         if arch in _META:
             lines += table(BATCH[arch], _META[arch], seconds, title) + [""]
     print("\n" + "\n".join(lines))
-    if not QUICK:
-        _write_doc(lines)
     missing = [f"{a}/{v}" for a in MODELS for v in ALL if f"e2e/{a}/{v}" not in RESULTS]
     assert not missing, f"rows missing (run the whole file; their benchmark failed or was deselected): {missing}"
     slower = [f"{a}/{v} vs {base}: {RESULTS[f'e2e/{a}/{base}'] / RESULTS[f'e2e/{a}/{v}']:.2f}x"
               for a in MODELS for v in VARIANTS if v.startswith("block") for base in ("dense", f"{v} unconverted")
               if RESULTS[f"e2e/{a}/{v}"] > 1.05 * RESULTS[f"e2e/{a}/{base}"]]
     assert not slower, f"a converted model is slower than dense or than itself unconverted: {slower}"
-
-
-def _write_doc(lines):
-    cpu = cpu_model()
-    text = ["# End-to-end images/s on the CPU (issue 14)", "",
-            f"Machine: {os.cpu_count()}-vCPU VM ({cpu}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average {_LOAD.get('start', 0):.1f} at the start and "
-            f"{_LOAD.get('end', 0):.1f} at the end (other work shared the machine when it is above ~2).",
-            "Made by `pytest -s bench/test_bench_end_to_end.py`; GFLOPs and parameters as "
-            "`dimap_fast.report` counts them (shrunk: the smaller architecture; block: zeroed weights "
-            "removed). Every row but the unconverted ones (timm's forward on SDPA) runs dimap_fast.nn's drop-in blocks (their CPU inference path; "
-            "test_bench_shrink.py sets them beside timm's eager and compiled forward). Block rows: convert measures each Linear's formats where it runs (its "
-            "per-layer choice, in the note); on this CPU torch BSR pays only past ~80-85% tile "
-            "sparsity (breakeven_cpu.md), so it keeps dense F.linear on the zero-filled weights.",
-            "", "```", *lines, "```", ""]
-    path = os.path.abspath(DOC)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(path, "\n".join(text))

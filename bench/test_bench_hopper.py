@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_hopper_fit_table():
+def test_hopper_fit_table(bench_report):
     # conftest may have set TRITON_INTERPRET for this process; compiling for a GPU needs it gone
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "dimap_fast.hopper_fit"], env=env, text=True,

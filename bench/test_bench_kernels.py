@@ -143,7 +143,7 @@ def _ratio(name, slow_key, fast_key):
     return r
 
 
-def test_summary():
+def test_summary(bench_report):
     print("\nCPU, shown, not a target (SparseLinear runs F.linear on the CPU: the same code twice):")
     _ratio("Linear 384->1536, 50% 32-blocks, 1568 tokens", "cpu/linear/dense", "cpu/linear/sparse")
     print("CPU (timm -> drop-in/converted; speed-up, >= 1/1.05 required):")

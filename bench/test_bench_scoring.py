@@ -169,7 +169,7 @@ def test_plan_memory_swin_base():
     RESULTS["held/base"] = p._scorer.nbytes() / weights
 
 
-def test_targets_measured_in_this_run():
+def test_targets_measured_in_this_run(bench_report):
     rows = []
     for m in SHORT.values():
         e, f, l = RESULTS.get(f"engine/{m}"), RESULTS.get(f"floor/{m}"), RESULTS.get(f"lamp/{m}")

@@ -105,7 +105,7 @@ def test_swin_tiny_images_per_second(benchmark):
         RESULTS[f"shrink/{v}"] = min(times[v])
 
 
-def test_shrink_speedup_in_this_run():
+def test_shrink_speedup_in_this_run(bench_report):
     dense = RESULTS.get("shrink/dense")
     assert dense is not None, "run the whole file"
     print(f"\nSwin-T, batch {BATCH}, 224 px, CPU ({torch.get_num_threads()} threads)")

@@ -69,7 +69,7 @@ def test_large_prune_extra_peak(tmp_path):
     RESULTS["mem/large_weights"] = model["weights"]
 
 
-def test_memory_targets_measured_in_this_run():
+def test_memory_targets_measured_in_this_run(bench_report):
     runtime = RESULTS.get("mem/runtime")
     base, large = RESULTS.get("mem/base_weights"), RESULTS.get("mem/large_weights")
     sweep = extra = None

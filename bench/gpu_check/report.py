@@ -31,7 +31,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+STATIC = Path(__file__).resolve().parents[1] / "docs" / "bench" / "static.json"  # `make bench` writes it
+
+
+def attach_estimates(report: dict) -> None:
+    """Each row the static cost model estimates gets ``estimate`` beside its measurement, so the
+    first GPU run calibrates the model (docs/bench/static.json, committed: the GPU machine compiles
+    nothing for it)."""
+    try:
+        from dimap_fast.cost_model import estimate_for
+
+        rows = json.loads(STATIC.read_text())["results"]
+    except (ImportError, OSError, ValueError, KeyError) as exc:
+        report["estimates"] = f"none ({type(exc).__name__}: {str(exc)[:100]})"
+        return
+    report["estimates"] = str(STATIC.relative_to(STATIC.parents[2]))
+    for r in report["results"]:
+        estimate = estimate_for(r["name"], rows)
+        if estimate is not None:
+            r["estimate"] = estimate
+
+
 def write_reports(out: Path, report: dict) -> None:
+    attach_estimates(report)
     _breakeven_plot(out, report)
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     write_text_atomic(out / "report.md", render_markdown(report))
@@ -73,7 +95,8 @@ def render_markdown(report: dict) -> str:
              + (f" (wheels: {', '.join(report['wheels'])})" if report.get("wheels") else ""),
              f"- started {report['started']}, {report['seconds']:.0f} s",
              f"- **{met} of {len(targets)} targets met**",
-             *([f"- break-even plot: {report['breakeven_plot']}"] if report.get("breakeven_plot") else []), "",
+             *([f"- break-even plot: {report['breakeven_plot']}"] if report.get("breakeven_plot") else []),
+             f"- estimates (static cost model of an H100, before any measurement): {report.get('estimates', '-')}", "",
              "Budgets are for a cold machine: work other than compiling plus the Triton compiles counted "
              "for the step with nothing run (planned; at the estimated seconds each), beside those a real "
              "run counted.", "",
@@ -83,13 +106,15 @@ def render_markdown(report: dict) -> str:
               f"{_fmt(s.get('compiles_planned'))} | {_fmt(s.get('compile_s_estimate'))} | "
               f"{_fmt(s.get('compiles_counted'))} | {s['error'] or ''} |" for s in report["steps"]]
     for step in dict.fromkeys(r["step"] for r in rows):
-        lines += ["", f"## {step}", "", "| row | value | unit | target | met | note |", "|---|---:|---|---|---|---|"]
+        lines += ["", f"## {step}", "", "| row | value | estimate | unit | target | met | note |",
+                  "|---|---:|---:|---|---|---|---|"]
         for r in (r for r in rows if r["step"] == step):
             source = r.get("source") if "issue" in (r.get("source") or "") else None
             note = "; ".join(filter(None, [source, r.get("note"), r.get("error") and f"error: {r['error']}"]))
             note = note.replace("|", "/")
             mark = {True: "yes", False: "**NO**", None: ""}[r["met"]]
-            lines.append(f"| {r['name']} | {_fmt(r['value'])} | {r['unit']} | {r['target'] or ''} | {mark} | {note} |")
+            lines.append(f"| {r['name']} | {_fmt(r['value'])} | {_fmt(r.get('estimate'))} | {r['unit']} | "
+                         f"{r['target'] or ''} | {mark} | {note} |")
     return "\n".join(lines) + "\n"
 
 

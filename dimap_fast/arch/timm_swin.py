@@ -118,17 +118,6 @@ def build_swin(config: Mapping) -> nn.Module:
     return TimmSwin().build(config)
 
 
-def swin_block(dim: int, side: int, heads: int, window: int = 7, shift: int = 0, sdpa: bool = False) -> nn.Module:
-    """One timm Swin v1 block on a side x side token map, its attention on timm's eager path or on
-    SDPA (``fused_attn``): what the benches and the cost model time."""
-    from timm.models import swin_transformer as timm_swin
-
-    block = timm_swin.SwinTransformerBlock(dim, (side, side), num_heads=heads, window_size=window,
-                                           shift_size=shift)
-    block.attn.fused_attn = sdpa
-    return block
-
-
 def build_timm(cls, config: Mapping) -> nn.Module:
     """``cls`` (a timm Swin class) from its kwargs, as a checkpoint's metadata records them."""
     if not isinstance(config, Mapping):

@@ -133,16 +133,19 @@ def count_bytes(real: bool = False, free_linear: bool = False, gpu: Gpu = H100):
 
 def timm_attention_span(model: str, dtype: torch.dtype, fused: bool, backward: bool, batch: int,
                         image: int = 224, window: int = 7, gpu: Gpu = H100) -> _Tally:
-    """timm's first-stage shifted block from the qkv Linear's output to the proj Linear's input:
+    """timm's first shifted block, its ``_attn`` from the normed token map with the Linears free:
     roll, partition, reshapes, attention (eager or SDPA), reverse partition, reverse roll."""
-    from ..arch.timm_swin import swin_block
-    from .workloads import SWIN
+    import timm
 
-    dim, heads = SWIN[model]
-    side = image // 4
+    from .workloads import TIMM_NAMES
+
     with torch.device("meta"):
-        block = swin_block(dim, side, heads, window, shift=window // 2, sdpa=fused).to(dtype)
-        x = torch.empty(batch, side, side, dim, dtype=dtype, requires_grad=backward)
+        net = timm.create_model(TIMM_NAMES[model], pretrained=False, img_size=image, window_size=window)
+        block = next(m for m in net.modules() if hasattr(m, "_attn") and any(getattr(m, "shift_size", ())))
+        block = block.to(dtype)
+        block.attn.fused_attn = fused
+        side = image // 4
+        x = torch.empty(batch, side, side, block.dim, dtype=dtype, requires_grad=backward)
     with count_bytes(free_linear=True, gpu=gpu) as tally:
         out = block._attn(x)
         if backward:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODELS = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_window7_224"}
+from .workloads import TIMM_NAMES as MODELS
+
 REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
 WIDTHS = {"swin_t": (3, 6), "swin_b": (4, 8)}  # stand-ins: each stage's heads still divide them
 RATIO = 0.5

@@ -40,7 +40,13 @@ def _capture(workloads) -> list[dict]:
 def _compile(specs) -> list:
     from .sass import compile_sass
 
-    return [compile_sass(module, kernel, spec) for module, kernel, spec in specs]
+    out = []
+    for module, kernel, spec in specs:
+        try:
+            out.append(compile_sass(module, kernel, spec))
+        except Exception as exc:  # the one line the caller shows must say which kernel
+            raise RuntimeError(f"{module}.{kernel} does not compile for sm_90: {exc!r}"[:300]) from exc
+    return out
 
 
 def call(verb: str, payload):

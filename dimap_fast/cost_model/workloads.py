@@ -15,6 +15,7 @@ import torch
 
 # name -> (embed dim, heads of the first stage)
 SWIN = {"swin_t": (96, 3), "swin_b": (128, 4)}
+TIMM_NAMES = {"swin_t": "swin_tiny_patch4_window7_224", "swin_b": "swin_base_patch4_window7_224"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH = 128
 

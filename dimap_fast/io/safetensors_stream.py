@@ -26,7 +26,8 @@ def write_pruned(path, state_dict: dict, masks: dict, metadata: dict[str, str], 
 
     ``first_write(path, data)`` creates the file with the header; the data is appended after it.
     """
-    produce = {name: (lambda w=w, m=masks.get(name): w if m is None else w * m.to(w.device))
+    # A mask that does not fit its weight is written as it is, for load_pruned to refuse.
+    produce = {name: (lambda w=w, m=masks.get(name): w if m is None or m.shape != w.shape else w * m.to(w.device))
                for name, w in state_dict.items()}
     produce.update({mask_prefix + name: (lambda m=m: m.to(torch.bool)) for name, m in masks.items()})
     specs = {name: (w.dtype, tuple(w.shape)) for name, w in state_dict.items()}
