@@ -39,13 +39,11 @@ BLOCKS = (16, 32, 64)
 # BM rows of x, ROWS tile-rows per program, warps, stages. ROWS=1 stays in the list: with few
 # tile-rows (small N) or few row blocks, more programs beat more work per program. Each stage
 # holds a BMxB x tile and a BxB weight tile: BM=256 gets 2 stages, as 3 of fp32 B=64 would need
-# 240 KiB of shared memory (sm_90 allows 227). The 2-stage BM=128 ones are for pruned weights:
-# at 25% of 64x64 tiles kept a tile-row has about 2 tiles, too few for a deeper pipeline to
-# overlap, and 2 stages (48 KiB at fp16) leave room for 3-4 blocks per SM. ROWS=8 covers a
-# 512-wide output in one program, so each row of x is read once; with 8 warps its longer loop
-# still ends within a wave.
+# 240 KiB of shared memory (sm_90 allows 227). ROWS=8 is for pruned weights: it covers a
+# 512-wide output in one program, so each row of x is read once, and at 25% of 64x64 tiles kept
+# a tile-row has about 2 tiles, too few for a deeper pipeline than 2 stages to overlap at 4 warps.
 _TUNE_CONFIGS = ((64, 1, 4, 3), (128, 1, 4, 3), (128, 2, 4, 4), (128, 4, 8, 3), (256, 2, 8, 2),
-                 (128, 2, 4, 2), (128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 8, 3))
+                 (128, 8, 4, 2), (128, 8, 8, 3))
 # Every BM divides it: a launch whose rows are a multiple of it needs no row masks in any config.
 _EVEN_ROWS = 256
 # The interpreter pays per program far more than per element: few, big programs.
