@@ -39,8 +39,13 @@ BLOCKS = (16, 32, 64)
 # BM rows of x, ROWS tile-rows per program, warps, stages. ROWS=1 stays in the list: with few
 # tile-rows (small N) or few row blocks, more programs beat more work per program. Each stage
 # holds a BMxB x tile and a BxB weight tile: BM=256 gets 2 stages, as 3 of fp32 B=64 would need
-# 240 KiB of shared memory (sm_90 allows 227).
-_TUNE_CONFIGS = ((64, 1, 4, 3), (128, 1, 4, 3), (128, 2, 4, 4), (128, 4, 8, 3), (256, 2, 8, 2))
+# 240 KiB of shared memory (sm_90 allows 227). ROWS=8 is for pruned weights: it covers a
+# 512-wide output in one program, so each row of x is read once, and at 25% of 64x64 tiles kept
+# a tile-row has about 2 tiles, too few for a deeper pipeline than 2 stages to overlap at 4 warps.
+_TUNE_CONFIGS = ((64, 1, 4, 3), (128, 1, 4, 3), (128, 2, 4, 4), (128, 4, 8, 3), (256, 2, 8, 2),
+                 (128, 8, 4, 2), (128, 8, 8, 3))
+# Every BM divides it: a launch whose rows are a multiple of it needs no row masks in any config.
+_EVEN_ROWS = 256
 # The interpreter pays per program far more than per element: few, big programs.
 _INTERP_CONFIG = (64, 2, 1, 1)
 
@@ -136,7 +141,8 @@ def unpack_block_sparse(packed: BlockSparseWeight) -> torch.Tensor:
 def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
                 stride_xm, stride_ym,
                 HAS_BIAS: tl.constexpr, BM: tl.constexpr, B: tl.constexpr, ROWS: tl.constexpr,
-                STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                EVEN: tl.constexpr):
     # A program owns BM rows of x and ROWS consecutive tile-rows, done one after the other: the
     # tile-rows have different kept columns, so there is no x tile to share in registers, but the
     # x tiles the first one reads are still in L2 for the next. Tile-row groups vary fastest so
@@ -146,6 +152,8 @@ def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
     pm = pid // groups
     rm = (pm * BM + tl.arange(0, BM)).to(tl.int64)
     rb = tl.arange(0, B)
+    # EVEN: M, N and K are whole blocks, so no x load or y store needs a mask (masks cost a
+    # predicate per element and keep the loads from being vectorized).
     m_ok = rm < M
     x_rows = x_ptr + rm[:, None] * stride_xm
     w_tile = rb[:, None] * B + rb[None, :]
@@ -161,7 +169,10 @@ def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
         for t in tl.range(t0, t1, num_stages=STAGES):
             c_next = tl.load(col_ptr + t + 1, mask=t + 1 < t1, other=0)
             k = c * B + rb
-            xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+            if EVEN:
+                xt = tl.load(x_rows + k[None, :])
+            else:
+                xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
             wt = tl.load(tiles_ptr + t * (B * B) + w_tile)
             if UPCAST:
                 xt = xt.to(tl.float32)
@@ -172,8 +183,12 @@ def _bsr_linear(x_ptr, tiles_ptr, row_ptr, col_ptr, bias_ptr, y_ptr, M, N, K, R,
         n_ok = n < N
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        y_tile = y_ptr + rm[:, None] * stride_ym + n[None, :]
+        if EVEN:
+            # Only a tile-row past the last (R not a multiple of ROWS) is dropped: n < N is r < R.
+            tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=n_ok[None, :])
+        else:
+            tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 if HAVE_TRITON:
@@ -192,6 +207,10 @@ def _upcast(kernel, dtype: torch.dtype) -> bool:
     # The interpreter keeps bfloat16 as raw uint16 bits and its dot multiplies those integers;
     # widening both operands to float32 first is exact, and a GPU never takes this branch.
     return dtype == torch.bfloat16 and interpreting(kernel)
+
+
+def _even(m: int, k: int, n: int, block: int) -> bool:
+    return m % _EVEN_ROWS == 0 and k % block == 0 and n % block == 0
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -238,7 +257,7 @@ def _launch(x2: torch.Tensor, packed: BlockSparseWeight, bias: torch.Tensor | No
     args = (x2, packed.tiles, packed.row_ptr, packed.col_idx, b_arg, y, m, n, k, r,
             x2.stride(0), y.stride(0))
     consts = dict(HAS_BIAS=bias is not None, B=packed.block, PREC=_precision(x2.dtype),
-                  UPCAST=_upcast(_bsr_linear, x2.dtype))
+                  UPCAST=_upcast(_bsr_linear, x2.dtype), EVEN=_even(m, k, n, packed.block))
     if config is None and (interpreting(_bsr_linear) or _bsr_linear_tuned is None):
         config = _INTERP_CONFIG
     with device_guard(x2.device):
@@ -250,6 +269,7 @@ def _launch(x2: torch.Tensor, packed: BlockSparseWeight, bias: torch.Tensor | No
         else:
             bm, rows, warps, stages = config
             grid = (triton.cdiv(m, bm) * triton.cdiv(r, rows),)
+            consts["EVEN"] = consts["EVEN"] and m % bm == 0
             _bsr_linear[grid](*args, BM=bm, ROWS=rows, STAGES=stages, num_warps=warps,
                               num_stages=stages, **consts)
 
@@ -283,7 +303,8 @@ def launch_plan(rows: int, in_features: int, out_features: int, block: int = 32,
     plan = []
     for bm, rows_per, warps, stages in _TUNE_CONFIGS:
         constexprs = dict(HAS_BIAS=bias, BM=bm, B=block, ROWS=rows_per, STAGES=stages,
-                          PREC=_precision(dtype), UPCAST=False)
+                          PREC=_precision(dtype), UPCAST=False,
+                          EVEN=_even(rows, in_features, out_features, block))
         cfg = LaunchConfig.of(_bsr_linear, f"sparse_linear {t[1:]} B={block} BM={bm} ROWS={rows_per} "
                               f"w{warps} s{stages}", types, constexprs, warps, stages)
         plan.append(Launch(cfg, (triton.cdiv(rows, bm) * triton.cdiv(r, rows_per),), dict(args)))
@@ -300,13 +321,14 @@ def launch_configs() -> list[LaunchConfig]:
                      bias_ptr=t, y_ptr=t, M="i32", N="i32", K="i32", R="i32", stride_xm="i32",
                      stride_ym="i32")
         precisions = ("ieee", "tf32") if dtype == torch.float32 else (_precision(dtype),)
-        for prec, has_bias, block, (bm, rows, warps, stages) in itertools.product(
-                precisions, (False, True), BLOCKS, _TUNE_CONFIGS):
+        for prec, has_bias, even, block, (bm, rows, warps, stages) in itertools.product(
+                precisions, (False, True), (False, True), BLOCKS, _TUNE_CONFIGS):
             kind = f"{t[1:]}-{prec}" if dtype == torch.float32 else t[1:]
-            name = (f"sparse_linear {kind}{' bias' if has_bias else ''} B={block} BM={bm} "
+            name = (f"sparse_linear {kind}{' bias' if has_bias else ''}{' even' if even else ''} "
+                    f"B={block} BM={bm} "
                     f"ROWS={rows} w{warps} s{stages}")
             # UPCAST is the interpreter's bfloat16 workaround: a GPU never takes it.
             constexprs = dict(HAS_BIAS=has_bias, BM=bm, B=block, ROWS=rows, STAGES=stages,
-                              PREC=prec, UPCAST=False)
+                              PREC=prec, UPCAST=False, EVEN=even)
             out.append(LaunchConfig.of(_bsr_linear, name, types, constexprs, warps, stages))
     return out

@@ -157,3 +157,13 @@ def test_masks_estimate_carries_bytes_linearly_to_the_real_size():
                                             + 0.1 * e.weights / H100.copy_bytes_per_s)
     with pytest.raises(RuntimeError, match="different sequences"):
         masks_cost.combine("swin_b", small, masks_cost.MasksRun(4000, 10, 400.0, 3), [], H100)
+
+
+def test_bench_static_bad_json_path_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from dimap_fast.cli import main
+
+    assert main(["bench", "--static", "--json", str(tmp_path)]) != 0  # a folder: refused first
+    assert main(["bench", "--json", str(tmp_path / "s.json")]) != 0  # --json without --static
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is a directory" in err[0] and "--static" in err[1]
+    assert list(tmp_path.iterdir()) == []

@@ -118,6 +118,21 @@ def test_every_tuned_config(config, device):
     check_config(x, w, 32, torch.randn(w.shape[0], device=device).half(), config)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_whole_blocks_unmasked(rows, device):
+    # 256 rows and whole tiles take the unmasked path; 7 tile-rows leave past-the-end tile-rows
+    # in the last group for ROWS 2 and 4, whose stores must still be dropped.
+    w = tiled_weight(7 * 16, 3 * 16, 16, ROW_PATTERN, device=device)
+    assert sparse_linear._even(256, w.shape[1], w.shape[0], 16)
+    assert all(sparse_linear._EVEN_ROWS % bm == 0 for bm, *_ in sparse_linear._TUNE_CONFIGS)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, w.shape[1], generator=g).to(device)
+    bias = torch.randn(w.shape[0], generator=g).to(device)
+    with matmul_precision("ieee"):
+        y = check_config(x, w, 16, bias, (128, rows, 4, 2))
+    assert torch.equal(y[:, 16:32], bias[16:32].expand(256, -1))
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_block_64(precision, device):
     w = tiled_weight(130, 100, 64, [[1, 0], [0, 0], [1, 1]], device=device)
