@@ -34,7 +34,7 @@ bench: $(STAMP)
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	PYTHONUNBUFFERED=1 PYTHONPATH=bench $(GPU_PYTHON) -m gpu_check --out docs/gpu
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py --out docs/gpu
 
 # Here, with network: the wheels the GPU machine may lack (timm 1.0.x, pure Python) into .whl/.
 gpu-wheels: $(STAMP)

@@ -1,5 +1,5 @@
 """Break-even tile sparsity of block-sparse Linears against dense ``F.linear``: the shared core of
-bench/test_bench_breakeven.py (CPU, or CUDA under pytest) and gpu_check/speed.py's break-even job.
+bench/test_bench_breakeven.py (CPU, or CUDA under pytest) and gpu/speed.py's break-even job.
 
 Weights: Swin-B's stage-3 MLP, fc1 512->2048 then fc2 2048->512 (the stage that holds 18 of its
 24 blocks); a point's time is the two Linears' sum. ``zero_smallest_tiles_`` zeroes the given

@@ -1,5 +1,5 @@
 """The pruned Swins of issue 14's end-to-end rows, built one way for the CPU bench
-(bench/test_bench_end_to_end.py) and the GPU check (gpu_check/speed.py's end-to-end job).
+(bench/test_bench_end_to_end.py) and the GPU check (gpu/speed.py's end-to-end job).
 
 Variants of one random-init model (seed 0, ``pretrained=False``):
 - dense: timm's model on its SDPA attention path (``fused_attn``), the path shrink's models run;

@@ -1,4 +1,4 @@
-"""bench/gpu_check/ (``python -m gpu_check``), the one command for a lent GPU: its dry run end to end (CPU, interpreter),
+"""bench/gpu_check.py (its parts in bench/gpu/), the one command for a lent GPU: its dry run end to end (CPU, interpreter),
 its refusal without CUDA, and the rule that a missing target row is never met."""
 
 import json
@@ -15,15 +15,15 @@ REPORT_KEYS = {"card", "driver", "torch", "triton", "timm", "dry_run", "started"
 
 
 def gpu_check():
-    import gpu_check.driver  # bench/ is on pytest's pythonpath
+    import gpu.driver  # bench/ is on pytest's pythonpath
 
-    return gpu_check.driver
+    return gpu.driver
 
 
 def test_dry_run_reports_every_target(tmp_path):
     out = tmp_path / "report"
     # The dry run hides CUDA from its steps itself, so this also holds on a GPU machine.
-    done = subprocess.run([sys.executable, "-m", "gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
                           env=BENCH_PATH, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert len(done.stdout.splitlines()) <= 80  # progress plus a one-screen summary
@@ -64,7 +64,7 @@ def test_dry_run_reports_every_target(tmp_path):
 def test_refuses_without_cuda_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     env = dict(BENCH_PATH, CUDA_VISIBLE_DEVICES="")  # no device, also on a GPU machine
-    done = subprocess.run([sys.executable, "-m", "gpu_check", "--out", str(out)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = (done.stdout + done.stderr).splitlines()
@@ -106,7 +106,7 @@ def test_target_table():
     assert len({t.name for t in gc.TARGETS}) == len(gc.TARGETS)
     # 8 minutes from process start with 30 s to spare; the budgets follow from the counted compiles
     assert gc.STARTUP_S + sum(gc.BUDGET_S.values()) <= 8 * 60 - 30
-    from gpu_check.compiles import compile_seconds
+    from gpu.compiles import compile_seconds
 
     for step, budget in gc.BUDGET_S.items():
         assert budget >= compile_seconds(step, gc.PARALLEL[step]) + 20 or step == "speed", step
@@ -120,14 +120,14 @@ def test_target_table():
 
 def test_committed_compile_counts_are_current():
     """The budgets' compile counts equal a fresh count (launchers called, nothing run)."""
-    import gpu_check.compiles as gcc
+    import gpu.compiles as gcc
 
     env = dict(BENCH_PATH, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-m", "gpu_check.compiles"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "gpu.compiles"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
-    assert fresh == gcc.counts(), "kernels or shapes changed: PYTHONPATH=bench python -m gpu_check.compiles --write"
+    assert fresh == gcc.counts(), "kernels or shapes changed: cd bench && python -m gpu.compiles --write"
 
 
 def test_a_step_past_its_timeout_is_killed_and_recorded(tmp_path):

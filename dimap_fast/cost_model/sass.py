@@ -160,7 +160,9 @@ def cache_key(module: str, kernel: str, spec: dict) -> str:
 
     fn = getattr(importlib.import_module(module), kernel)
     jit = fn if isinstance(fn, JITFunction) else JITFunction(getattr(fn, "fn", fn))
-    text = json.dumps([_FORMAT, triton.__version__, jit.cache_key, spec], sort_keys=True, default=str)
+    # The listing maps instructions to source lines by file path: another checkout recompiles.
+    where = jit.fn.__code__.co_filename
+    text = json.dumps([_FORMAT, triton.__version__, jit.cache_key, where, spec], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

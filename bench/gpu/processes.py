@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"  # on the steps' PYTHONPATH: each runs as ``python -m gpu_check``
+BENCH = ROOT / "bench"  # on the steps' PYTHONPATH: each runs as ``python -m gpu``
 KILL_GRACE_S = 5
 
 
@@ -61,7 +61,7 @@ def run_step_process(name: str, rows_file: Path, log_file: Path, env: dict, time
               work: Path) -> tuple[str, str | None]:
     """Run one step in its own process group; returns (status, error)."""
     deadline = time.time() + timeout - KILL_GRACE_S
-    cmd = [sys.executable, "-m", "gpu_check", "--step", name, "--rows", str(rows_file),
+    cmd = [sys.executable, "-m", "gpu", "--step", name, "--rows", str(rows_file),
            "--work", str(work), "--deadline", f"{deadline:.1f}"] + (["--dry-run"] if dry_run else [])
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,

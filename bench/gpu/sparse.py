@@ -1,7 +1,7 @@
 """gpu_check step ``speed``, the block-sparse Linear rows: ``speed.linear.*`` (the kernel and
 torch BSR over F.linear on Swin-B's Linears) and issue 14's break-even sweep
 ``speed.breakeven.s3_mlp.{fp16,bf16}.*`` (bench/breakeven.py's curves; each row's value its
-break-even sparsity, its ``points`` the curve gpu_check.report draws as breakeven_gpu.png).
+break-even sparsity, its ``points`` the curve gpu.report draws as breakeven_gpu.png).
 ``sp`` is the step's Speed (rows, timer, device, dtypes)."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def linear(sp, group: str, dt: str, combos) -> None:
 def breakeven(sp, dt: str) -> None:
     """Speed-up over F.linear vs tile sparsity on Swin-B's stage-3 MLP, per block size, for the
     block-sparse kernel and torch BSR (and 2:4 at 50%): one row per curve, its value the
-    break-even sparsity, its points in the row (gpu_check.report draws breakeven_gpu.png)."""
+    break-even sparsity, its points in the row (gpu.report draws breakeven_gpu.png)."""
     import torch
 
     import breakeven as be

@@ -1,6 +1,6 @@
 """Everything that needs a GPU, as one prepared command: ``make gpu-check``, which runs
 
-    PYTHONPATH=bench python -m gpu_check [--out DIR] [--dry-run] [--wheels DIR] [--only STEP,...]
+    python bench/gpu_check.py [--out DIR] [--dry-run] [--wheels DIR] [--only STEP,...]
 
 Steps, in order, each in its own subprocess under its own wall-clock budget (a crash, hang or
 timeout is that step's failure; the next step still runs):
@@ -15,7 +15,7 @@ timeout is that step's failure; the next step still runs):
 The clock starts when this process starts, and the whole run fits 8 minutes with 30 s to spare
 (TOTAL_S): each step's budget is its work other than compiling plus the Triton compiles it needs
 on a cold machine (empty Triton and inductor caches), counted with nothing run by
-gpu_check.compiles; ``speed`` gets what the other selected steps leave and runs its targets
+gpu.compiles; ``speed`` gets what the other selected steps leave and runs its targets
 first (``--only speed`` gives it the whole run: on a cold machine, all speed rows need that
 second run, COLD_RUNS). A step's timeout is its budget plus whatever
 the steps before it left unused. Steps append their rows to a file as they measure them, so a
@@ -151,7 +151,7 @@ TARGETS = [
 
 STEPS = ("tests", "kernels", "plan", "convert", "finetune", "speed")
 # Budgets, from the process start: 8 minutes less 30 s of slack. A step's budget is its work
-# other than compiling (BASE_S, estimates) plus its counted compiles (gpu_check.compiles) at
+# other than compiling (BASE_S, estimates) plus its counted compiles (gpu.compiles) at
 # PARALLEL at a time; ``speed`` gets what the selected steps leave, and runs its targets first.
 TOTAL_S = 450
 STARTUP_S = 15  # estimate: interpreter, wheels and the environment probe before the first step
@@ -162,7 +162,7 @@ DRY_BUDGET_S = {"tests": 60, "kernels": 90, "plan": 60, "convert": 40, "finetune
 
 SPEED_MIN_S = 30  # speed's timing beyond its compiles, for its first targets
 # On a cold machine every step fits one run except speed beside the others: two runs, each its
-# own 8 minutes (the order gpu_check.speed keeps: targets first, info jobs while time is left).
+# own 8 minutes (the order gpu.speed keeps: targets first, info jobs while time is left).
 COLD_RUNS = (("tests", "kernels", "plan", "convert", "finetune"), ("speed",))
 
 

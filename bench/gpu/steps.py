@@ -1,7 +1,7 @@
 """What every gpu_check step shares (rows, deadline, dispatch) and the end-to-end checks:
 tests, plan, convert, finetune. The kernel checks and the timings have files of their own.
 
-A step runs in its own process (``python -m gpu_check --step NAME``); under --dry-run the driver has set
+A step runs in its own process (``python -m gpu --step NAME``); under --dry-run the driver has set
 TRITON_INTERPRET=1 and hidden CUDA before anything here imports torch or triton.
 """
 

@@ -68,7 +68,7 @@ def _run_parts(rows: Rows, ctx: Ctx) -> None:
     split = [",".join(PARTS[i::jobs]) for i in range(jobs)]
     procs = []
     for parts in split:
-        cmd = [sys.executable, "-m", "gpu_check", "--step", "kernels",
+        cmd = [sys.executable, "-m", "gpu", "--step", "kernels",
                "--rows", rows.path, "--work", str(ctx.work), "--deadline", f"{ctx.deadline:.1f}", "--parts", parts]
         procs.append((parts, subprocess.Popen(cmd + (["--dry-run"] if ctx.dry else []))))
     for parts, proc in procs:

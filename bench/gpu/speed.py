@@ -5,7 +5,7 @@ Issue 14's rows: ``speed.e2e.{swin_b,swin_t}.fp16.*`` (batch 128) time the model
 bench/end_to_end.py, as bench/test_bench_end_to_end.py does on the CPU: shrunk at 30%/50% FLOPs
 reduction and block DIMAP at 50%/75% converted on the GPU (convert's per-layer choice, where it
 has one, measured there), over dense on timm's SDPA path. The Linear and break-even rows live in
-gpu_check/sparse.py.
+gpu/sparse.py.
 
 Fair baselines (issue 20): ``speed.model.*`` time the block-pruned model converted to the
 block-sparse kernel (``choose="kernel"``) over the same model unconverted on timm's SDPA path;

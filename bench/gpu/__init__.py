@@ -1,5 +1,5 @@
-"""The GPU check: everything that needs a GPU, as one command (``PYTHONPATH=bench python -m
-gpu_check``; ``make gpu-check``). driver.py plans and runs the steps, each in its own process
+"""The GPU check's parts: everything that needs a GPU, as one command (``python bench/gpu_check.py``;
+``make gpu-check``). driver.py plans and runs the steps, each in its own process
 (processes.py) and reports (report.py); context.py is what every step shares; steps.py, kernel_checks.py,
 speed.py, attention.py and sparse.py are the steps; models.py the models they build; compiles.py the
 Triton compiles each step needs (its budget)."""

@@ -1,4 +1,4 @@
-"""The reports of the GPU check (bench/gpu_check/): report.json and report.md (written atomically) and the
+"""The reports of the GPU check (bench/gpu/): report.json and report.md (written atomically) and the
 one-screen summary it prints at the end."""
 
 from __future__ import annotations

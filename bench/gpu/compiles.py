@@ -14,7 +14,7 @@ under triton 3.6's rules: its shapes are the tests'), the scoring kernels (their
 per dtype and block shape, not per tensor shape) and ``finetune`` (the demo model's three
 attention kernels, twice: an estimate).
 
-``PYTHONPATH=bench python -m gpu_check.compiles [--write]`` prints the counts (and writes COUNTS_FILE, which
+``python -m gpu.compiles (from bench/) [--write]`` prints the counts (and writes COUNTS_FILE, which
 the budgets in driver.py read; a dry run recounts and its test checks the file is current).
 """
 
