@@ -181,7 +181,7 @@ def build(include_masks: bool = True, reuse: bool = True) -> list[dict]:
     return rows
 
 
-# The GPU check's rows (bench/gpu_check*.py) -> the row of this report that estimates the same
+# The GPU check's rows (bench/gpu/) -> the row of this report that estimates the same
 # quantity over the same span.
 GPU_ROWS = {
     "speed.plan.swin_b": "masks.swin_b.cuda",
