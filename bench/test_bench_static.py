@@ -9,7 +9,7 @@ package's sources are unchanged.
 from dimap_fast.cost_model.report import TARGETS, build, format_table
 
 
-def test_static_targets():
+def test_static_targets(bench_report):
     rows = build()
     print("\n" + format_table(rows))
     assert all(r["kind"] == "estimate" for r in rows)

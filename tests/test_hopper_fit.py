@@ -24,7 +24,7 @@ def _run_hopper_fit(**env_changes):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_changes)
     return subprocess.run([sys.executable, "-m", "dimap_fast.hopper_fit"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=2400)
 
 
 def _kernel_modules():
