@@ -28,7 +28,7 @@ _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
-_FORMAT = 2  # of the cached listing: bump when Insn or parse() changes
+_FORMAT = 3  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
 TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
 GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG", "UTMASTG")
 
@@ -187,8 +187,15 @@ def compile_sass(module: str, kernel: str, spec: dict) -> Sass:
     jit = fn if isinstance(fn, JITFunction) else JITFunction(getattr(fn, "fn", fn))
     constexprs = {tuple(p): v for p, v in spec["constexprs"]}
     attrs = {tuple(p): a for p, a in spec["attrs"]}
-    compiled = triton.compile(ASTSource(jit, spec["signature"], constexprs, attrs),
-                              target=GPUTarget(*TARGET), options=spec["options"])
+    # Triton's own cache keys on the source, not on its file: a kernel compiled first in another
+    # checkout would come back with that checkout's paths in its line table, which parse() reads.
+    knobs = triton.knobs.compilation
+    saved, knobs.always_compile = knobs.always_compile, True
+    try:
+        compiled = triton.compile(ASTSource(jit, spec["signature"], constexprs, attrs),
+                                  target=GPUTarget(*TARGET), options=spec["options"])
+    finally:
+        knobs.always_compile = saved
     listing, res = _read_cubin(compiled.asm["cubin"])
     insns, loops = parse(listing)
     out = Sass(regs=res["REG"], shared=compiled.metadata.shared + res["SHARED"],
