@@ -24,7 +24,7 @@ from dimap_fast.engine.values import TILE_SIZES
 
 SHAPES = ((512, 2048), (2048, 512))  # (in, out): Swin-B stage-3 MLP
 SPARSITIES = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
-BLOCKS = TILE_SIZES
+
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}  # rel. L2 vs F.linear
 
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from breakeven import (BLOCKS, SHAPES, SPARSITIES, bsr_fn, break_even, dense_fn, fmt_break_even, ours_fn,
+from breakeven import (TILE_SIZES, SHAPES, SPARSITIES, bsr_fn, break_even, dense_fn, fmt_break_even, ours_fn,
                        pick_bsr_way, plot, tiled_weights, two_four_fn)
 from results import RESULTS
 
@@ -50,7 +50,7 @@ def _cases():
     for dt, dtype in DTYPES.items():
         g = torch.Generator().manual_seed(1)
         xs = [torch.randn(ROWS, k, generator=g).to(DEV, dtype) for k, _ in SHAPES]
-        for block in BLOCKS:
+        for block in TILE_SIZES:
             try:
                 how = pick_bsr_way(block, dtype, DEV, xs, _sync)
                 prev = _NOTES.get((dt, "torch BSR"), "torch BSR via")
@@ -148,7 +148,7 @@ def test_breakeven_summary(bench_report):
     # A row whose sweep failed is missing, never passed: every block size of every candidate that runs
     want = [(dt, c) for dt in DTYPES for c in (("torch BSR", "ours") if CUDA else ("torch BSR",))
             if "not available" not in _NOTES.get((dt, c), "")]
-    missing = [f"{dt} {c} B={b}" for dt, c in want for b in BLOCKS
+    missing = [f"{dt} {c} B={b}" for dt, c in want for b in TILE_SIZES
                if len(curves[dt].get(c, {}).get(b, {})) != len(GRID)]
     assert not missing, f"break-even rows missing: {missing}"
     assert curves["fp16" if CUDA else "fp32"].get("torch BSR"), "torch BSR measured nothing in its main dtype"

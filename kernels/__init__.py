@@ -55,7 +55,8 @@ else:
         tile_sparsity,
         unpack_block_sparse,
     )
-    from .window_attention import window_attention, window_attention_reference
+    from .window_attention import (FusedWindowAttention, window_attention,
+                                   window_attention_reference)
 
 
     def launch_configs() -> list[LaunchConfig]:
@@ -81,6 +82,7 @@ else:
         "pack_block_sparse",
         "tile_sparsity",
         "unpack_block_sparse",
+        "FusedWindowAttention",
         "window_attention",
         "window_attention_reference",
     ]

@@ -35,7 +35,7 @@ from ._common import (
     triton,
 )
 
-BLOCKS = (16, 32, 64)
+TILE_SIZES = (16, 32, 64)
 # BM rows of x, ROWS tile-rows per program, warps, stages. ROWS=1 stays in the list: with few
 # tile-rows (small N) or few row blocks, more programs beat more work per program. Each stage
 # holds a BMxB x tile and a BxB weight tile: BM=256 gets 2 stages, as 3 of fp32 B=64 would need
@@ -82,8 +82,8 @@ class BlockSparseWeight:
 
 
 def _check_block(block) -> int:
-    if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    if block not in TILE_SIZES:
+        raise ValueError(f"block must be one of {TILE_SIZES}, got {block!r}")
     return int(block)
 
 
@@ -322,7 +322,7 @@ def launch_configs() -> list[LaunchConfig]:
                      stride_ym="i32")
         precisions = ("ieee", "tf32") if dtype == torch.float32 else (_precision(dtype),)
         for prec, has_bias, even, block, (bm, rows, warps, stages) in itertools.product(
-                precisions, (False, True), (False, True), BLOCKS, _TUNE_CONFIGS):
+                precisions, (False, True), (False, True), TILE_SIZES, _TUNE_CONFIGS):
             kind = f"{t[1:]}-{prec}" if dtype == torch.float32 else t[1:]
             name = (f"sparse_linear {kind}{' bias' if has_bias else ''}{' even' if even else ''} "
                     f"B={block} BM={bm} "

@@ -207,12 +207,24 @@ def _table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor
     return grad.index_add_(0, idx, d_dense.permute(1, 2, 0).reshape(n * n, heads)).to(table.dtype)
 
 
-class _WindowAttention(torch.autograd.Function):
+class FusedWindowAttention(torch.autograd.Function):
+    """The fused window attention as an autograd Function; ``window_attention`` below is its
+    keyword form. Arguments (all positional): qkv_tokens, rel_pos_table, qkv_bias, mask,
+    num_heads, window_size, shift_size, scale (None: head_dim ** -0.5). Forward and backward run
+    eagerly under torch.compile (a graph break at ``apply``): the launchers read data pointers and
+    version counters, which dynamo's fake tensors lack."""
+
     @staticmethod
-    def forward(ctx, qkv, table, qkv_bias, mask, num_heads, win, shift, scale):
+    @torch.compiler.disable
+    def forward(ctx, qkv, table, qkv_bias, mask, num_heads, window_size, shift_size, scale):
+        win, shift = check_inputs(qkv, table, num_heads, window_size, shift_size, qkv_bias, mask)
+        check_runnable(_window_attn_fwd, qkv.device, "window_attention")
+        check_mask_count(mask, qkv.shape[0] * grid_dims(*qkv.shape[1:3], win)[2])
+        if scale is None:
+            scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
         qkv = qkv.contiguous() if ctx.needs_input_grad[0] or qkv.stride(-1) != 1 else qkv
         geo = _Geometry(qkv, num_heads, win, shift, None if mask is None else mask.shape[0],
-                        qkv_bias is not None, scale)
+                        qkv_bias is not None, float(scale))
         tile = _bias_tile(table, mask, win, shift, geo.block)
         out = torch.empty(geo.bsz, geo.h, geo.w, geo.c, dtype=qkv.dtype, device=qkv.device)
         train = any(ctx.needs_input_grad[:3])
@@ -229,6 +241,7 @@ class _WindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.compiler.disable
     def backward(ctx, d_out):
         qkv, tile, qkv_bias_arg, out, lse, table = ctx.saved_tensors
         geo = ctx.geo
@@ -266,13 +279,8 @@ def window_attention(qkv_tokens: torch.Tensor, rel_pos_table: torch.Tensor, num_
     nonzero), or an explicit additive (n_mask, N, N) mask used instead. ``scale`` defaults to
     head_dim ** -0.5. Gradients flow to ``qkv_tokens``, ``rel_pos_table`` and ``qkv_bias``.
     """
-    win, shift = check_inputs(qkv_tokens, rel_pos_table, num_heads, window_size, shift_size,
-                              qkv_bias, mask)
-    check_runnable(_window_attn_fwd, qkv_tokens.device, "window_attention")
-    hd = qkv_tokens.shape[-1] // (3 * num_heads)
-    check_mask_count(mask, qkv_tokens.shape[0] * grid_dims(*qkv_tokens.shape[1:3], win)[2])
-    return _WindowAttention.apply(qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads, win,
-                                  shift, hd ** -0.5 if scale is None else float(scale))
+    return FusedWindowAttention.apply(qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads,
+                                         window_size, shift_size, scale)
 
 
 def _types(dtype: torch.dtype) -> dict:

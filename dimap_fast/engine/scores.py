@@ -10,18 +10,18 @@ magnitude cutoff plus a count. That is what lets a ratio be cut without a per-we
 
 The float64 prefix has one summation order, shared bit for bit with the GPU kernels
 (dimap_fast.kernels.importance), so CUDA and CPU masks agree even where a score sits within an ulp
-of a threshold. Ranks fall in blocks of ``BLOCK`` and blocks in groups of ``GROUP``; every sum
+of a threshold. Ranks fall in runs of ``RUN`` and runs in groups of ``GROUP``; every sum
 below runs left to right:
-- p_j: the squares of j's block up to j;  T_k: block k's total (p at its last rank);
-- q_k: the totals of the earlier blocks of k's group;  U_g: all totals of group g;
+- p_j: the squares of j's run up to j;  T_k: run k's total (p at its last rank);
+- q_k: the totals of the earlier runs of k's group;  U_g: all totals of group g;
 - R_g: the U of the layer's earlier groups;  S_j = R_g + (q_k + p_j).
-S never decreases along the ranks (at a block's end q_k + T_k is q_{k+1}, at a group's end
+S never decreases along the ranks (at a run's end q_k + T_k is q_{k+1}, at a group's end
 R_g + U_g is R_{g+1}), and every level is short or parallel on a GPU.
 
 Memory is the constraint that shapes this file: holding every score in float64 would take twice
-the model's prunable weights. A layer keeps only its sorted magnitudes (float32), q per block,
-R per group and the key at each block's first rank (its head). A ratio's threshold is found on
-those heads, and exact keys are recomputed only for the few blocks that straddle it.
+the model's prunable weights. A layer keeps only its sorted magnitudes (float32), q per run,
+R per group and the key at each run's first rank (its head). A ratio's threshold is found on
+those heads, and exact keys are recomputed only for the few runs that straddle it.
 """
 
 from __future__ import annotations
@@ -33,17 +33,18 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from ..kernels.importance import GROUP, RUN
 from .prunable import non_finite_error, prune_count
 from .sorting import sort_negated
 from .units import UnitLayer
 
-BLOCK = 64  # ranks per block: 16 bytes of heads per 64 weights, and a narrow band to recompute per ratio
-GROUP = 64  # blocks per group; BLOCK and GROUP define the summation order (the kernels use the same)
+# RUN ranks per run (16 bytes of heads per 64 weights, a narrow band to recompute per ratio) and GROUP
+# runs per group define the summation order: one home, the kernels' (the GPU plan sums the same way).
 CHUNK = 1 << 18  # elements per float64 pass (whole groups): few Python calls leave the GIL free
 
 
 class LayerState:
-    """What a layer keeps between ratios: sorted magnitudes and its block heads."""
+    """What a layer keeps between ratios: sorted magnitudes and its run heads."""
 
     __slots__ = ("neg", "prefix", "tops", "heads_neg", "numel", "method", "squared")
 
@@ -56,19 +57,19 @@ class LayerState:
             self.prefix, self.tops, heads = _dimap_heads(neg, squared)
         else:
             self.prefix = self.tops = None
-            heads = -neg[::BLOCK].astype(np.float64)
+            heads = -neg[::RUN].astype(np.float64)
         self.heads_neg = -heads  # ascending, for searchsorted
 
     def keys(self, r0: int, r1: int) -> np.ndarray:
-        """Exact keys of ranks [r0, r1); r0 must start a block."""
+        """Exact keys of ranks [r0, r1); r0 must start a run."""
         if self.method != "dimap":
             return -self.neg[r0:r1].astype(np.float64)
         sq = -self.neg[r0:r1].astype(np.float64) if self.squared else np.square(self.neg[r0:r1], dtype=np.float64)
-        blocks = np.arange(r0 // BLOCK, -(-r1 // BLOCK))
-        return _safe_divide(sq, _prefix(sq, self.prefix[blocks], self.tops[blocks // GROUP]))
+        runs = np.arange(r0 // RUN, -(-r1 // RUN))
+        return _safe_divide(sq, _prefix(sq, self.prefix[runs], self.tops[runs // GROUP]))
 
     def key_at(self, rank: int) -> float:
-        start = rank - rank % BLOCK
+        start = rank - rank % RUN
         return float(self.keys(start, rank + 1)[-1])
 
     def magnitude_at(self, rank: int) -> float:
@@ -100,37 +101,37 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _prefix(sq: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """S = R + (q + p) for whole blocks of squares (the last may be short), p summed in each block."""
+    """S = R + (q + p) for whole runs of squares (the last may be short), p summed in each run."""
     n = sq.size
-    padded = np.zeros(q.size * BLOCK)
+    padded = np.zeros(q.size * RUN)
     padded[:n] = sq  # a zero adds nothing exactly
-    p = torch.cumsum(torch.from_numpy(padded).view(-1, BLOCK), 1).numpy()  # left to right, as numpy's
+    p = torch.cumsum(torch.from_numpy(padded).view(-1, RUN), 1).numpy()  # left to right, as numpy's
     s = np.add(q[:, None], p, out=p)
     s = np.add(r[:, None], s, out=s)
     return s.reshape(-1)[:n]
 
 
 def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block q and its head's score, per group R (see the module docstring).
+    """Per run q and its head's score, per group R (see the module docstring).
 
     Large chunks keep the Python calls (which hold the GIL) rare, so the layer workers run side by
     side; element-wise work stays in numpy because torch's would start its own threads and fight
-    the workers. The in-block sums are torch's cumsum: left to right like numpy's (bit-identical)
+    the workers. The in-run sums are torch's cumsum: left to right like numpy's (bit-identical)
     and measured 3x faster here.
     """
     n = neg.size
-    nblocks = -(-n // BLOCK)
-    ngroups = -(-nblocks // GROUP)
+    nruns = -(-n // RUN)
+    ngroups = -(-nruns // GROUP)
     q = np.zeros(ngroups * GROUP)
-    heads = np.empty(nblocks)
+    heads = np.empty(nruns)
     tops = np.empty(ngroups)
-    size = min(CHUNK, ngroups * GROUP * BLOCK)
+    size = min(CHUNK, ngroups * GROUP * RUN)
     squares = np.zeros(size)
-    squares_t = torch.from_numpy(squares).view(-1, BLOCK)
+    squares_t = torch.from_numpy(squares).view(-1, RUN)
     sums_t = torch.empty_like(squares_t)
-    totals = np.zeros(size // BLOCK)
+    totals = np.zeros(size // RUN)
     carry = 0.0
-    for start in range(0, n, CHUNK):  # CHUNK is a multiple of GROUP * BLOCK: chunks start groups
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of GROUP * RUN: chunks start groups
         stop = min(start + CHUNK, n)
         m = stop - start
         if squared:
@@ -138,13 +139,13 @@ def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np
         else:
             np.square(neg[start:stop], out=squares[:m], dtype=np.float64)
         squares[m:] = 0.0
-        mb = -(-m // BLOCK)
+        mb = -(-m // RUN)
         mg = -(-mb // GROUP)
         torch.cumsum(squares_t[:mb], 1, out=sums_t[:mb])
         totals[:mb] = sums_t[:mb, -1].numpy()
         totals[mb : mg * GROUP] = 0.0
         groups = totals[: mg * GROUP].reshape(mg, GROUP)
-        b0, g0 = start // BLOCK, start // (BLOCK * GROUP)
+        b0, g0 = start // RUN, start // (RUN * GROUP)
         q_chunk = q[b0 : b0 + mg * GROUP].reshape(mg, GROUP)
         np.cumsum(groups[:, :-1], axis=1, out=q_chunk[:, 1:])
         group_totals = np.cumsum(groups, axis=1)[:, -1]
@@ -154,10 +155,10 @@ def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np
         np.cumsum(run, out=run)  # R continues left to right across chunks
         tops[g0 : g0 + mg] = run[:-1]
         carry = float(run[-1])
-        first = squares[0:m:BLOCK]
+        first = squares[0:m:RUN]
         s = tops[g0 + np.arange(mb) // GROUP] + (q[b0 : b0 + mb] + first)
         heads[b0 : b0 + mb] = _safe_divide(first, s)
-    return q[:nblocks], tops, heads
+    return q[:nruns], tops, heads
 
 
 def _check_finite(name: str, neg: np.ndarray) -> None:
@@ -223,10 +224,10 @@ def build_states(tensors: list[torch.Tensor], method: str, progress=None, names=
 class ThresholdGroup:
     """Layers that share one threshold (a module for dimap, everything for global).
 
-    The block heads of all its layers, sorted descending once, bound how many weights lie at or
-    above any value: a block whose head is >= t holds at least its first weight above t, and no
+    The run heads of all its layers, sorted descending once, bound how many weights lie at or
+    above any value: a run whose head is >= t holds at least its first weight above t, and no
     weight after a head < t is >= t. Those bounds bracket a ratio's exact threshold between two
-    head values; only the blocks in between are recomputed.
+    head values; only the runs in between are recomputed.
     """
 
     def __init__(self, states: list[LayerState]):
@@ -235,15 +236,15 @@ class ThresholdGroup:
         self.total = int(self.numels.sum())
         self.neg_values = np.concatenate([s.heads_neg for s in states])
         self.neg_values.sort()  # ascending
-        # Every block counts BLOCK at most and at least, except a layer's last block (smaller at
+        # Every run counts RUN at most and at least, except a layer's last run (smaller at
         # most) and its first (1 at least). Those few corrections go to the start of their value's
         # tie group: the cumulative counts are then exact at every tie group's end and never too
         # high inside one, which is all _bracket reads (it works on whole tie groups).
         n = self.neg_values.size
-        full = np.arange(BLOCK, (n + 1) * BLOCK, BLOCK, dtype=np.int64)
-        short_last = [(s.heads_neg[-1], BLOCK * s.heads_neg.size - s.numel) for s in states]
+        full = np.arange(RUN, (n + 1) * RUN, RUN, dtype=np.int64)
+        short_last = [(s.heads_neg[-1], RUN * s.heads_neg.size - s.numel) for s in states]
         self.cum_hi = _corrections(self.neg_values, full, short_last)
-        self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], BLOCK - 1) for s in states])
+        self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], RUN - 1) for s in states])
 
     def keep_counts(self, keep: int) -> np.ndarray:
         """Per layer, how many top ranks stay so that exactly ``keep`` weights stay in the group.
@@ -259,8 +260,8 @@ class ThresholdGroup:
         for s in self.states:
             above = int(np.searchsorted(s.heads_neg, -upper, side="right"))  # heads >= upper
             at_least = int(np.searchsorted(s.heads_neg, -lower, side="right"))  # heads >= lower
-            starts.append(max(above - 1, 0) * BLOCK)
-            stops.append(min(at_least * BLOCK, s.numel))
+            starts.append(max(above - 1, 0) * RUN)
+            stops.append(min(at_least * RUN, s.numel))
         keys = [s.keys(a, b) for s, a, b in zip(self.states, starts, stops)]
         lengths = np.array([k.size for k in keys])
         need = keep - sum(starts)
@@ -298,7 +299,7 @@ def _corrections(neg_values: np.ndarray, full: np.ndarray, items: list[tuple[flo
 
 
 class NumpyScorer:
-    """CPU path: numpy sorts and sums (both cores), then exact selection on block heads."""
+    """CPU path: numpy sorts and sums (both cores), then exact selection on run heads."""
 
     def __init__(self, units: list[UnitLayer], method: str, bar=None):
         self.method = method

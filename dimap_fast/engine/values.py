@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import DimapError
-from ..kernels.sparse_linear import BLOCKS as TILE_SIZES  # noqa: F401 - one home: the kernel's tile sides
+from ..kernels.sparse_linear import TILE_SIZES  # noqa: F401 - one home: the kernel's tile sides
 
 DEFAULT_BLOCK = 32
 PATTERNS = ("unstructured", "block", "channel", "2:4")  # the names the command line offers

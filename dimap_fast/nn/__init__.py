@@ -21,7 +21,7 @@ from .derived_linear import DerivedLinear
 
 # timm's fx tools (feature extraction; its fx-then-TorchScript tests) keep each drop-in whole: the
 # graph calls the module, which picks its path when the graph runs, and TorchScript compiles the
-# module itself (timm's code) where it could not compile the dispatch between two paths.
+# module itself (timm's code) where it could not compile the choice between two paths.
 for _drop_in in (SwinBlock, SwinV2Block, WindowAttention, WindowAttentionV2, DerivedLinear):
     register_notrace_module(_drop_in)
 

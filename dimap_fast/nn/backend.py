@@ -8,19 +8,20 @@ of the Swin v1 drop-ins takes cpu_inference.py's path. ``"torch"``: always timm'
 triton was imported (how the tests run the GPU code path without a GPU); a shape the kernel does
 not take, or gradients through a forward-only kernel, is then an error.
 
-Every drop-in's forward is ``dispatch(self, ...)`` (TwoPaths below), which decides on each call
-from the backend, the device, the grad mode and what the kernel takes, so that a converted model
-keeps working where timm's does:
+``runs_fast_path(module, x)`` is the one place that decides, on each call, from the backend, the
+device, the grad mode and what the kernel takes. Each drop-in's forward calls a function of its own
+file that asks it and then runs one path (for the blocks: the qkv Linear, the kernel's autograd
+Function, the proj Linear), so that a converted model keeps working where timm's does:
 
-- torch.fx: ``dispatch`` is a leaf (each module file declares ``torch.fx.wrap("dispatch")``): a
-  traced graph holds the call, and each run picks the path. timm's fx tools keep the drop-ins
-  whole instead (registered as notrace modules in ``__init__``);
-- torch.compile: dynamo traces the decision (guarding on what it read) and the torch path; each
-  ``_fast_path`` runs eagerly behind a graph break (``torch.compiler.disable``): the launchers are
-  eager code (the packed-weight cache keys on ``data_ptr()``, which dynamo's fake tensors lack),
-  not custom ops;
+- torch.fx: those functions are leaves (``torch.fx.wrap`` in each file): a traced graph holds the
+  call, and each run picks the path. timm's fx tools keep the drop-ins whole instead (registered
+  as notrace modules in ``__init__``);
+- torch.compile: dynamo traces the decision (guarding on what it read) and the torch code; the
+  kernels' autograd Functions and the sparse Linears' fast paths run eagerly behind a graph break
+  (``torch.compiler.disable``): the launchers are eager code (the packed-weight cache keys on
+  ``data_ptr()``, which dynamo's fake tensors lack), not custom ops;
 - TorchScript cannot launch Triton: under ``torch.jit.is_scripting()`` each forward returns its
-  torch path before ``dispatch``, so the compiler never reads it.
+  torch path first, so the compiler never reads the rest.
 """
 
 from __future__ import annotations
@@ -72,10 +73,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class TwoPaths:
-    """What ``dispatch`` asks of a drop-in (a mixin before the torch class): the subclass defines
-    ``_torch_path`` (timm's or nn.Linear's code) and ``_fast_path``, and may say why the fast path
-    cannot take an input (``_fast_path_refusal``) or must not run now (``_timm_only``). No
-    annotations here: TorchScript reads a module's attribute types from timm's class."""
+    """What ``runs_fast_path`` asks of a drop-in (a mixin before the torch class): the subclass
+    defines ``_torch_path`` (timm's or nn.Linear's code) and may say why the fast path cannot take
+    an input (``_fast_path_refusal``) or must not run now (``_timm_only``). No annotations here:
+    TorchScript reads a module's attribute types from timm's class."""
 
     fast_path_is_triton = True  # False: torch's own sparse product, which runs on any device
     fast_path_trains = False  # True: the fast path has a backward, so recorded gradients may take it
@@ -87,23 +88,23 @@ class TwoPaths:
         return None
 
 
-def dispatch(module: torch.nn.Module, *args):
-    """``module._fast_path(*args)`` or ``module._torch_path(*args)``: the one place that decides."""
-    x, mode = args[0], _state["backend"]
+def runs_fast_path(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` runs its fast path on ``x`` now (else its torch path); under backend
+    "triton", a fast path that cannot run is an error instead."""
+    mode = _state["backend"]
     if mode == "torch" or module._timm_only():
-        return module._torch_path(*args)
+        return False
     refusal = module._fast_path_refusal(x)
     grads = not module.fast_path_trains and recording(x, module.parameters())
     if mode == "auto" or not module.fast_path_is_triton:
         on_device = not module.fast_path_is_triton or (x.is_cuda and kernels().HAVE_TRITON)
-        if refusal is not None or grads or not on_device:
-            return module._torch_path(*args)
-    elif refusal is not None:
+        return refusal is None and not grads and on_device
+    if refusal is not None:
         raise DimapError(f"dimap_fast.nn backend 'triton': {refusal}")
-    elif grads:
+    if grads:
         raise RuntimeError("dimap_fast.nn backend 'triton' is forward-only: run under "
                            "torch.no_grad() / torch.inference_mode(), or use backend 'auto'")
-    return module._fast_path(*args)
+    return True
 
 
 def scriptable_alias(fn, name: str):

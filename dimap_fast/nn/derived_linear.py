@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import TwoPaths, dispatch
+from .backend import TwoPaths, runs_fast_path
 
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+torch.fx.wrap("derived_linear_forward")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
 class DerivedLinear(TwoPaths, nn.Linear):
-    """nn.Linear whose forward dispatches between ``F.linear`` and a subclass's fast path
-    (``_fast_path``, see backend.TwoPaths) that reads ``_cached`` weight forms."""
+    """nn.Linear whose forward runs ``F.linear`` or a subclass's fast path (``_fast_path``, which
+    reads ``_cached`` weight forms), as backend.runs_fast_path decides."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -54,7 +54,11 @@ class DerivedLinear(TwoPaths, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._torch_path(x)
-        return dispatch(self, x)
+        return derived_linear_forward(self, x)
 
     def _torch_path(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def derived_linear_forward(linear: DerivedLinear, x: torch.Tensor) -> torch.Tensor:
+    return linear._fast_path(x) if runs_fast_path(linear, x) else linear._torch_path(x)

@@ -1,20 +1,18 @@
-"""What the Swin v1 and v2 drop-in blocks share: adopting timm's block in place, and an
-attention half (timm's ``_attn``) that dispatches between timm's code and the fused kernel."""
+"""What the Swin v1 and v2 drop-in blocks share: adopting timm's block in place, and asking their
+attention whether the fused kernel may run (each block's ``_attn`` is in its own file)."""
 
 from __future__ import annotations
 
 import torch
 
-from .backend import TwoPaths, dispatch
-
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+from .backend import TwoPaths
 
 
 class FusedAttentionBlock(TwoPaths):
     """Mixin before a timm block class; a subclass names ``timm_block`` (the timm class it
     adopts), ``attention`` (the drop-in its ``attn`` becomes), ``_torch_path`` (timm's ``_attn``,
-    via ``scriptable_alias``) and ``_fast_path``. Whether the kernel runs is the attention's
-    call: the block asks it."""
+    via ``scriptable_alias``) and ``_attn``. Whether the kernel may run is the attention's call:
+    the block asks it."""
 
     timm_block: type
     attention: type
@@ -28,11 +26,6 @@ class FusedAttentionBlock(TwoPaths):
         cls.attention.adopt(block.attn)
         block.__class__ = cls
         return block
-
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._torch_path(x)
-        return dispatch(self, x)
 
     fast_path_trains = True
 

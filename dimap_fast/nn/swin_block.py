@@ -15,9 +15,11 @@ import torch
 from timm.models import swin_transformer as timm_swin
 
 from . import cpu_inference
-from .backend import kernels, scriptable_alias
+from .backend import kernels, runs_fast_path, scriptable_alias
 from .fused_block import FusedAttentionBlock
 from .window_attention import WindowAttention
+
+torch.fx.wrap("swin_attention_half")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
 class SwinBlock(cpu_inference.OnCpuPath, FusedAttentionBlock, timm_swin.SwinTransformerBlock):
@@ -30,10 +32,19 @@ class SwinBlock(cpu_inference.OnCpuPath, FusedAttentionBlock, timm_swin.SwinTran
     _cpu_path = cpu_inference.runs
     _cpu_forward = cpu_inference.forward
 
-    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
-    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attn
-        a = kernels().window_attention(attn.qkv(x), attn.relative_position_bias_table,
-                                       attn.num_heads, self.window_size, self.shift_size,
-                                       qkv_bias=attn.qkv.bias, scale=attn.scale)
-        return attn.proj_drop(attn.proj(a))
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return swin_attention_half(self, x)
+
+
+def swin_attention_half(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``_attn``, or the qkv Linear on the (B, H, W, C) tokens, the fused kernel (its
+    autograd Function) and the proj Linear."""
+    if not runs_fast_path(block, x):
+        return block._torch_path(x)
+    attn = block.attn
+    a = kernels().FusedWindowAttention.apply(attn.qkv(x), attn.relative_position_bias_table,
+                                                attn.qkv.bias, None, attn.num_heads,
+                                                block.window_size, block.shift_size, attn.scale)
+    return attn.proj_drop(attn.proj(a))

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from timm.models import swin_transformer_v2 as timm_v2
 
-from .backend import TwoPaths, attention_refusal, dispatch, kernels, scriptable_alias
+from .backend import TwoPaths, attention_refusal, kernels, runs_fast_path, scriptable_alias
 from .fused_block import FusedAttentionBlock
 
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+# Leaves of traced graphs: the path is chosen when the graph runs.
+torch.fx.wrap("swinv2_window_attention")
+torch.fx.wrap("swinv2_attention_half")
 
 _MAX_LOGIT = math.log(1.0 / 0.01)  # timm's clamp of the logit scale
 
@@ -68,7 +70,7 @@ class WindowAttentionV2(TwoPaths, timm_v2.WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._torch_path(x, mask)
-        return dispatch(self, x, mask)
+        return swinv2_window_attention(self, x, mask)
 
     def _torch_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """timm's forward, op for op, except that the heads are reshaped to this attention's own
@@ -106,26 +108,31 @@ class WindowAttentionV2(TwoPaths, timm_v2.WindowAttention):
     def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
         return attention_refusal(self.qkv.out_features // (3 * self.num_heads), x)
 
-    def fused(self, x_tokens: torch.Tensor, window_size, shift_size, mask=None) -> torch.Tensor:
-        """Attention of a (B, H, W, C) token map, projected: the fused path of both drop-ins."""
+    def kernel_inputs(self, x_tokens: torch.Tensor) -> tuple:
+        """What the fused kernel takes for a (B, H, W, C) token map: the cosine qkv, the dense
+        position bias and the cosine q/k/v of the zero padding (None without a qkv bias)."""
         bias = self.qkv_bias()
         qkv = cosine_qkv(F.linear(x_tokens, self.qkv.weight, bias), self.num_heads,
                          self.logit_scale)
         pad_qkv = None if bias is None else cosine_qkv(bias.to(qkv.dtype), self.num_heads,
                                                        self.logit_scale)
-        out = kernels().window_attention(qkv, continuous_position_bias(self), self.num_heads,
-                                         window_size, shift_size, qkv_bias=pad_qkv, mask=mask,
-                                         scale=1.0)
-        return self.proj_drop(self.proj(out))
+        return qkv, continuous_position_bias(self), pad_qkv
 
-    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
-    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b_, n, c = x.shape
-        wh, ww = self.window_size
-        if n != wh * ww:
-            raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
-        # One window per "image": nothing to roll or pad, the mask (if any) is explicit.
-        return self.fused(x.view(b_, wh, ww, c), self.window_size, 0, mask).view(b_, n, -1)
+
+def swinv2_window_attention(attn: WindowAttentionV2, x: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch path, or the fused kernel on the windows read as a batch of one-window token maps
+    (nothing to roll or pad; the mask, if any, explicit), then the proj Linear."""
+    if not runs_fast_path(attn, x):
+        return attn._torch_path(x, mask)
+    b_, n, c = x.shape
+    wh, ww = attn.window_size
+    if n != wh * ww:
+        raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
+    qkv, bias, pad_qkv = attn.kernel_inputs(x.view(b_, wh, ww, c))
+    out = kernels().FusedWindowAttention.apply(qkv, bias, pad_qkv, mask, attn.num_heads,
+                                                  attn.window_size, 0, 1.0)
+    return attn.proj_drop(attn.proj(out)).view(b_, n, -1)
 
 
 class SwinV2Block(FusedAttentionBlock, timm_v2.SwinTransformerV2Block):
@@ -135,6 +142,19 @@ class SwinV2Block(FusedAttentionBlock, timm_v2.SwinTransformerV2Block):
     attention = WindowAttentionV2
     _torch_path = scriptable_alias(timm_v2.SwinTransformerV2Block._attn, "_torch_path")
 
-    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
-    def _fast_path(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn.fused(x, self.window_size, self.shift_size)
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._torch_path(x)
+        return swinv2_attention_half(self, x)
+
+
+def swinv2_attention_half(block: SwinV2Block, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``_attn``, or the fused kernel on the (B, H, W, C) tokens (shift, padding and the
+    region mask in the kernel), then the proj Linear."""
+    if not runs_fast_path(block, x):
+        return block._torch_path(x)
+    attn = block.attn
+    qkv, bias, pad_qkv = attn.kernel_inputs(x)
+    out = kernels().FusedWindowAttention.apply(qkv, bias, pad_qkv, None, attn.num_heads,
+                                                  block.window_size, block.shift_size, 1.0)
+    return attn.proj_drop(attn.proj(out))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from timm.models import swin_transformer as timm_swin
 
-from .backend import TwoPaths, attention_refusal, dispatch, kernels, scriptable_alias
+from .backend import TwoPaths, attention_refusal, kernels, runs_fast_path, scriptable_alias
 
-torch.fx.wrap("dispatch")  # a leaf of traced graphs: the path is chosen when the graph runs
+torch.fx.wrap("swin_window_attention")  # a leaf of traced graphs: the path is chosen when the graph runs
 
 
 class WindowAttention(TwoPaths, timm_swin.WindowAttention):
@@ -30,7 +30,7 @@ class WindowAttention(TwoPaths, timm_swin.WindowAttention):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._torch_path(x, mask)
-        return dispatch(self, x, mask)
+        return swin_window_attention(self, x, mask)
 
     _torch_path = scriptable_alias(timm_swin.WindowAttention.forward, "_torch_path")  # timm's code
 
@@ -42,14 +42,20 @@ class WindowAttention(TwoPaths, timm_swin.WindowAttention):
     def _fast_path_refusal(self, x: torch.Tensor) -> str | None:
         return attention_refusal(self.qkv.out_features // (3 * self.num_heads), x)
 
-    @torch.compiler.disable  # torch.compile: a graph break around the launch (backend.py)
-    def _fast_path(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b_, n, _ = x.shape
-        wh, ww = self.window_size
-        if n != wh * ww:
-            raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
-        qkv = self.qkv(x).view(b_, wh, ww, -1)
-        # Explicit zero shift: with one window per "image" there is nothing to roll or pad.
-        out = kernels().window_attention(qkv, self.relative_position_bias_table, self.num_heads,
-                                         self.window_size, 0, mask=mask, scale=self.scale)
-        return self.proj_drop(self.proj(out.view(b_, n, -1)))
+
+def swin_window_attention(attn: WindowAttention, x: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's forward, or the qkv Linear, the fused kernel on the windows read as a batch of
+    one-window token maps (nothing to roll or pad: zero shift, the mask if any explicit) and the
+    proj Linear."""
+    if not runs_fast_path(attn, x):
+        return attn._torch_path(x, mask)
+    b_, n, _ = x.shape
+    wh, ww = attn.window_size
+    if n != wh * ww:
+        raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
+    qkv = attn.qkv(x).view(b_, wh, ww, -1)
+    out = kernels().FusedWindowAttention.apply(qkv, attn.relative_position_bias_table, None,
+                                                  mask, attn.num_heads, attn.window_size, 0,
+                                                  attn.scale)
+    return attn.proj_drop(attn.proj(out.view(b_, n, -1)))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from reference import Reference, lamp_scores
 
 import dimap_fast
-from dimap_fast.engine.scores import BLOCK, GROUP, LayerState, sorted_negated_magnitudes
+from dimap_fast.engine.scores import GROUP, RUN, LayerState, sorted_negated_magnitudes
 
 SHAPES = {
     "layers.0.blocks.0.attn.qkv.weight": (24, 8),
@@ -52,22 +52,22 @@ def blocked_prefix_literally(sq: list[float]) -> list[float]:
     """The shared summation order, one float64 add at a time: S_j = R_g + (q_k + p_j)."""
     out, top, q, p = [], 0.0, 0.0, 0.0
     for j, x in enumerate(sq):
-        if j % (BLOCK * GROUP) == 0:
-            top, q, p = top + q + p if j else 0.0, 0.0, 0.0  # R += U (U = q + last block's p)
-        elif j % BLOCK == 0:
+        if j % (RUN * GROUP) == 0:
+            top, q, p = top + q + p if j else 0.0, 0.0, 0.0  # R += U (U = q + last run's p)
+        elif j % RUN == 0:
             q, p = q + p, 0.0
         p += x
         out.append(top + (q + p))
     return out
 
 
-@pytest.mark.parametrize("n", [5 * BLOCK + 17, 2 * BLOCK * GROUP + 3 * BLOCK + 5])
+@pytest.mark.parametrize("n", [5 * RUN + 17, 2 * RUN * GROUP + 3 * RUN + 5])
 def test_keys_follow_the_shared_summation_order_bit_for_bit(n):
     w = torch.randn(n, generator=torch.Generator().manual_seed(3)) * torch.rand(n, generator=torch.Generator().manual_seed(4)) ** 8
     state = LayerState(sorted_negated_magnitudes(w), "dimap")
     full = state.keys(0, n)
-    for start in range(0, n, 7 * BLOCK):
-        assert np.array_equal(state.keys(start, min(start + 2 * BLOCK, n)), full[start : start + 2 * BLOCK])
+    for start in range(0, n, 7 * RUN):
+        assert np.array_equal(state.keys(start, min(start + 2 * RUN, n)), full[start : start + 2 * RUN])
     mags = np.sort(np.abs(w.numpy()))[::-1].astype(np.float64)
     sq = (mags * mags).tolist()
     s = np.array(blocked_prefix_literally(sq))
@@ -158,7 +158,7 @@ def test_property_counts_topk_and_reference(sizes, levels, ratio, seed, copies):
     state = {}
     for i, n in enumerate(sizes):  # few distinct levels make ties common
         state[f"layers.{i}.blocks.0.mlp.fc1.weight"] = torch.randint(-levels, levels + 1, (n,), generator=g).float() / levels
-    for c in range(copies):  # identical layers tie on every block head, across layers
+    for c in range(copies):  # identical layers tie on every run head, across layers
         state[f"layers.{len(sizes) + c}.blocks.0.mlp.fc1.weight"] = state["layers.0.blocks.0.mlp.fc1.weight"].clone()
     sizes = [w.numel() for w in state.values()]
     plan = dimap_fast.plan(state)

@@ -112,6 +112,6 @@ def test_value_and_old_strings_give_the_same_masks(value, old):
 
 
 def test_tile_sizes_have_one_home():
-    from dimap_fast.kernels.sparse_linear import BLOCKS
+    from dimap_fast.kernels.sparse_linear import TILE_SIZES as KERNEL_TILE_SIZES
 
-    assert TILE_SIZES is BLOCKS == (16, 32, 64)
+    assert TILE_SIZES is KERNEL_TILE_SIZES == (16, 32, 64)

@@ -47,10 +47,11 @@ def test_many_groups_and_top_chunks(device):
 
 
 def test_the_cpu_plan_sums_in_the_same_order(device):
-    from dimap_fast.engine.scores import BLOCK, GROUP, LayerState
+    from dimap_fast.engine import scores
+    from dimap_fast.engine.scores import LayerState
 
-    assert (importance.BLOCK, importance.GROUP) == (BLOCK, GROUP)
-    n = 2 * BLOCK * GROUP + 77  # three groups
+    assert (scores.RUN, scores.GROUP) == (importance.RUN, importance.GROUP)  # one home: the kernels'
+    n = 2 * importance.RUN * importance.GROUP + 77  # three groups
     mags = sorted_mags([n], seed=5, device=device)
     got = module_scores(mags, offsets_of([n], device))
     state = LayerState(-mags.cpu().numpy(), "dimap")

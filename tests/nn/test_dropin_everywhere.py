@@ -10,7 +10,8 @@ from timm.models import _features, _features_fx
 from timm.models import swin_transformer as timm_swin
 
 import dimap_fast.nn as dnn
-from dimap_fast.nn.backend import dispatch
+from dimap_fast.nn.derived_linear import derived_linear_forward
+from dimap_fast.nn.swin_block import swin_attention_half
 from test_modules import block_prune, grads_of, small_swin  # the models test_nn converts
 from tolerances import assert_close, assert_rel_close, matmul_precision
 
@@ -24,23 +25,6 @@ def pair(img_size=32):
     ours = dnn.convert(copy.deepcopy(ref), choose="kernel")
     assert any(isinstance(m, dnn.SparseLinear) for m in ours.modules())
     return ref, ours
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the launches of each fast path, so a test knows the kernels ran."""
-    import dimap_fast.kernels as k
-
-    calls = {"window_attention": 0, "block_sparse_linear": 0}
-    for name in calls:
-        real = getattr(k, name)
-
-        def counted(*a, _name=name, _real=real, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(k, name, counted)
-    return calls
 
 
 def seeded_grads(model, x):
@@ -105,8 +89,9 @@ def test_fx_trace_forward_backward_and_run_time_backend(kernel_calls, device):
     ref, ours = pair()
     ref.train(), ours.train()  # before tracing: FX bakes in drop path's train/eval branch
     traced = torch.fx.symbolic_trace(ours)
-    leaves = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is dispatch]
-    assert len(leaves) == 4 + 8  # each block's attention half, each MLP's two SparseLinears
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets.count(swin_attention_half) == 4  # each block's attention half
+    assert targets.count(derived_linear_forward) == 8  # each MLP's two SparseLinears
     x = torch.randn(2, 3, 32, 32)
     same_grads(seeded_grads(traced, x), seeded_grads(ref, x))
     assert not any(kernel_calls.values())

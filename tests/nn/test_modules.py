@@ -139,17 +139,6 @@ def test_window_attention_drop_in(masked, device):
             assert_close(ours(x, mask), want)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the fused-kernel calls, so a test knows the fast path ran (not timm's code)."""
-    import dimap_fast.kernels as k
-
-    calls = []
-    real = k.window_attention
-    monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    return calls
-
-
 def grads_of(module, x, *args, d_out_seed=3):
     """Output and the gradients of the input and of every parameter, after one backward."""
     module.zero_grad(set_to_none=True)
@@ -162,7 +151,7 @@ def grads_of(module, x, *args, d_out_seed=3):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_window_attention_trains_through_the_fused_path(masked, device, fused_calls):
+def test_window_attention_trains_through_the_fused_path(masked, device, kernel_calls):
     ref, ours = (m.to(device) for m in window_attention_pair())
     ref.train(), ours.train()  # attn_drop is 0: training keeps the fused path
     blk = timm_swin.SwinTransformerBlock(32, (8, 8), num_heads=2, window_size=4, shift_size=2)
@@ -172,12 +161,12 @@ def test_window_attention_trains_through_the_fused_path(masked, device, fused_ca
         want = grads_of(ref, x, mask)
         with dnn.backend("triton"):
             got = grads_of(ours, x, mask)
-    assert fused_calls and set(got) == set(want) and len(want) == 7  # out, in, table, qkv, proj
+    assert kernel_calls["window_attention"] and set(got) == set(want) and len(want) == 7  # out, in, table, qkv, proj
     for name in want:
         assert_rel_close(got[name], want[name], torch.float32, name)
 
 
-def test_swin_block_trains_through_the_fused_path(device, fused_calls):
+def test_swin_block_trains_through_the_fused_path(device, kernel_calls):
     # Shifted, on a resolution that is not a multiple of the window: padding and region mask.
     torch.manual_seed(0)
     ref = timm_swin.SwinTransformerBlock(32, (6, 10), num_heads=2, window_size=4, shift_size=2,
@@ -192,7 +181,7 @@ def test_swin_block_trains_through_the_fused_path(device, fused_calls):
         want = grads_of(ref, x)
         with dnn.backend("triton"):
             got = grads_of(ours, x)
-    assert fused_calls and set(got) == set(want)
+    assert kernel_calls["window_attention"] and set(got) == set(want)
     for name in want:
         assert_rel_close(got[name], want[name], torch.float32, name)
 

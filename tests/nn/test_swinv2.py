@@ -154,9 +154,8 @@ def test_convert_names_what_it_leaves():
         assert dnn.convert(cr) is cr  # its prunable Linears are still candidates for SparseLinear
 
 
-def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch, device):
-    import dimap_fast.kernels as k
-    from dimap_fast.nn.backend import dispatch
+def test_converted_swinv2_scripts_traces_and_compiles(kernel_calls, device):
+    from dimap_fast.nn.swinv2 import swinv2_attention_half
 
     ref = small_swinv2().to(device)
     ours = dnn.convert(copy.deepcopy(ref))
@@ -165,13 +164,10 @@ def test_converted_swinv2_scripts_traces_and_compiles(monkeypatch, device):
         want = ref(x)
         torch.testing.assert_close(torch.jit.script(ours)(x), want, atol=1e-5, rtol=1e-5)
         traced = torch.fx.symbolic_trace(ours)
-        assert sum(n.target is dispatch for n in traced.graph.nodes) == 4  # one per block
+        assert sum(n.target is swinv2_attention_half for n in traced.graph.nodes) == 4  # one per block
         torch.testing.assert_close(traced(x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.compile(ours, backend="aot_eager")(x), want, atol=1e-5,
                                    rtol=1e-5)
-    calls = []
-    real = k.window_attention
-    monkeypatch.setattr(k, "window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad(), dnn.backend("triton"), matmul_precision("ieee"):
         assert_rel_close(traced(x), want, torch.float32, "traced logits")  # the graph picks it
-    assert len(calls) == 4
+    assert kernel_calls["window_attention"] == 4
