@@ -119,7 +119,7 @@ class Pattern:
         return (self.m - self.n) / self.m if self.kind == "n:m" else None
 
     def metadata(self) -> dict[str, str]:
-        """What a pruned checkpoint records: the 0.1 name, and the tile size for block."""
+        """What a pruned checkpoint records: the pattern's name, and for block the tile size."""
         return {"pattern": self.name, **({"block_size": str(self.block_size)} if self.kind == "block" else {})}
 
     def __str__(self) -> str:
