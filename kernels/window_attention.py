@@ -63,6 +63,11 @@ _GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32,
 _BWD_ONE_WARPS = 4
 _BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
+# A forward over several key blocks pipelines its key loop; a second stage would hold the next
+# block's (BLOCK, BLOCK) float32 bias piece in registers (sm_90, 12x12 at head dim 32: 168-176
+# registers, 2-3 blocks an SM, against 128 and 4 with one stage, where the other resident blocks'
+# warps cover the loads' latency).
+_MULTI_BLOCK_FWD_STAGES = 1
 _HEADS_PER_PROGRAM = 4
 _SMS = 132  # H100 SXM: a backward program sums the bias gradient over about windows*heads/(8*SMs)
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
@@ -100,6 +105,8 @@ class _Geometry:
         if self.interp:  # the interpreter pays per element: tiny windows get tiny tiles there
             block = min(block, max(16, triton.next_power_of_2(self.n)))
         self.block, self.nb = block, triton.cdiv(self.n, block)
+        self.tail = _tail(self.n, block)
+        self.fwd_stages = self.stages if self.nb == 1 else _MULTI_BLOCK_FWD_STAGES
         self.hpp = min(num_heads, _HEADS_PER_PROGRAM)
         self.groups = triton.cdiv(num_heads, self.hpp)
         regions = n_mask is None
@@ -129,8 +136,8 @@ class _Geometry:
         split = (self.n_windows * self.groups * self.nb,)
         common = dict(self.scalars, heads_per_program=self.hpp, n_groups=self.groups)
         if not backward:
-            return [(_window_attn_fwd, split, dict(common, store_lse=int(train)), blocked,
-                     self.warps, self.stages)]
+            return [(_window_attn_fwd, split, dict(common, store_lse=int(train)),
+                     dict(blocked, TAIL=self.tail), self.warps, self.fwd_stages)]
         if self.one_program_backward:
             wpp = self.windows_per_program
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
@@ -141,6 +148,13 @@ class _Geometry:
                  self.warps, self.bwd_stages),
                 (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
                  blocked, self.warps, self.bwd_stages)]
+
+
+def _tail(n: int, block: int) -> int:
+    """Keys the forward visits in a window's last key block: what is left of the window, to a
+    power of two of at least 16 (a 12x12 window: 64 + 64 + 16 keys, not 3 x 64)."""
+    last = n - (triton.cdiv(n, block) - 1) * block
+    return min(block, max(16, triton.next_power_of_2(last)))
 
 
 def _one_program_backward(nb: int, dtype: torch.dtype, hdp: int) -> bool:
@@ -346,8 +360,8 @@ def launch_configs() -> list:
         for prec in precs:
             for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
                 const = dict(HDP=hdp, BLOCK=block, PAD=True, EVEN_D=True, PREC=prec, UPCAST=False)
-                out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=1), warps,
-                                   stages))
+                out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=1, TAIL=block),
+                                   warps, stages))
                 bwd = min(stages, _BWD_STAGES)
                 if _one_program_backward(1, dtype, hdp):
                     out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
@@ -356,8 +370,9 @@ def launch_configs() -> list:
                     out += [_config(k, dtype, prec, dict(const, NB=1), warps, bwd)
                             for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
                 if hdp == 32:
-                    out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=3), warps,
-                                       stages))
+                    out.append(_config(_window_attn_fwd, dtype, prec,
+                                       dict(const, NB=3, TAIL=_tail(144, block)), warps,
+                                       _MULTI_BLOCK_FWD_STAGES))
                     out += [_config(k, dtype, prec, dict(const, NB=3), warps, bwd)
                             for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
     return out

@@ -11,7 +11,9 @@ Programs are numbered with the query (or key) block fastest, then the head group
 window, so the programs of one window run side by side and share its k and v through L2.
 
 - forward: a query block, keys visited with an online softmax (running maximum and sum in
-  float32); it also stores each query's log-sum-exp when a backward will follow;
+  float32); of a window's last key block only TAIL keys (what is left of the window, to a power
+  of two), visited first so their loads go out with q's; it also stores each query's
+  log-sum-exp when a backward will follow;
 - backward (window_attention_backward_kernels.py): dQ, dK, dV and the bias gradient
   (FlashAttention-2's backward with Swin's bias tile).
 """
@@ -46,13 +48,22 @@ def _tokens(t0, N, WW, wy0, wx0, H, W, shift_h, shift_w, BLOCK: tl.constexpr, PA
     padding), and the row and column of the (cyclically shifted) token they read."""
     t = t0 + tl.arange(0, BLOCK)
     valid = t < N
-    y = wy0 + t // WW
-    x = wx0 + t % WW
+    # t // WW through float32 (an integer division by a runtime value is some 20 instructions an
+    # element): exact, as (t + 0.5) / WW stays 0.5 / WW clear of the next integer for t < 4096.
+    row = ((t.to(tl.float32) + 0.5) * (1.0 / WW)).to(tl.int32)
+    y = wy0 + row
+    x = wx0 + (t - row * WW)
     if PAD:
         real = valid & (y < H) & (x < W)
     else:
         real = valid
-    return valid, real, ((y + shift_h) % H).to(tl.int64), ((x + shift_w) % W).to(tl.int64)
+    # The modulo as one conditional subtraction: a real token's y + shift_h is below H + WH <= 2H
+    # (timm's window never exceeds the map); other tokens' rows are never dereferenced.
+    sy = y + shift_h
+    sx = x + shift_w
+    sy = tl.where(sy >= H, sy - H, sy)
+    sx = tl.where(sx >= W, sx - W, sx)
+    return valid, real, sy.to(tl.int64), sx.to(tl.int64)
 
 
 @triton.jit
@@ -89,13 +100,38 @@ def _up(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, kb, b, ch, d_ok, N, WW, wy0, wx0,
+               H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK: tl.constexpr,
+               KEYS: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """One online-softmax step over the first KEYS keys of key block ``kb``: the running
+    accumulator, maximum and sum, updated."""
+    k_valid, k_real, syk, sxk = _tokens(kb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w, KEYS,
+                                        PAD)
+    k_rows = b * s_qb + syk * s_qh + sxk * s_qw
+    k = _up(_load_rows(qkv_ptr + C, k_rows, ch, k_valid, k_real, d_ok, qkv_bias_ptr + C, PAD,
+                       EVEN_D), UPCAST)
+    v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok, qkv_bias_ptr + 2 * C,
+                       PAD, EVEN_D), UPCAST)
+    bias = tl.load(tile_h + kb * (BLOCK * BLOCK) + tl.arange(0, BLOCK)[:, None] * BLOCK
+                   + tl.arange(0, KEYS)[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) + bias
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2((m_i - m_new) * LOG2E)
+    p = tl.math.exp2(s * LOG2E - (m_new * LOG2E)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      H, W, n_win, n_win_w, n_win_h, shift_h, shift_w, n_mask, cls_h, cls_w,
                      scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
                      C, HEADS, HD, WH, WW, heads_per_program, n_groups, store_lse,
                      HDP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
-                     PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     TAIL: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     qb = pid % NB
     g = (pid // NB) % n_groups
@@ -112,8 +148,7 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
     r = tl.arange(0, BLOCK)
     piece = BLOCK * BLOCK
     # this program's row of (BLOCK, BLOCK) pieces in the tile of (class, head 0)
-    tile_row = tile_ptr + (cls * HEADS).to(tl.int64) * (NB * NB * piece) + qb * (NB * piece) \
-        + r[:, None] * BLOCK + r[None, :]
+    tile_row = tile_ptr + (cls * HEADS).to(tl.int64) * (NB * NB * piece) + qb * (NB * piece)
     h0 = g * heads_per_program
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
@@ -126,36 +161,31 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                                PAD, EVEN_D), UPCAST)
             v = _up(_load_rows(qkv_ptr + 2 * C, q_rows, ch, valid, real, d_ok,
                                qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
-            s = (tl.dot(q, tl.trans(k), input_precision=PREC) + tl.load(tile_h)) * LOG2E
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) \
+                + tl.load(tile_h + r[:, None] * BLOCK + r[None, :])
             m_i = tl.max(s, 1)
-            p = tl.math.exp2(s - m_i[:, None])
+            p = tl.math.exp2(s * LOG2E - (m_i * LOG2E)[:, None])
             l_i = tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
         else:
             m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
             l_i = tl.zeros((BLOCK,), tl.float32)
             acc = tl.zeros((BLOCK, HDP), tl.float32)
-            for kb in range(NB):
-                k_valid, k_real, syk, sxk = _tokens(kb * BLOCK, N, WW, wy0, wx0, H, W, shift_h,
-                                                    shift_w, BLOCK, PAD)
-                k_rows = b * s_qb + syk * s_qh + sxk * s_qw
-                k = _up(_load_rows(qkv_ptr + C, k_rows, ch, k_valid, k_real, d_ok,
-                                   qkv_bias_ptr + C, PAD, EVEN_D), UPCAST)
-                v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok,
-                                   qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
-                s = (tl.dot(q, tl.trans(k), input_precision=PREC)
-                     + tl.load(tile_h + kb * piece)) * LOG2E
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_i = m_new
-        o = acc / l_i[:, None]
+            # the last block holds N - (NB - 1) * BLOCK keys: only TAIL columns of it are visited
+            # (first: its loads go out with q's)
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, NB - 1,
+                                       b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h, shift_w,
+                                       s_qb, s_qh, s_qw, C, BLOCK, TAIL, PAD, EVEN_D, PREC, UPCAST)
+            for kb in range(NB - 1):
+                acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, kb,
+                                           b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h, shift_w,
+                                           s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD, EVEN_D, PREC,
+                                           UPCAST)
+        o = acc * (1.0 / l_i)[:, None]
         if EVEN_D:
             st = real[:, None]
         else:
             st = real[:, None] & d_ok[None, :]
         tl.store(out_ptr + o_rows[:, None] + ch[None, :], o.to(out_ptr.dtype.element_ty), mask=st)
-        tl.store(lse_ptr + lse_rows + h, (m_i + tl.math.log2(l_i)) * LN2,
-                 mask=real & (store_lse != 0))
+        if store_lse != 0:
+            tl.store(lse_ptr + lse_rows + h, m_i + tl.math.log2(l_i) * LN2, mask=real)

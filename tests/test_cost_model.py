@@ -94,6 +94,47 @@ def test_fresh_sm90_compile_counts_a_known_loop_by_hand(monkeypatch):
     assert u is not None and by_op["LDG"] == u * execs[main[0]]  # the main body ran n / u times
 
 
+@triton.jit
+def _plus_one(x):
+    return x + 1.0
+
+
+@triton.jit
+def _sum_rows_twice(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n):
+        acc += _plus_one(tl.load(x_ptr + i * BLOCK + offs)) \
+            + _plus_one(tl.load(x_ptr + offs))
+    tl.store(out_ptr + offs, acc)
+
+
+class _SumRowsTwice:
+    """A workload for the model's capture worker: one launch of a loop of 9 iterations."""
+
+    name = "sum_rows_twice"
+    trips = 9
+
+    def run(self):
+        import torch
+
+        _sum_rows_twice[(1,)](torch.zeros(16 * self.trips), torch.empty(16), self.trips, BLOCK=16)
+
+
+def test_replay_counts_a_multiline_loop_body_once_an_iteration(monkeypatch):
+    # The body's one statement spans two lines and calls a helper twice: Python raises a line
+    # event each time its evaluation comes back to a line, 18 for 9 iterations here. The model
+    # once read those as 27 iterations (a 12x12 window's key loop, 4x over).
+    here = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    [captured] = worker.call("capture", [_SumRowsTwice()])
+    [launch] = captured["launches"]
+    code = _sum_rows_twice.fn.__code__
+    [loop] = [l for l in launch["loops"] if l[0] == code.co_firstlineno + 4]
+    assert loop[2] == code.co_firstlineno + 5  # the body's first line counts its runs
+    assert launch["replay"].line_hits[(launch["file"], loop[2])] == _SumRowsTwice.trips
+
+
 def test_copy_kernel_estimate_is_bytes_over_bandwidth():
     n, programs = 1 << 28, 1 << 16  # 256 MiB in, 256 MiB out: far past the L2
     per_program = n * 4 / programs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import sys
 from collections import Counter
@@ -177,9 +178,12 @@ def replay(launch: Launch, samples: int = 6) -> Replay:
     def tracer(frame, event, arg):
         if frame.f_code.co_filename not in files:
             return None
+        starts = _statement_starts(frame.f_code)
 
         def local(frame, event, arg):
-            if event == "line":
+            # A statement over several lines raises a line event each time its evaluation moves
+            # back to a line (after each call in it): only its first instruction counts a run.
+            if event == "line" and starts.get(frame.f_lineno) == frame.f_lasti:
                 hits[(frame.f_code.co_filename, frame.f_lineno)] += 1
             return local
         return local
@@ -207,6 +211,16 @@ def replay(launch: Launch, samples: int = 6) -> Replay:
     out.unique_bytes = {n: 32 * per_program[n] / out.programs for n in sectors}
     out.atomics /= out.programs
     return out
+
+
+@functools.cache
+def _statement_starts(code) -> dict[int, int]:
+    """line -> the first bytecode offset of the code on that line (where its statement begins)."""
+    starts: dict[int, int] = {}
+    for start, _, line in code.co_lines():
+        if line is not None and start < starts.get(line, start + 1):
+            starts[line] = start
+    return starts
 
 
 def source_loops(filename: str) -> list[tuple[int, int, int]]:

@@ -30,6 +30,8 @@ CASES = [
     pytest.param((24, 12), 12, True, 1, 16, 1, id="w12-shift"),
     pytest.param((15, 15), 12, True, 1, 16, 1, id="w12-shift-pad"),
     pytest.param((16, 16), 16, False, 1, 16, 1, id="w16-plain"),
+    # 81 tokens: a full key tile, then a 32-key tail whose last 15 columns are padding
+    pytest.param((18, 18), 9, True, 1, 16, 1, id="w9-shift-tail"),
 ]
 
 
