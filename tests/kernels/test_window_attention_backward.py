@@ -20,6 +20,8 @@ CASES = [
     pytest.param((8, 8), 8, 0, 1, 48, 1, False, id="w8-hd48"),
     pytest.param((15, 15), 12, 6, 1, 16, 1, False, id="w12-shift-pad"),
     pytest.param((16, 16), 16, 0, 1, 16, 1, False, id="w16-plain"),
+    # several key blocks, two heads, three windows: bias-gradient runs of 2 and 1 windows
+    pytest.param((12, 36), 12, 6, 2, 16, 1, False, id="w12-shift-2heads-3windows"),
     pytest.param((8, 8), 4, 0, 2, 16, 2, True, id="w4-explicit-mask"),
     pytest.param((8, 8), 4, 2, 2, 16, 2, True, id="w4-explicit-mask-and-shift"),
     pytest.param((12, 12), 4, 2, 1, 16, 1, False, id="w4-shift-9windows"),  # a partial last run
