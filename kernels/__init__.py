@@ -17,14 +17,17 @@ if __name__ == "kernels":
     from importlib.machinery import PathFinder
 
     def _installed_spec(name: str):
-        """The spec the import system would find for ``name`` if this checkout's root were not on sys.path."""
+        """The spec the import system would find for ``name`` if this checkout's root were not on
+        sys.path; a namespace portion (a folder without __init__.py, such as tests/kernels/ once
+        pytest puts tests/ on sys.path) is not an installed package."""
         here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
         root = os.path.dirname(here)
         elsewhere = [e for e in sys.path if os.path.realpath(e or os.curdir) != root]
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
             spec = PathFinder.find_spec(name, elsewhere) if finder is PathFinder else find and find(name, None)
-            if spec is not None and os.path.realpath(os.path.dirname(spec.origin or "")) != here:
+            if spec is not None and spec.origin not in (None, "namespace") and \
+                    os.path.realpath(os.path.dirname(spec.origin)) != here:
                 return spec
         return None
 
