@@ -3,7 +3,7 @@ estimated from its own launch sequence.
 
 The real code path runs under the interpreter on two stand-ins of the model (timm's Swin with
 its real layers and modules at two tiny widths: the layer sizes shrink, the launch and read
-sequence does not), and every Triton launch, torch op and device-to-host read it makes is
+sequence does not; the launchers pick their GPU tiles), and every Triton launch, torch op and device-to-host read it makes is
 recorded; each Triton launch is also replayed (a few programs: line hits, sectors touched)
 and later compiled for sm_90. The two runs must make the same
 sequence. Each quantity is then carried to the real model's N prunable weights from the two
@@ -14,7 +14,9 @@ per-program work that grows).
 Estimate = (Triton launches + torch ops) x launch cost + host reads x sync cost + torch bytes
 over the copy rate + each Triton launch's max(compute, memory) (kernel_cost's wave model).
 torch.sort on CUDA sorts (key, int64 index) pairs by radix, 8 bits a pass: charged 4 passes,
-each reading and writing 12 bytes an element, plus a read of the keys. The floor is one read
+each reading and writing 12 bytes an element, plus a read of the keys. A gather (``t[idx]``)
+reads its index and one 32-byte sector per element it gathers, not its whole source (the
+byte tally charges the source whole: the difference is taken back here). The floor is one read
 of the prunable weights (fp32).
 """
 
@@ -25,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .workloads import TIMM_NAMES as MODELS
 
@@ -33,6 +36,7 @@ WIDTHS = {"swin_t": (3, 6), "swin_b": (4, 8)}  # stand-ins: each stage's heads s
 RATIO = 0.5
 _SAMPLES = 4  # programs of each launch replayed for line hits and sectors
 _SORT_BYTES = 4 * 2 * (4 + 8) + 4  # per element
+_SECTOR = 32
 
 
 @dataclass
@@ -71,6 +75,46 @@ def _host_reads(counter: list, active: list):
     finally:
         for name, f in saved.items():
             setattr(torch.Tensor, name, f)
+
+
+class _Gathers(TorchDispatchMode):
+    """Bytes the tally charged gathers beyond what they touch: a source read whole where only
+    one sector per gathered element is."""
+
+    def __init__(self):
+        super().__init__()
+        self.excess = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.index.Tensor:
+            from .baselines import unique_bytes
+
+            whole = unique_bytes(args[0])
+            self.excess += whole - min(whole, _SECTOR * out.numel())
+        return out
+
+
+@contextlib.contextmanager
+def _gpu_tiles():
+    """The scoring launchers pick the tiles they pick on a GPU (the interpreter runs those too,
+    slower), so what is recorded and compiled is the GPU's launch: the interpreter's smaller
+    tiles would be costed as more programs doing less each."""
+    import importlib
+
+    saved = []
+    for name in ("apply", "importance", "select"):
+        m = importlib.import_module(f"dimap_fast.kernels.{name}")
+        for attr, value in (("interpreting", lambda kernel: False),
+                            ("default_block", lambda kernel, gpu, interp: gpu)):
+            if hasattr(m, attr):
+                saved.append((m, attr, getattr(m, attr)))
+                setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, attr, value in reversed(saved):
+            setattr(m, attr, value)
 
 
 @contextlib.contextmanager
@@ -145,12 +189,13 @@ def run(model: str, width: int) -> MasksRun:
 
     interpreter.InterpretedFunction.run = recorded
     try:
-        with _patched_once(), _host_reads(reads, active), count_bytes(real=True) as ops:
+        with _gpu_tiles(), _patched_once(), _host_reads(reads, active), count_bytes(real=True) as ops, \
+                _Gathers() as gathers:
             p = plan(sd, backend="triton")
             p.masks(RATIO)
     finally:
         interpreter.InterpretedFunction.run = original
-    torch_bytes = ops.bytes - ops.sort_bytes + ops.sort_elements * _SORT_BYTES
+    torch_bytes = ops.bytes - ops.sort_bytes + ops.sort_elements * _SORT_BYTES - gathers.excess
     weights = sum(layer.tensor.numel() for layer in p.layers)
     return MasksRun(weights, ops.count, torch_bytes, ops.syncs + reads[0], launches)
 

@@ -33,12 +33,13 @@ def test_special_values_and_ragged_segments(device):
     assert seg[0].isnan() and seg[1] == seg[2] == float("inf")
 
 
-def test_one_chunk_of_the_gpu_size(device):
-    # The GPU chunk (4096): one segment filling it, one crossing into a second chunk.
+def test_wide_chunks(device):
+    # One segment filling a chunk, one crossing into a second (the GPU's 4096-wide chunk takes
+    # minutes in the interpreter, whose tl.sort runs a Python loop per element: 256 stands in).
     g = torch.Generator().manual_seed(5)
-    sizes = [ss.CHUNK, ss.CHUNK + 7]
+    sizes = [256, 263]
     v = (torch.randint(-50, 50, (sum(sizes),), generator=g) / 7).float()  # many ties
-    check_sort(v, sizes, device, chunk=ss.CHUNK)
+    check_sort(v, sizes, device, chunk=256)
 
 
 def test_every_digit_of_every_pass_moves(device):
