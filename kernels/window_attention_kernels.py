@@ -172,16 +172,24 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
             m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
             l_i = tl.zeros((BLOCK,), tl.float32)
             acc = tl.zeros((BLOCK, HDP), tl.float32)
-            # the last block holds N - (NB - 1) * BLOCK keys: only TAIL columns of it are visited
-            # (first: its loads go out with q's)
-            acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, NB - 1,
-                                       b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h, shift_w,
-                                       s_qb, s_qh, s_qw, C, BLOCK, TAIL, PAD, EVEN_D, PREC, UPCAST)
-            for kb in range(NB - 1):
-                acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, kb,
-                                           b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h, shift_w,
-                                           s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD, EVEN_D, PREC,
-                                           UPCAST)
+            if TAIL == BLOCK:
+                for kb in range(NB):
+                    acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
+                                               kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                               shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,
+                                               EVEN_D, PREC, UPCAST)
+            else:
+                # the last block holds N - (NB - 1) * BLOCK keys: only TAIL columns of it are
+                # visited, first, so that their loads go out with q's
+                acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
+                                           NB - 1, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                           shift_w, s_qb, s_qh, s_qw, C, BLOCK, TAIL, PAD, EVEN_D,
+                                           PREC, UPCAST)
+                for kb in range(NB - 1):
+                    acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
+                                               kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                               shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,
+                                               EVEN_D, PREC, UPCAST)
         o = acc * (1.0 / l_i)[:, None]
         if EVEN_D:
             st = real[:, None]
