@@ -49,7 +49,7 @@ def test_every_digit_of_every_pass_moves(device):
     v = bits.view(torch.float32)
     v = torch.cat([v, -v.flip(0)])
     check_sort(v, [v.numel()], device)
-    check_sort(v, [7, v.numel() - 7], device, chunk=4)
+    check_sort(v, [7, v.numel() - 7], device)
 
 
 def test_empty_and_validation(device):
@@ -78,7 +78,7 @@ def test_property(sizes, levels, seed, device):
     v = torch.randn(n, generator=g)
     if levels:
         v = torch.randint(-levels, levels, (n,), generator=g).float()
-    check_sort(v, sizes, device, chunk=8)
+    check_sort(v, sizes, device)
 
 
 def test_launch_configs_cover_every_pass():
