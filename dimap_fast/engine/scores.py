@@ -94,6 +94,31 @@ def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
     return out
 
 
+def band_keys(states: list[LayerState], starts, lengths: np.ndarray) -> np.ndarray:
+    """``states[i].keys(starts[i], starts[i] + lengths[i])`` for every layer, concatenated: the
+    same sums in the same order as ``keys`` (each run summed left to right, then q, then R), with
+    one cumsum over every band's runs instead of one per layer, which a budget's search calls
+    for each ratio it tries."""
+    if not states or states[0].method != "dimap":
+        return np.concatenate([-s.neg[a:a + n].astype(np.float64) for s, a, n in zip(states, starts, lengths)])
+    runs = -(-lengths // RUN)
+    squares = np.zeros((int(runs.sum()), RUN))
+    valid = np.zeros(squares.shape, dtype=bool)
+    q, r = np.empty(squares.shape[0]), np.empty(squares.shape[0])
+    row = 0
+    for s, a, n, k in zip(states, starts, lengths, runs):
+        band, flat = s.neg[a:a + n], slice(row * RUN, row * RUN + n)
+        squares.reshape(-1)[flat] = -band if s.squared else np.square(band, dtype=np.float64)
+        valid.reshape(-1)[flat] = True
+        q[row:row + k] = s.prefix[a // RUN:a // RUN + k]
+        r[row:row + k] = s.tops[np.arange(a // RUN, a // RUN + k) // GROUP]
+        row += k
+    p = torch.cumsum(torch.from_numpy(squares), 1).numpy()  # left to right, as numpy's
+    total = np.add(q[:, None], p, out=p)
+    total = np.add(r[:, None], total, out=total)
+    return _safe_divide(squares[valid], total[valid])
+
+
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     out = np.zeros_like(num)
     np.divide(num, den, out=out, where=den > 0)
@@ -262,15 +287,14 @@ class ThresholdGroup:
             at_least = int(np.searchsorted(s.heads_neg, -lower, side="right"))  # heads >= lower
             starts.append(max(above - 1, 0) * RUN)
             stops.append(min(at_least * RUN, s.numel))
-        keys = [s.keys(a, b) for s, a, b in zip(self.states, starts, stops)]
-        lengths = np.array([k.size for k in keys])
+        lengths = np.array(stops, dtype=np.int64) - np.array(starts, dtype=np.int64)
         need = keep - sum(starts)
         counts = np.array(starts, dtype=np.int64)
         if need > 0:
-            band = np.concatenate(keys)
+            band = band_keys(self.states, starts, lengths)
             chosen = np.argsort(-band, kind="stable")[:need]
-            owner = np.repeat(np.arange(len(keys)), lengths)
-            counts += np.bincount(owner[chosen], minlength=len(keys))
+            owner = np.repeat(np.arange(len(lengths)), lengths)
+            counts += np.bincount(owner[chosen], minlength=len(lengths))
         return counts
 
     def _bracket(self, keep: int) -> tuple[float, float]:

@@ -77,6 +77,26 @@ def test_keys_follow_the_shared_summation_order_bit_for_bit(n):
     assert np.allclose(full, ref, rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("method", ["dimap", "global"])
+@pytest.mark.parametrize("squared", [False, True])
+def test_band_keys_equal_each_layers_keys(method, squared):
+    # a budget's search reads every layer's band at once: the same numbers, bit for bit
+    from dimap_fast.engine.scores import band_keys
+
+    g = torch.Generator().manual_seed(11)
+    sizes = [1, RUN - 3, 3 * RUN, 2 * RUN * GROUP + 5, 7]
+    states = []
+    for n in sizes:
+        w = torch.randn(n, generator=g)
+        neg = sorted_negated_magnitudes(w * w if squared else w).astype(np.float64 if squared else np.float32)
+        states.append(LayerState(neg, method, squared))
+    starts = [0, 0, RUN, RUN * GROUP, 0]
+    lengths = np.array([1, 0, 2 * RUN - 1, RUN * GROUP + 5, 7])
+    want = np.concatenate([s.keys(a, a + n) for s, a, n in zip(states, starts, lengths)])
+    got = band_keys(states, starts, lengths)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("method", ["dimap", "global", "uniform"])
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.75, 0.99])
 def test_small_model_equals_reference(method, ratio):
