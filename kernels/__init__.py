@@ -43,7 +43,6 @@ if __name__ == "kernels":
 else:
     from . import apply as _apply
     from . import importance as _importance
-    from . import segmented_sort as _segmented_sort
     from . import select as _select
     from . import sparse_linear as _sparse_linear
     from . import window_attention as _window_attention
@@ -66,7 +65,7 @@ else:
     def launch_configs() -> list[LaunchConfig]:
         """Every kernel configuration the launchers can start on a GPU (checked by dimap_fast.hopper_fit)."""
         # Modules by alias: the package rebinds window_attention (and friends) to their functions.
-        modules = (_segmented_sort, _importance, _select, _apply, _sparse_linear, _window_attention)
+        modules = (_importance, _select, _apply, _sparse_linear, _window_attention)
         return [cfg for mod in modules for cfg in mod.launch_configs()]
 
 

@@ -29,7 +29,7 @@ from dimap_fast.atomic import write_text_atomic
 
 COUNTS_FILE = Path(__file__).resolve().parent / "compiles.json"
 COMPILE_S = 1.5  # estimate: seconds of one sm_90 compile of these kernels on a lent machine's CPU
-TESTS_COMPILES = 237  # issue 20's count for `pytest -m gpu tests`, + segmented_sort's 13 (2 chunks x 6, a scan)
+TESTS_COMPILES = 224  # issue 20's count for `pytest -m gpu tests`
 TESTS_WORKERS = 12  # pytest -n 12 on the 16-core machine: compiles spread over processes
 CONVERT_BATCH = 16  # every stage's row count a multiple of 16 at 224: one specialization per Linear kind
 FINETUNE_COMPILES = 12  # estimate: forward + two backward attention kernels, per stage shape, twice
