@@ -32,14 +32,28 @@ if __name__ == "kernels":
         return None
 
     _spec = _installed_spec(__name__)
-    if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' is installed (this checkout's kernels/ folder is "
-            "dimap_fast.kernels: import it by that name)", name=__name__)
     # The import system returns whatever sys.modules holds once this file finishes.
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+    if _spec is None:
+        # None installed: an empty stand-in, which reads as absent to probes such as transformers'
+        # (no __file__, no __version__: a folder shadowing nothing). Raising here instead would
+        # break `import transformers` wherever it imports the name to check it.
+        import types
+
+        _module = types.ModuleType(__name__, "No package named kernels is installed.")
+        _module.__file__, _module.__path__ = None, []
+        _module.__spec__ = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+
+        def _missing(attr: str):
+            raise AttributeError(f"no package named 'kernels' is installed, so it has no {attr!r} "
+                                 "(this checkout's kernels/ folder is dimap_fast.kernels: import "
+                                 "it by that name)")
+
+        _module.__getattr__ = _missing
+        sys.modules[__name__] = _module
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
 else:
     from . import apply as _apply
     from . import importance as _importance
