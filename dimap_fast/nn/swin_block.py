@@ -45,6 +45,6 @@ def swin_attention_half(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
         return block._torch_path(x)
     attn = block.attn
     a = kernels().FusedWindowAttention.apply(attn.qkv(x), attn.relative_position_bias_table,
-                                                attn.qkv.bias, None, attn.num_heads,
-                                                block.window_size, block.shift_size, attn.scale)
+                                             attn.qkv.bias, None, attn.num_heads,
+                                             block.window_size, block.shift_size, attn.scale)
     return attn.proj_drop(attn.proj(a))

@@ -24,6 +24,7 @@ from timm.models import swin_transformer_v2 as timm_v2
 
 from .backend import TwoPaths, attention_refusal, kernels, runs_fast_path, scriptable_alias
 from .fused_block import FusedAttentionBlock
+from .window_attention import window_maps
 
 # Leaves of traced graphs: the path is chosen when the graph runs.
 torch.fx.wrap("swinv2_window_attention")
@@ -125,14 +126,10 @@ def swinv2_window_attention(attn: WindowAttentionV2, x: torch.Tensor,
     (nothing to roll or pad; the mask, if any, explicit), then the proj Linear."""
     if not runs_fast_path(attn, x):
         return attn._torch_path(x, mask)
-    b_, n, c = x.shape
-    wh, ww = attn.window_size
-    if n != wh * ww:
-        raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
-    qkv, bias, pad_qkv = attn.kernel_inputs(x.view(b_, wh, ww, c))
+    qkv, bias, pad_qkv = attn.kernel_inputs(window_maps(x, attn.window_size))
     out = kernels().FusedWindowAttention.apply(qkv, bias, pad_qkv, mask, attn.num_heads,
-                                                  attn.window_size, 0, 1.0)
-    return attn.proj_drop(attn.proj(out)).view(b_, n, -1)
+                                               attn.window_size, 0, 1.0)
+    return attn.proj_drop(attn.proj(out.flatten(1, 2)))
 
 
 class SwinV2Block(FusedAttentionBlock, timm_v2.SwinTransformerV2Block):
@@ -156,5 +153,5 @@ def swinv2_attention_half(block: SwinV2Block, x: torch.Tensor) -> torch.Tensor:
     attn = block.attn
     qkv, bias, pad_qkv = attn.kernel_inputs(x)
     out = kernels().FusedWindowAttention.apply(qkv, bias, pad_qkv, None, attn.num_heads,
-                                                  block.window_size, block.shift_size, 1.0)
+                                               block.window_size, block.shift_size, 1.0)
     return attn.proj_drop(attn.proj(out))

@@ -50,12 +50,16 @@ def swin_window_attention(attn: WindowAttention, x: torch.Tensor,
     proj Linear."""
     if not runs_fast_path(attn, x):
         return attn._torch_path(x, mask)
-    b_, n, _ = x.shape
-    wh, ww = attn.window_size
+    out = kernels().FusedWindowAttention.apply(attn.qkv(window_maps(x, attn.window_size)),
+                                               attn.relative_position_bias_table, None, mask,
+                                               attn.num_heads, attn.window_size, 0, attn.scale)
+    return attn.proj_drop(attn.proj(out.flatten(1, 2)))
+
+
+def window_maps(x: torch.Tensor, window_size) -> torch.Tensor:
+    """Windows (num_windows*B, N, C) viewed as a batch of one-window token maps (.., wh, ww, C)."""
+    b_, n, c = x.shape
+    wh, ww = window_size
     if n != wh * ww:
         raise ValueError(f"expected windows of {wh * ww} tokens, got {n}")
-    qkv = attn.qkv(x).view(b_, wh, ww, -1)
-    out = kernels().FusedWindowAttention.apply(qkv, attn.relative_position_bias_table, None,
-                                                  mask, attn.num_heads, attn.window_size, 0,
-                                                  attn.scale)
-    return attn.proj_drop(attn.proj(out.view(b_, n, -1)))
+    return x.view(b_, wh, ww, c)
