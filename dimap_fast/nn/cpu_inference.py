@@ -12,8 +12,9 @@ intermediates (at most ROWS x 4C floats) stay in the cache between steps, and wi
 - shift and window partition are one gather of the normed tokens (a precomputed token order),
   window reverse and reverse shift one gather back: no roll, partition or reverse copies;
 - the relative position bias and the shift mask are added once, per window, and cached;
-- the qkv and fc1 Linears run oneDNN's Linear with its epilogue (fc1: + bias, GELU), the proj
-  and fc2 Linears add the residual in theirs (``torch.ops.mkldnn._linear_pointwise``).
+- on chunks of at most ``EPILOGUE_ROWS`` tokens the Linears run oneDNN's Linear with its epilogue
+  (fc1: + bias, GELU; proj and fc2: + residual, ``torch.ops.mkldnn._linear_pointwise``); on
+  larger chunks they run torch's Linear, the residual added in place.
 
 It runs only where nothing can tell it from timm's forward but the time: float32 CPU tensors,
 eval mode, no gradients recorded, no autocast, backend "auto", eager (not under TorchScript,
@@ -34,6 +35,10 @@ from timm.layers import Format, Mlp
 from .backend import get_backend, recording
 
 ROWS = 3136  # tokens per chunk: one 56x56 map (Swin-T's first stage); later stages take whole images
+# oneDNN's fused Linear only pays on chunks this small (one 7x7 map): side by side with F.linear
+# in whole stages on the project's 2-vCPU VM it was 1.10x at 49 tokens, 0.95-0.98x at 98 and
+# 0.8-0.9x from 196 up (Swin-T/B, weights streamed as in a forward, not hot in the cache).
+EPILOGUE_ROWS = 64
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -137,7 +142,10 @@ def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block(block, tokens, order, inverse, bias):
-    mixed = _attention(block, block.norm1(tokens).index_select(1, order), bias, inverse, tokens)
+    windows = block.norm1(tokens)
+    if order is not None:
+        windows = windows.index_select(1, order)
+    mixed = _attention(block, windows, bias, inverse, tokens)
     return _mlp(block.mlp, block.norm2(mixed), mixed)
 
 
@@ -153,7 +161,9 @@ def _attention(block, windows, bias, inverse, residual):
     if images > 1 and bias.shape[0] > 1:  # one mask per window, the same for every image
         bias = bias.unsqueeze(0).expand(images, -1, -1, -1, -1).reshape(-1, heads, n, n)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
-    o = o.transpose(1, 2).reshape(images, windows.shape[1], -1).index_select(1, inverse)
+    o = o.transpose(1, 2).reshape(images, windows.shape[1], -1)
+    if inverse is not None:
+        o = o.index_select(1, inverse)
     return _linear(attn.proj, o, residual=residual)
 
 
@@ -168,8 +178,9 @@ def _mlp(mlp, x, residual):
 
 
 def _linear(layer, x, gelu=None, residual=None):
-    """layer(x), then GELU or + residual, in oneDNN's epilogue when ``layer`` is an nn.Linear."""
-    if type(layer) is nn.Linear:
+    """layer(x), then GELU or + residual: in oneDNN's epilogue when ``layer`` is an nn.Linear on
+    at most EPILOGUE_ROWS tokens."""
+    if type(layer) is nn.Linear and x.shape[:-1].numel() <= EPILOGUE_ROWS:
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
         if gelu is not None:
@@ -178,12 +189,14 @@ def _linear(layer, x, gelu=None, residual=None):
     y = layer(x)
     if gelu is not None:
         return F.gelu(y, approximate=gelu)
-    return y if residual is None else y + residual
+    if residual is None:
+        return y
+    return y.add_(residual) if type(layer) is nn.Linear else y + residual  # only F.linear's is ours
 
 
 def _geometry(block, x):
     """(token order, its inverse, bias + mask per window), cached per block until the map size,
-    bias table or mask change."""
+    bias table or mask change; the orders are None where no gather is needed."""
     attn = block.attn
     table = attn.relative_position_bias_table
     dynamic = getattr(block, "dynamic_mask", False)  # a mask made for each map size: key on the size
@@ -197,8 +210,11 @@ def _geometry(block, x):
     if dynamic:
         mask = block.get_attn_mask(x)
     order = window_order(x.shape[1], x.shape[2], block.window_size, block.shift_size)
+    identity = torch.arange(order.numel())
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())
+    inverse[order] = identity
+    if torch.equal(order, identity):  # the map is one row of unshifted windows: no gather
+        order = inverse = None
     n = block.window_size[0] * block.window_size[1]
     bias = attn._get_rel_pos_bias()  # (1, heads, n, n)
     if mask is not None:

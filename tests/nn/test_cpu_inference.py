@@ -59,6 +59,19 @@ def test_logits_are_timms(batch, rows, monkeypatch, path_calls):
     assert len(path_calls) == 4  # every block of both stages, shifted and not
 
 
+@pytest.mark.parametrize("epilogue_rows", [0, 10**9], ids=["torch-linear", "onednn-epilogue"])
+@pytest.mark.parametrize("img_size", [32, 16], ids=["gathers", "one-window-last-map"])
+@torch.no_grad()
+def test_both_linear_paths_give_timms_logits(epilogue_rows, img_size, monkeypatch, path_calls):
+    monkeypatch.setattr(cpu_inference, "EPILOGUE_ROWS", epilogue_rows)
+    ref, ours = pair(img_size)
+    x = torch.randn(3, 3, img_size, img_size)
+    assert_close(ours(x), ref(x))
+    assert len(path_calls) == 4
+    last = [cpu_inference._cache[b][1] for b in ours.layers[1].blocks]  # the blocks' token orders
+    assert all(o is None for o in last) == (img_size == 16)  # a 4x4 map in windows of 4: no gather
+
+
 @torch.no_grad()
 def test_sparse_linears_run_as_their_modules(path_calls):
     ref = block_prune(small_swin())
