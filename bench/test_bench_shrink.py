@@ -6,7 +6,7 @@ so does the dense baseline here (1.14x timm's default on this CPU in one profili
 the 50%-FLOPs model also run compiled (``torch.compile``, inductor with frozen weights): the
 strongest baseline a user would pick; and both run converted (``dimap_fast.nn.convert``), whose
 drop-in blocks take the CPU inference path (dimap_fast/nn/cpu_inference.py: a few images at a
-time, fused Linear epilogues). Where timm's eager pair's time goes (torch profiler): the unpruned,
+time, fewer passes over memory). Where timm's eager pair's time goes (torch profiler): the unpruned,
 memory-bound stage 0 (54 GFLOP/s, a third of the late stages' GEMM rate) runs 1.1x faster
 shrunk, stages 1, 2 and 3 1.5x, 2.7x and 3.8x; the drop-in path runs stage 0 about twice as fast.
 Targets, end to end, batch 32 at 224, on this CPU, ratios of the same run:

@@ -6,7 +6,7 @@ on the (B, H, W, C) tokens, then one fused kernel does shift, partition, bias, r
 softmax, P.V, reverse partition and reverse shift; no roll, pad, partition or reverse copies are
 made. The output projection also runs on tokens (a row-wise Linear commutes with the token
 permutation). On the torch path it is timm's ``_attn``. For float32 inference on the CPU, the
-whole block runs cpu_inference.py's path (a few images at a time, fused Linear epilogues).
+whole block runs cpu_inference.py's path (a few images at a time, fewer passes over memory).
 """
 
 from __future__ import annotations
