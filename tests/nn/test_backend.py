@@ -72,3 +72,24 @@ def test_the_decision():
             runs_fast_path(linear, torch.randn(2, linear.in_features, dtype=torch.float64))
     with dnn.backend("torch"):
         assert not runs_fast_path(block, x)
+
+
+def test_under_torch_compile_the_kernel_runs_eagerly_behind_a_graph_break(kernel_calls):
+    # dynamo traces the decision and the Linears; the autograd Function's forward is disabled for
+    # it (the launchers read data pointers), so it runs eagerly, with and without gradients
+    block = dnn.convert(small_swin(), choose="kernel").layers[0].blocks[1]
+    x = torch.randn(1, 8, 8, block.attn.qkv.in_features)
+    with dnn.backend("triton"):
+        with torch.no_grad():
+            want = block._attn(x)
+            got = torch.compile(block._attn, backend="aot_eager", fullgraph=False)(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        calls = kernel_calls["window_attention"]
+        assert calls == 2
+        grads = []
+        for run in (block._attn, torch.compile(block._attn, backend="aot_eager")):
+            xg = x.clone().requires_grad_()
+            run(xg).square().sum().backward()
+            grads.append(xg.grad)
+        assert kernel_calls["window_attention"] == 4
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
