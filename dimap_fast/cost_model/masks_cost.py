@@ -3,9 +3,9 @@ estimated from its own launch sequence.
 
 The real code path runs under the interpreter on two stand-ins of the model (timm's Swin with
 its real layers and modules at two tiny widths: the layer sizes shrink, the launch and read
-sequence does not; the launchers pick their GPU tiles), and every Triton launch, torch op and device-to-host read it makes is
-recorded; each Triton launch is also replayed (a few programs: line hits, sectors touched)
-and later compiled for sm_90. The two runs must make the same
+sequence does not; the launchers pick their GPU tiles), and every Triton launch, torch op and
+device-to-host read it makes is recorded; each Triton launch is also replayed (a few programs:
+line hits, sectors touched) and later compiled for sm_90. The two runs must make the same
 sequence. Each quantity is then carried to the real model's N prunable weights from the two
 stand-ins: bytes and program counts linearly in N (they grow with the weights), a program's
 instructions and dependent path linearly in log2 N (binary searches over a layer are the only
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .baselines import unique_bytes
 from .workloads import TIMM_NAMES as MODELS
 
 REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
@@ -88,8 +89,6 @@ class _Gathers(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.index.Tensor:
-            from .baselines import unique_bytes
-
             whole = unique_bytes(args[0])
             self.excess += whole - min(whole, _SECTOR * out.numel())
         return out

@@ -62,11 +62,7 @@ class LayerState:
 
     def keys(self, r0: int, r1: int) -> np.ndarray:
         """Exact keys of ranks [r0, r1); r0 must start a run."""
-        if self.method != "dimap":
-            return -self.neg[r0:r1].astype(np.float64)
-        sq = -self.neg[r0:r1].astype(np.float64) if self.squared else np.square(self.neg[r0:r1], dtype=np.float64)
-        runs = np.arange(r0 // RUN, -(-r1 // RUN))
-        return _safe_divide(sq, _prefix(sq, self.prefix[runs], self.tops[runs // GROUP]))
+        return band_keys([self], [r0], np.array([r1 - r0]))
 
     def key_at(self, rank: int) -> float:
         start = rank - rank % RUN
@@ -95,10 +91,9 @@ def sorted_negated_magnitudes(tensor: torch.Tensor) -> np.ndarray:
 
 
 def band_keys(states: list[LayerState], starts, lengths: np.ndarray) -> np.ndarray:
-    """``states[i].keys(starts[i], starts[i] + lengths[i])`` for every layer, concatenated: the
-    same sums in the same order as ``keys`` (each run summed left to right, then q, then R), with
-    one cumsum over every band's runs instead of one per layer, which a budget's search calls
-    for each ratio it tries."""
+    """The exact keys of ranks [starts[i], starts[i] + lengths[i]) of each layer, concatenated
+    (each start begins a run): S = R + (q + p), each run's squares summed left to right. One
+    cumsum serves every band: a budget's search asks for all layers' bands at each ratio."""
     if not states or states[0].method != "dimap":
         return np.concatenate([-s.neg[a:a + n].astype(np.float64) for s, a, n in zip(states, starts, lengths)])
     runs = -(-lengths // RUN)
@@ -123,17 +118,6 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     out = np.zeros_like(num)
     np.divide(num, den, out=out, where=den > 0)
     return out
-
-
-def _prefix(sq: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """S = R + (q + p) for whole runs of squares (the last may be short), p summed in each run."""
-    n = sq.size
-    padded = np.zeros(q.size * RUN)
-    padded[:n] = sq  # a zero adds nothing exactly
-    p = torch.cumsum(torch.from_numpy(padded).view(-1, RUN), 1).numpy()  # left to right, as numpy's
-    s = np.add(q[:, None], p, out=p)
-    s = np.add(r[:, None], s, out=s)
-    return s.reshape(-1)[:n]
 
 
 def _dimap_heads(neg: np.ndarray, squared: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
