@@ -294,7 +294,7 @@ def window_attention(qkv_tokens: torch.Tensor, rel_pos_table: torch.Tensor, num_
     head_dim ** -0.5. Gradients flow to ``qkv_tokens``, ``rel_pos_table`` and ``qkv_bias``.
     """
     return FusedWindowAttention.apply(qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads,
-                                         window_size, shift_size, scale)
+                                      window_size, shift_size, scale)
 
 
 def _types(dtype: torch.dtype) -> dict:
