@@ -26,6 +26,7 @@ respect to the qkv tokens, the bias table and the qkv bias.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -188,6 +189,20 @@ def _version(t):
         return _UNVERSIONED
 
 
+# A geometry's constants, built once: a training step folds the tile again (its table changed)
+# from them and the table alone, about ten torch ops instead of seventy.
+@functools.lru_cache(maxsize=32)
+def _table_index(win, device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+        return relative_position_index(*win, device=device).view(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _region_masks(win, shift, device) -> torch.Tensor | None:
+    with torch.inference_mode(False), torch.no_grad():
+        return region_class_masks(win, shift, device=device) if any(shift) else None
+
+
 def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tensor:
     """The folded tile of ``table`` and ``mask`` (or the shift's regions), cached while both are
     the same tensors at the same versions: in inference it is built once per layer."""
@@ -197,9 +212,9 @@ def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tenso
     if hit is not None and hit[0]() is table and (mask is None or hit[1]() is mask):
         return hit[2]
     with torch.no_grad():
-        masks = mask if mask is not None else (
-            region_class_masks(win, shift, device=table.device) if any(shift) else None)
-        tile = folded_bias_tile(dense_position_bias(table.detach(), win), masks, block)
+        masks = mask if mask is not None else _region_masks(win, shift, table.device)
+        tile = folded_bias_tile(dense_position_bias(table.detach(), win,
+                                                    _table_index(win, table.device)), masks, block)
     if _UNVERSIONED not in key:
         while len(_TILES) >= _TILE_CACHE_SIZE:
             _TILES.pop(next(iter(_TILES)))
@@ -216,7 +231,7 @@ def _table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor
     if table.dim() == 3:
         return d_dense.to(table.dtype)
     heads, n, _ = d_dense.shape
-    idx = relative_position_index(*win, device=table.device).view(-1)
+    idx = _table_index(win, table.device)
     grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
     return grad.index_add_(0, idx, d_dense.permute(1, 2, 0).reshape(n * n, heads)).to(table.dtype)
 

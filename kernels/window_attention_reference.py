@@ -98,13 +98,16 @@ def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
 
 
-def dense_position_bias(rel_pos_table: torch.Tensor, window_size) -> torch.Tensor:
+def dense_position_bias(rel_pos_table: torch.Tensor, window_size,
+                        index: torch.Tensor | None = None) -> torch.Tensor:
     """(heads, N, N) float32 relative-position bias of a window, from timm's bias table (a dense
-    (heads, N, N) bias, such as SwinV2's continuous one, is returned as float32)."""
+    (heads, N, N) bias, such as SwinV2's continuous one, is returned as float32); ``index``: the
+    window's flat ``relative_position_index`` where the caller keeps it."""
     if rel_pos_table.dim() == 3:
         return rel_pos_table.float()
     wh, ww = pair(window_size, "window_size")
-    idx = relative_position_index(wh, ww, device=rel_pos_table.device).view(-1)
+    idx = relative_position_index(wh, ww, device=rel_pos_table.device).view(-1) \
+        if index is None else index
     n = wh * ww
     return rel_pos_table.float()[idx].view(n, n, -1).permute(2, 0, 1)
 

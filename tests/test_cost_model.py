@@ -115,7 +115,7 @@ class _SumRowsTwice:
     name = "sum_rows_twice"
     trips = 9
 
-    def run(self):
+    def run(self, steady=lambda: None):
         import torch
 
         _sum_rows_twice[(1,)](torch.zeros(16 * self.trips), torch.empty(16), self.trips, BLOCK=16)
@@ -133,6 +133,19 @@ def test_replay_counts_a_multiline_loop_body_once_an_iteration(monkeypatch):
     [loop] = [l for l in launch["loops"] if l[0] == code.co_firstlineno + 4]
     assert loop[2] == code.co_firstlineno + 5  # the body's first line counts its runs
     assert launch["replay"].line_hits[(launch["file"], loop[2])] == _SumRowsTwice.trips
+
+
+def test_attention_workloads_charge_what_every_later_call_costs():
+    # The first call folds the bias tile (and builds the geometry's constants); inference reuses
+    # the tile, a training step (the table changed) folds it again from the table alone.
+    from dimap_fast.cost_model.workloads import Attention
+
+    fwd, train = worker.call("capture", [Attention("swin_t", 3, "fp16", batch=1),
+                                         Attention("swin_t", 3, "fp16", batch=1, backward=True)])
+    assert [l["kernel"] for l in fwd["launches"]] == ["_window_attn_fwd"]
+    assert fwd["torch_ops"] == 0
+    assert [l["kernel"] for l in train["launches"]] == ["_window_attn_fwd", "_window_attn_bwd_one"]
+    assert 0 < train["torch_ops"] <= 16
 
 
 def test_copy_kernel_estimate_is_bytes_over_bandwidth():

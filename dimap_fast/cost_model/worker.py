@@ -2,6 +2,8 @@
 
 - ``capture`` (TRITON_INTERPRET=1): run workloads' launchers as on a GPU, record each launch's
   spec and replay a few of its programs; also the bytes each torch op of the launcher moves.
+  A workload's ``run(steady)`` calls ``steady()`` where the part charged begins (what a call
+  costs once its one-off work is done).
 - ``compile`` (no interpreter): compile each spec for sm_90 (disk-cached) and read its SASS;
 - ``masks`` (TRITON_INTERPRET=1): record a plan's masks() on stand-ins (masks_cost.run).
 
@@ -24,7 +26,11 @@ def _capture(workloads) -> list[dict]:
     out = []
     for w in workloads:
         with count_bytes(real=True) as ops, capture.gpu_launches() as launches:
-            w.run()
+            def steady():  # what the workload does once (the first call) is not charged
+                launches.clear()
+                ops.reset()
+
+            w.run(steady)
         rows = []
         for launch in launches:
             rep = capture.replay(launch)

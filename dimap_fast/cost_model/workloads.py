@@ -48,7 +48,10 @@ class Attention:
         fwd = tokens * 4 * c * es  # qkv in, output out
         return fwd + (tokens * 6 * c * es if self.backward else 0)  # dO and qkv in, dqkv out
 
-    def run(self) -> None:
+    def run(self, steady=lambda: None) -> None:
+        """Two calls, ``steady()`` between them: the second is what every later call costs. In
+        inference the bias tile folded by the first is reused; in training the table changed
+        (an optimizer step) and the tile is folded again."""
         from ..kernels import window_attention
 
         side, c, heads, win = self.shape()
@@ -57,9 +60,16 @@ class Attention:
         qkv = torch.empty(self.batch, side, side, 3 * c, dtype=dt).requires_grad_(grad)
         table = torch.zeros((2 * win - 1) ** 2, heads, dtype=dt, requires_grad=grad)
         qkv_bias = torch.zeros(3 * c, dtype=dt, requires_grad=grad)
-        out = window_attention(qkv, table, heads, win, win // 2, qkv_bias=qkv_bias)
-        if grad:
-            out.backward(torch.ones_like(out))
+        d_out = torch.empty(self.batch, side, side, c, dtype=dt) if grad else None  # the next layer's
+        for step in range(2):
+            if step and grad:
+                with torch.no_grad():
+                    table.add_(1.0)
+            if step:
+                steady()
+            out = window_attention(qkv, table, heads, win, win // 2, qkv_bias=qkv_bias)
+            if grad:  # the gradients themselves, as the layers around would take them
+                torch.autograd.grad(out, (qkv, table, qkv_bias), d_out)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class SparseLinear:
     def dense_flops(self) -> float:
         return sum(2 * m * k * n for m, k, n in self.shapes())
 
-    def run(self) -> None:
+    def run(self, steady=lambda: None) -> None:
         from ..kernels import block_sparse_linear, pack_block_sparse
 
         dt = DTYPES[self.dtype]

@@ -135,6 +135,37 @@ def test_refusals(device):
 
 
 @torch.no_grad()
+def test_a_changed_table_is_folded_again_from_the_table_alone(device):
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dimap_fast.kernels.window_attention import (dense_position_bias, folded_bias_tile,
+                                                     region_class_masks)
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    table = torch.randn(49, 2, device=device)
+    wa._bias_tile(table, None, (4, 4), (2, 2), 16)
+    table.mul_(-2.0)  # an optimizer step
+    with Ops() as ops:
+        tile = wa._bias_tile(table, None, (4, 4), (2, 2), 16)
+    expected = folded_bias_tile(dense_position_bias(table, (4, 4)),
+                                region_class_masks((4, 4), (2, 2), device=device), 16)
+    assert torch.equal(tile, expected)
+    # the table index and the region masks are the geometry's: not rebuilt (some 60 more ops,
+    # each a kernel launch on a GPU)
+    assert len(ops.names) <= 8, ops.names
+
+
+@torch.no_grad()
 def test_bias_tile_is_cached_until_the_table_changes(device):
     import importlib
 
