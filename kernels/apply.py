@@ -3,10 +3,12 @@
 Rule per layer l: keep |w| > cut[l]; of the weights with |w| == cut[l], keep the first
 keep[l] - count(|w| > cut[l]) by flat index; zero the rest.
 
-Two launches over layer-aligned blocks of every layer at once: ``_count_block`` counts > and ==
-per block; torch turns those into each block's tie quota (integer scans: exact); ``_apply_block``
-keeps its block's first ``quota`` ties, writes the mask, zeroes the dropped weights (or, for masks
-only, leaves them) and counts what it kept.
+Four launches over layer-aligned blocks of every layer at once: ``_count_block`` counts > and ==
+per block; ``_block_quotas`` (a program per layer) turns those into each block's tie quota by
+integer scans over the layer's blocks (exact); ``_apply_block`` writes the mask of each block
+whose quota is none or all of its ties, zeroes the dropped weights (or, for masks only, leaves
+them) and counts what it kept; ``_split_block`` (a program per layer) does the same for the one
+block of a layer, if any, whose quota ends among its ties, ranking them by a scan over the block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ._common import (
     check_runnable,
     default_block,
     device_guard,
+    interpreting,
     pointer,
     tl,
     triton,
@@ -30,6 +33,8 @@ from ._common import (
 
 _GPU_BLOCK = 2048  # 8 warps: ~90 registers, two programs per SM, no spills (ptxas sm_90a)
 _INTERP_BLOCK = 256
+_QUOTA_CHUNK = 256  # blocks of a layer scanned at a time
+_INTERP_QUOTA_CHUNK = 16
 
 
 def _block_warps(block: int) -> int:
@@ -48,30 +53,87 @@ def _count_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, gt_p
     # float16/bfloat16 widen to float32 exactly, so comparing in float32 is exact.
     a = tl.abs(tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32))
     cut = tl.load(cut_ptr + layer)
-    tl.store(gt_ptr + pid, tl.sum((valid & (a > cut)).to(tl.int64), 0))
-    tl.store(eq_ptr + pid, tl.sum((valid & (a == cut)).to(tl.int64), 0))
+    tl.store(gt_ptr + pid, tl.sum((valid & (a > cut)).to(tl.int32), 0))
+    tl.store(eq_ptr + pid, tl.sum((valid & (a == cut)).to(tl.int32), 0))
+
+
+@triton.jit
+def _block_quotas(gt_ptr, eq_ptr, blk_off_ptr, keep_ptr, quota_ptr, split_ptr, CHUNK: tl.constexpr):
+    layer = tl.program_id(0)
+    b0 = tl.load(blk_off_ptr + layer)
+    b1 = tl.load(blk_off_ptr + layer + 1)
+    lane = tl.arange(0, CHUNK)
+    n_gt = tl.zeros((), tl.int64)
+    for c0 in range(b0, b1, CHUNK):
+        b = c0 + lane
+        n_gt += tl.sum(tl.load(gt_ptr + b, mask=b < b1, other=0).to(tl.int64), 0)
+    need = tl.maximum(tl.load(keep_ptr + layer) - n_gt, 0)  # ties the layer keeps
+    before = tl.zeros((), tl.int64)  # ties in the layer's earlier chunks
+    split = tl.full((), -1, tl.int64)
+    for c0 in range(b0, b1, CHUNK):
+        b = c0 + lane
+        ok = b < b1
+        eq = tl.load(eq_ptr + b, mask=ok, other=0)  # a chunk's ties fit int32: CHUNK x BLOCK
+        ahead = before + (tl.cumsum(eq, 0) - eq).to(tl.int64)
+        # A quota past the block's size means every tie: clamped, it fits int32.
+        quota = tl.minimum(tl.maximum(need - ahead, 0), 2147483647).to(tl.int32)
+        # Where the quota ends among a block's ties (once a layer at most), the block is left to
+        # _split_block: its quota is stored negated.
+        inside = (quota > 0) & (quota < eq)
+        tl.store(quota_ptr + b, tl.where(inside, -quota, quota), mask=ok)
+        split = tl.maximum(split, tl.max(tl.where(inside & ok, b, -1), 0))
+        before += tl.sum(eq, 0).to(tl.int64)
+    tl.store(split_ptr + layer, split)
 
 
 @triton.jit
 def _apply_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, quota_ptr, mask_ptr,
-                 kept_ptr, BLOCK: tl.constexpr, ZERO: tl.constexpr):
+                 kept_ptr, BLOCK: tl.constexpr, ZERO: tl.constexpr, COUNT: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blk_layer_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
+    quota = tl.load(quota_ptr + pid)
+    mine = quota >= 0  # else _split_block's: an empty range here
+    # Masks combine full-size operands only: the interpreter keeps a scalar-and-block mask as
+    # integers, which its callers' byte counts read as indices.
     idx = start + tl.arange(0, BLOCK)
-    valid = idx < end
+    valid = idx < tl.where(mine, end, start)
     w = tl.load(w_ptr + idx, mask=valid, other=0.0)
     a = tl.abs(w.to(tl.float32))
     cut = tl.load(cut_ptr + layer)
-    quota = tl.load(quota_ptr + pid)
-    eq = (valid & (a == cut)).to(tl.int64)
+    tie = tl.where(quota > 0, cut, float("nan"))  # a quota here is every tie or none (nan: none)
+    keep = valid & ((a > cut) | (a == tie))
+    tl.store(mask_ptr + idx, keep.to(tl.uint8), mask=valid)
+    if ZERO:
+        tl.store(w_ptr + idx, tl.zeros_like(w), mask=valid & ~keep)
+    if COUNT:
+        tl.store(kept_ptr + pid, tl.sum(keep.to(tl.int32), 0), mask=mine)
+
+
+@triton.jit
+def _split_block(w_ptr, offsets_ptr, blk_start_ptr, cut_ptr, quota_ptr, split_ptr, mask_ptr, kept_ptr,
+                 BLOCK: tl.constexpr, ZERO: tl.constexpr, COUNT: tl.constexpr):
+    layer = tl.program_id(0)
+    blk = tl.load(split_ptr + layer)
+    mine = blk >= 0
+    blk = tl.maximum(blk, 0)
+    start = tl.load(blk_start_ptr + blk)
+    end = tl.load(offsets_ptr + layer + 1)
+    quota = -tl.load(quota_ptr + blk)
+    idx = start + tl.arange(0, BLOCK)
+    valid = idx < tl.where(mine, end, start)
+    w = tl.load(w_ptr + idx, mask=valid, other=0.0)
+    a = tl.abs(w.to(tl.float32))
+    cut = tl.load(cut_ptr + layer)
+    eq = (valid & (a == cut)).to(tl.int32)
     tie_rank = tl.cumsum(eq, 0) - eq  # ties before this one in the block (integers: exact)
     keep = valid & ((a > cut) | ((eq != 0) & (tie_rank < quota)))
     tl.store(mask_ptr + idx, keep.to(tl.uint8), mask=valid)
     if ZERO:
         tl.store(w_ptr + idx, tl.zeros_like(w), mask=valid & ~keep)
-    tl.store(kept_ptr + pid, tl.sum(keep.to(tl.int64), 0))
+    if COUNT:
+        tl.store(kept_ptr + blk, tl.sum(keep.to(tl.int32), 0), mask=mine)
 
 
 def _check(w, offsets, cut, keep):
@@ -101,7 +163,7 @@ class ApplyTables:
         self.block, self.layers, self.blocks, self.n = block, int(sizes.size), int(layer.size), int(offsets[-1])
         put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
         self.offsets, self.blk_layer, self.blk_start = put(offsets), put(layer.astype(np.int32)), put(start)
-        self.blk_layer_l, self.layer_first_blk = put(layer), put(blk_off[:-1].copy())
+        self.blk_off, self.blk_layer_l = put(blk_off), put(layer)
 
 
 def default_tables(sizes, device) -> ApplyTables:
@@ -109,30 +171,30 @@ def default_tables(sizes, device) -> ApplyTables:
 
 
 def cut_from_tables(w: torch.Tensor, t: ApplyTables, cut: torch.Tensor, keep: torch.Tensor, *,
-                    zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    zero: bool, count: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """apply_cutoffs without the checks: ``t`` fits ``w``, cut and keep are on its device.
-    ``zero=False`` only writes the mask."""
+    ``zero=False`` only writes the mask; ``count=False`` returns no kept counts (None)."""
     dev = w.device
     nb, nl = t.blocks, t.layers
-    gt = torch.empty(nb, dtype=torch.int64, device=dev)
+    gt = torch.empty(nb, dtype=torch.int32, device=dev)
     eq = torch.empty_like(gt)
+    quota = torch.empty_like(gt)
     mask = torch.empty(w.numel(), dtype=torch.uint8, device=dev)
     kept_blk = torch.empty_like(gt)
+    split = torch.empty(nl, dtype=torch.int64, device=dev)
     warps = _block_warps(t.block)
+    chunk = _INTERP_QUOTA_CHUNK if interpreting(_block_quotas) else _QUOTA_CHUNK
     with device_guard(dev):
         _count_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, gt, eq, BLOCK=t.block,
                             num_warps=warps)
-        # Ties of earlier blocks of the same layer; an inclusive global scan minus the layer's
-        # base is fine here because integers do not round.
-        eq_incl = torch.cumsum(eq, 0)
-        layer_base = (eq_incl - eq)[t.layer_first_blk]
-        eq_before = eq_incl - eq - layer_base[t.blk_layer_l]
-        gt_layer = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, t.blk_layer_l, gt)
-        need = (keep - gt_layer).clamp_min(0)
-        quota = (need[t.blk_layer_l] - eq_before).clamp_min(0)
+        _block_quotas[(nl,)](gt, eq, t.blk_off, keep, quota, split, CHUNK=chunk, num_warps=4)
         _apply_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, quota, mask, kept_blk,
-                            BLOCK=t.block, ZERO=zero, num_warps=warps)
-    kept = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, t.blk_layer_l, kept_blk)
+                            BLOCK=t.block, ZERO=zero, COUNT=count, num_warps=warps)
+        _split_block[(nl,)](w, t.offsets, t.blk_start, cut, quota, split, mask, kept_blk,
+                            BLOCK=t.block, ZERO=zero, COUNT=count, num_warps=warps)
+    kept = None
+    if count:
+        kept = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, t.blk_layer_l, kept_blk.long())
     return mask.view(torch.bool), kept
 
 
@@ -170,20 +232,27 @@ def apply_cutoffs_reference(w: torch.Tensor, offsets: torch.Tensor, cut: torch.T
 
 
 def launch_configs() -> list[LaunchConfig]:
-    """What apply_cutoffs launches on a GPU at its default block (the engine never passes one)."""
-    i64 = pointer(torch.int64)
-    table = dict(offsets_ptr=i64, blk_layer_ptr=pointer(torch.int32), blk_start_ptr=i64,
-                 cut_ptr=pointer(torch.float32))
+    """What the engine launches on a GPU at the default block: apply_cutoffs (zero and count)
+    and the GPU plan's masks (neither)."""
+    i32, i64 = pointer(torch.int32), pointer(torch.int64)
+    table = dict(offsets_ptr=i64, blk_layer_ptr=i32, blk_start_ptr=i64, cut_ptr=pointer(torch.float32))
     warps = _block_warps(_GPU_BLOCK)
-    out = []
+    out = [LaunchConfig.of(_block_quotas, f"apply _block_quotas CHUNK={_QUOTA_CHUNK}",
+                           dict(gt_ptr=i32, eq_ptr=i32, blk_off_ptr=i64, keep_ptr=i64, quota_ptr=i32,
+                                split_ptr=i64), dict(CHUNK=_QUOTA_CHUNK), 4)]
     for dtype in FLOAT_DTYPES:
         w = pointer(dtype)
         label = f"{w[1:]} BLOCK={_GPU_BLOCK}"
         out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}",
-                                   dict(table, w_ptr=w, gt_ptr=i64, eq_ptr=i64),
+                                   dict(table, w_ptr=w, gt_ptr=i32, eq_ptr=i32),
                                    dict(BLOCK=_GPU_BLOCK), warps))
         for zero in (True, False):
+            flags = dict(BLOCK=_GPU_BLOCK, ZERO=zero, COUNT=zero)
             out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label} ZERO={zero}",
-                                       dict(table, w_ptr=w, quota_ptr=i64, mask_ptr=pointer(torch.uint8),
-                                            kept_ptr=i64), dict(BLOCK=_GPU_BLOCK, ZERO=zero), warps))
+                                       dict(table, w_ptr=w, quota_ptr=i32, mask_ptr=pointer(torch.uint8),
+                                            kept_ptr=i32), flags, warps))
+            out.append(LaunchConfig.of(_split_block, f"apply _split_block {label} ZERO={zero}",
+                                       dict(w_ptr=w, offsets_ptr=i64, blk_start_ptr=i64,
+                                            cut_ptr=pointer(torch.float32), quota_ptr=i32, split_ptr=i64,
+                                            mask_ptr=pointer(torch.uint8), kept_ptr=i32), flags, warps))
     return out

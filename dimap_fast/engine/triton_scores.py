@@ -1,16 +1,18 @@
 """GPU path of the Plan: a short, fixed sequence of launches whatever the layer count.
 
-Planning: the magnitudes of every layer sorted (one batched torch.sort per distinct layer size,
-values only kept), one read of each layer's largest magnitude (the non-finite check), and the
+Planning: every layer's |w| copied once into one float32 buffer in slot order (kept: the masks
+are cut from it), each run of consecutive equal-size layers sorted by one batched torch.sort
+straight into the sorted buffer (values only kept), one read of each layer's largest magnitude (the non-finite check), and the
 three score launches of dimap_fast.kernels.importance over every layer at once. Layers are laid
 out group by group (a DIMAP module, or every layer for ``global``), natural order inside a group,
 so one selection launch serves every (ratio, group).
 
 A ratio: one selection launch, a gather of each layer's cut magnitude and key, and ONE copy of
 those to the host (``to_host``, the only device-to-host read of this path); the masks are then
-written by the apply kernel in one pass per weight dtype, from the cuts still on the device.
-GPU memory is plentiful next to the CPU's, so every score is kept (float64) instead of block
-heads. On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
+written by the apply kernel in one pass over that |w| buffer, from the cuts still on the device
+(rebuilt first if a weight changed in place since planning, so the masks are those of the
+weights as they are, like the CPU plan's). GPU memory is plentiful next to the CPU's, so every
+score is kept (float64) instead of block heads, and |w| (float32) beside it. On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ class TritonScorer:
         bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         self.group_sizes = self.offsets[bounds[1:]] - self.offsets[bounds[:-1]]
         self.device = layers[0].values.device
-        self.mags = _sorted_magnitudes([layers[i] for i in self.order], self.device)
+        self._abs = _magnitudes([layers[i] for i in self.order])
+        self._versions = self._weight_versions()
+        self.mags = _sorted_magnitudes(self._abs, sizes, self.offsets)
         firsts = to_host(self.mags[torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)])
         for slot in np.flatnonzero(~np.isfinite(firsts)):  # torch sorts NaN above +inf: the first tells
             raise non_finite_error(layers[self.order[slot]].name, float(firsts[slot]))
@@ -112,47 +116,52 @@ class TritonScorer:
         return float(to_host(self.keys[int(self.offsets[self.slot[i]]) + rank]))
 
     def masks(self, ratio: float) -> dict[str, torch.Tensor]:
-        """Every layer's mask from the ratio's cuts on the device: one apply pass per weight dtype."""
+        """Every layer's mask from the ratio's cuts on the device: one apply pass over |w|."""
         from ..kernels.apply import cut_from_tables, default_tables
 
         self.keep_counts(ratio)
         counts_dev, cuts = self._cuts[ratio][3], self._cuts[ratio][4]
         if self._apply is None:
-            by_dtype: dict[torch.dtype, list[int]] = {}
-            for slot, i in enumerate(self.order):
-                by_dtype.setdefault(self.units[i].values.dtype, []).append(slot)
-            self._apply = {
-                dtype: (slots, torch.from_numpy(np.array(slots)).to(self.device, non_blocking=True),
-                        default_tables(self.numels[self.order[slots]], self.device))
-                for dtype, slots in by_dtype.items()
-            }
+            self._apply = default_tables(self.numels[self.order], self.device)
+        if self._weight_versions() != self._versions:
+            self._abs = _magnitudes([self.units[i] for i in self.order])
+            self._versions = self._weight_versions()
+        mask, _ = cut_from_tables(self._abs, self._apply, cuts, counts_dev, zero=False, count=False)
         out = {}
-        for slots, slots_dev, tables in self._apply.values():
-            layers = [self.units[self.order[s]] for s in slots]
-            flat = torch.cat([u.values.detach().reshape(-1) for u in layers])
-            mask, _ = cut_from_tables(flat, tables, cuts[slots_dev].contiguous(), counts_dev[slots_dev], zero=False)
-            start = 0
-            for u in layers:
-                out[u.name] = mask[start : start + u.numel].view(u.values.shape)
-                start += u.numel
+        for slot, i in enumerate(self.order):
+            u, start = self.units[i], int(self.offsets[slot])
+            out[u.name] = mask[start : start + u.numel].view(u.values.shape)
         return out
 
+    def _weight_versions(self) -> list[int]:
+        return [u.values._version for u in self.units]
 
-def _sorted_magnitudes(layers: list[UnitLayer], device) -> torch.Tensor:
-    """Every layer's |w| (float32) sorted descending, concatenated: one sort per distinct size.
+
+def _magnitudes(layers: list[UnitLayer]) -> torch.Tensor:
+    """The layers' |w| as float32, concatenated: one copy and one abs for every layer at once."""
+    flat = torch.cat([u.values.detach().reshape(-1) for u in layers])
+    if flat.dtype != torch.float32:
+        flat = flat.float()  # float16 / bfloat16 widen exactly
+    return flat.abs_()
+
+
+def _sorted_magnitudes(flat: torch.Tensor, sizes: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    """``flat`` (layers of ``sizes`` at ``offsets``) sorted descending within each layer: one
+    batched sort per run of consecutive equal-size layers, written in place of the run's rows so
+    nothing is concatenated afterwards.
 
     torch.sort, though it carries int64 indices: a keys-only Triton radix sort (3 passes of 11
     bits) needs a stable rank of each key within its chunk, and every way Triton offers (tl.sort,
     one-hot cumsums, tile compares) compiled to 200-900 sm_90 instructions per key, ~13 ms for
     Swin-B against ~2.8 ms for torch.sort (static estimates, H100).
     """
-    by_size: dict[int, list[int]] = {}
-    for j, u in enumerate(layers):
-        by_size.setdefault(u.numel, []).append(j)
-    rows: list[torch.Tensor | None] = [None] * len(layers)
-    for members in by_size.values():
-        stacked = torch.stack([layers[j].values.detach().reshape(-1).float() for j in members]).abs_()
-        ordered = torch.sort(stacked, dim=1, descending=True).values
-        for k, j in enumerate(members):
-            rows[j] = ordered[k]
-    return torch.cat(rows) if rows else torch.zeros(0, device=device)
+    out = torch.empty_like(flat)
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(sizes)) + 1, [sizes.size]])
+    runs = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if a < b and sizes[a] > 0]
+    longest = max((int(offsets[b] - offsets[a]) for a, b in runs), default=0)
+    indices = torch.empty(longest, dtype=torch.int64, device=flat.device)  # torch.sort's, unused
+    for a, b in runs:
+        lo, hi, shape = int(offsets[a]), int(offsets[b]), (b - a, int(sizes[a]))
+        torch.sort(flat[lo:hi].view(shape), dim=1, descending=True,
+                   out=(out[lo:hi].view(shape), indices[: hi - lo].view(shape)))
+    return out

@@ -98,6 +98,32 @@ def test_mask_only_leaves_the_weights(device):
     assert torch.equal(mask, want) and torch.equal(kept, want_kept)
 
 
+@pytest.mark.parametrize("extra", [0, 1, 95, 150, 207])
+def test_tie_quota_ending_in_a_late_block_of_a_long_layer(extra, device):
+    # 125 blocks of 8: the layer's quota scan runs over several chunks before its ties run out.
+    sizes = [40, 1000, 7]
+    w = tied_weights(sizes, levels=4, seed=9, device=device)
+    mags = w.abs()
+    above = int((mags[40:1040] > 0.25).sum())
+    assert int((mags[40:1040] == 0.25).sum()) > extra
+    cut = torch.tensor([0.5, 0.25, 0.0], device=device)
+    keep = torch.tensor([int((mags[:40] > 0.5).sum()) + 3, above + extra, 7], device=device)
+    mask, kept = check_apply(w, offsets_of(sizes, device), cut, keep, block_size=8)
+    assert kept.tolist() == keep.tolist()
+
+
+def test_masks_without_counts_are_the_same_masks(device):
+    from dimap_fast.kernels.apply import cut_from_tables, default_tables
+
+    sizes = [7, 33, 120, 2]
+    w = tied_weights(sizes, levels=3, seed=7, device=device)
+    cut = torch.tensor([1 / 3, 2 / 3, 1 / 3, 1.0], device=device)
+    keep = torch.tensor([4, 9, 60, 1], device=device)
+    _, want, _ = apply_cutoffs_reference(w, offsets_of(sizes, device), cut, keep)
+    mask, kept = cut_from_tables(w, default_tables(sizes, device), cut, keep, zero=False, count=False)
+    assert kept is None and torch.equal(mask, want)
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [
