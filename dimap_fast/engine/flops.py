@@ -113,15 +113,17 @@ class _Counter(TorchDispatchMode):
     hooks below do that once per module call instead, which keeps Swin-B's meta pass near its bare cost.
     """
 
-    def __init__(self, weights: dict[int, str]):
+    def __init__(self, weights: dict[int, str], meta: bool = False):
         super().__init__()
         self.total = 0
         self.weights = weights  # storage of each weight matrix -> its parameter name
         self.per_weight: dict[str, int] = {}
+        self.meta = meta
+        self.shapes: dict = {}  # (op, argument metadata) -> the metadata of its outputs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = self._meta_call(func, args, kwargs) if self.meta else func(*args, **kwargs)
         formula = _FORMULAS.get(func._overloadpacket)
         if formula is not None:
             flops = formula(*args, **kwargs, out_val=out)
@@ -132,6 +134,42 @@ class _Counter(TorchDispatchMode):
             if name is not None:
                 self.per_weight[name] = self.per_weight.get(name, 0) + flops
         return out
+
+
+    def _meta_call(self, func, args, kwargs):
+        # A block repeats its stage's shapes, and a meta op's outputs depend on its arguments'
+        # metadata alone: ops that return new tensors are run once per distinct call (their meta
+        # kernels are Python decompositions, most of the pass's time), then only allocated.
+        if func.is_view or any(r.alias_info is not None for r in func._schema.returns):
+            return func(*args, **kwargs)
+        try:
+            key = (func, _signature(args), _signature(kwargs))
+            hash(key)
+        except TypeError:
+            return func(*args, **kwargs)
+        spec = self.shapes.get(key)
+        if spec is None:
+            out = func(*args, **kwargs)
+            leaves, tree = torch.utils._pytree.tree_flatten(out)
+            if all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+                self.shapes[key] = (tree, [(t.shape, t.stride(), t.dtype) for t in leaves])
+            return out
+        tree, metas = spec
+        return torch.utils._pytree.tree_unflatten(
+            [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in metas], tree)
+
+
+def _signature(value):
+    """A hashable description of op arguments: tensors by their metadata, the rest as they are."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta":
+            raise TypeError("a real tensor: its values may matter")  # not cached
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_signature, value))
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(value.items()))
+    return value
 
 
 def _storage(value) -> int | None:
@@ -164,7 +202,7 @@ def count_workload(model: torch.nn.Module, inputs, meta: bool) -> Workload:
     if meta:
         state = {k: torch.empty_like(v, device="meta") for k, v in [*state.items(), *model.named_buffers()]}
     matrices = dict(model.named_parameters())
-    counter = _Counter({_storage(state[k]): k for k, v in matrices.items() if v.dim() >= 2})
+    counter = _Counter({_storage(state[k]): k for k, v in matrices.items() if v.dim() >= 2}, meta)
     try:
         with counter:
             if meta:

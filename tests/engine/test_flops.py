@@ -51,6 +51,31 @@ def test_swin_tiny_matches_the_count_of_version_0_1():
     assert count_flops(model, (1, 3, 224, 224)) == (expected, expected)
 
 
+def test_meta_pass_reuses_shapes_and_counts_the_same(monkeypatch):
+    # Blocks of a stage repeat their shapes: the meta pass runs each distinct op call once and
+    # only allocates the outputs of the repeats; every count must equal the pass that runs them all.
+    from dimap_fast.engine import flops
+
+    model = timm.create_model("swin_tiny_patch4_window7_224").eval()
+    reused = count_workload(model, (1, 3, 224, 224), meta=True)
+    runs = []
+    plain = flops._Counter._meta_call
+
+    def every_call(self, func, args, kwargs):
+        runs.append(func)
+        return func(*args, **kwargs)
+
+    monkeypatch.setattr(flops._Counter, "_meta_call", every_call)
+    assert count_workload(model, (1, 3, 224, 224), meta=True) == reused
+    monkeypatch.setattr(flops._Counter, "_meta_call", plain)
+    counter = flops._Counter({}, meta=True)
+    with counter:
+        torch.func.functional_call(model, {k: torch.empty_like(v, device="meta") for k, v in
+                                           [*model.named_parameters(), *model.named_buffers()]},
+                                   (torch.empty(1, 3, 224, 224, device="meta"),))
+    assert 0 < len(counter.shapes) < len(runs) / 2  # most calls were repeats
+
+
 def test_hugging_face_swin_counts_like_timm():
     from transformers import SwinConfig, SwinForImageClassification
 
