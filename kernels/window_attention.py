@@ -384,10 +384,11 @@ def launch_configs() -> list:
                 else:
                     out += [_config(k, dtype, prec, dict(const, NB=1), warps, bwd)
                             for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
-                if hdp == 32:
+                if hdp == 32:  # 144 tokens: 3 blocks of 64 (5 of 32 for ieee float32)
+                    nb = triton.cdiv(144, block)
                     out.append(_config(_window_attn_fwd, dtype, prec,
-                                       dict(const, NB=3, TAIL=_tail(144, block)), warps,
+                                       dict(const, NB=nb, TAIL=_tail(144, block)), warps,
                                        _MULTI_BLOCK_FWD_STAGES))
-                    out += [_config(k, dtype, prec, dict(const, NB=3), warps, bwd)
+                    out += [_config(k, dtype, prec, dict(const, NB=nb), warps, bwd)
                             for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
     return out
