@@ -38,7 +38,7 @@ _INTERP_LAYERS = 8
 
 
 @triton.jit
-def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, G, L, SEARCH_STEPS,
+def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, hi_ptr, pos_ptr, G, L,
                  ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX: tl.constexpr,
                  BLOCK_L: tl.constexpr):
     pid = tl.program_id(0)
@@ -49,6 +49,17 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, G, L, SEA
     m = tl.load(keep_ptr + pid)
     digit = tl.arange(0, RADIX).to(tl.int64)
     lane = tl.arange(0, BLOCK_L)
+    bit = tl.arange(0, 64).to(tl.int64)
+    base = row * L  # this program's rows of the scratch tables
+
+    # [lo_ptr, hi_ptr) per layer: the ranks where the count >= any candidate still to come can
+    # fall, from the whole layer down to a few ranks as t* takes shape.
+    for l0 in range(lo, hi, BLOCK_L):
+        lay = l0 + lane
+        ok = lay < hi
+        tl.store(lo_ptr + base + lay, tl.load(offsets_ptr + lay, mask=ok, other=0), mask=ok)
+        tl.store(hi_ptr + base + lay, tl.load(offsets_ptr + lay + 1, mask=ok, other=0), mask=ok)
+    tl.debug_barrier()
 
     # Radix select from the top bit down: t holds the high bits of t* found so far, and
     # count(keys >= t) >= m always holds (every key is >= 0). Counts fall as the candidate grows,
@@ -63,10 +74,13 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, G, L, SEA
             lay = l0 + lane
             ok = lay < hi
             first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, :]
-            a = first + tl.zeros((RADIX, BLOCK_L), tl.int64)
-            b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
+            r0 = tl.load(lo_ptr + base + lay, mask=ok, other=0)
+            r1 = tl.load(hi_ptr + base + lay, mask=ok, other=0)
+            a = r0[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
+            b = r1[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
+            steps = tl.sum(((tl.max(r1 - r0, 0) >> bit) > 0).to(tl.int32), 0)  # its bit length
             # Keys descend within a layer: the first rank with key < cand is the count >= cand.
-            for _s in range(SEARCH_STEPS):
+            for _s in range(steps):
                 act = a < b
                 c = a + (b - a) // 2
                 key = tl.load(keys_ptr + c, mask=act, other=0)
@@ -74,52 +88,39 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, G, L, SEA
                 a = tl.where(act & ge, c + 1, a)
                 b = tl.where(act & ~ge, c, b)
             total += tl.sum(a - first, 1)
+            tl.store(pos_ptr + (base + lay[None, :]) * RADIX + digit[:, None], a, mask=ok[None, :])
         passing = tl.sum(((total >= m) & (cand >= t)).to(tl.int64), 0)
-        t += (passing - 1) << shift
+        d = passing - 1
+        # The next rounds' candidates lie in [t + d, t + d + 1) << shift: their counts between
+        # those of these two (the upper one unless it wrapped or is the round's last).
+        above = (d + 1 < RADIX) & (t + ((d + 1) << shift) >= t)
+        tl.debug_barrier()
+        for l0 in range(lo, hi, BLOCK_L):
+            lay = l0 + lane
+            ok = lay < hi
+            at = (base + lay) * RADIX
+            tl.store(hi_ptr + base + lay, tl.load(pos_ptr + at + d, mask=ok, other=0), mask=ok)
+            up = tl.load(pos_ptr + at + tl.minimum(d + 1, RADIX - 1), mask=ok, other=0)
+            r0 = tl.where(above, up, tl.load(lo_ptr + base + lay, mask=ok, other=0))
+            tl.store(lo_ptr + base + lay, r0, mask=ok)
+        tl.debug_barrier()
+        t += d << shift
 
-    # t is now t*, the m-th largest key (all ones when m == 0: nothing reaches it). Keep the
-    # scores > t*, then hand out ties (== t*) in layer order, chunk by chunk.
+    # t is now t*, the m-th largest key (all ones when m == 0: nothing reaches it), and each
+    # layer's range is [count > t*, count >= t*]. Keep the scores > t*, then hand out ties
+    # (== t*) in layer order, chunk by chunk.
     n_gt = tl.zeros((), tl.int64)
     for l0 in range(lo, hi, BLOCK_L):
         lay = l0 + lane
         ok = lay < hi
-        first = tl.load(offsets_ptr + lay, mask=ok, other=0)
-        a = first
-        b = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)
-        for _s in range(SEARCH_STEPS):
-            act = a < b
-            c = a + (b - a) // 2
-            key = tl.load(keys_ptr + c, mask=act, other=0)
-            ge = key > t
-            a = tl.where(act & ge, c + 1, a)
-            b = tl.where(act & ~ge, c, b)
-        n_gt += tl.sum(a - first, 0)
+        n_gt += tl.sum(tl.load(lo_ptr + base + lay, mask=ok, other=0) - tl.load(offsets_ptr + lay, mask=ok, other=0), 0)
     ties_left = m - n_gt
     for l0 in range(lo, hi, BLOCK_L):
         lay = l0 + lane
         ok = lay < hi
-        first = tl.load(offsets_ptr + lay, mask=ok, other=0)
-        end = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)
-        # Two searches side by side: (a, b) for > t*, (a2, b2) for >= t*.
-        a = first
-        b = end
-        a2 = first
-        b2 = end
-        for _s in range(SEARCH_STEPS):
-            act = a < b
-            c = a + (b - a) // 2
-            key = tl.load(keys_ptr + c, mask=act, other=0)
-            ge = key > t
-            a = tl.where(act & ge, c + 1, a)
-            b = tl.where(act & ~ge, c, b)
-            act2 = a2 < b2
-            c2 = a2 + (b2 - a2) // 2
-            key2 = tl.load(keys_ptr + c2, mask=act2, other=0)
-            ge2 = key2 >= t
-            a2 = tl.where(act2 & ge2, c2 + 1, a2)
-            b2 = tl.where(act2 & ~ge2, c2, b2)
-        gt = a - first
-        eq = a2 - a
+        r0 = tl.load(lo_ptr + base + lay, mask=ok, other=0)
+        gt = r0 - tl.load(offsets_ptr + lay, mask=ok, other=0)
+        eq = tl.load(hi_ptr + base + lay, mask=ok, other=0) - r0
         before = tl.cumsum(eq, 0) - eq  # ties of earlier layers in this chunk (integers: exact)
         take = tl.minimum(tl.maximum(ties_left - before, 0), eq)
         tl.store(out_ptr + row * L + lay, gt + take, mask=ok)
@@ -135,7 +136,6 @@ class SelectTables:
         np.cumsum(sizes, out=offsets[1:])
         groups = np.asarray(groups, dtype=np.int64)
         self.layers, self.groups = int(sizes.size), int(groups.size - 1)
-        self.steps = int(sizes.max()).bit_length() if sizes.size else 0
         self.group_sizes = offsets[groups[1:]] - offsets[groups[:-1]]
         self.offsets = torch.from_numpy(offsets).to(device, non_blocking=True)
         self.bounds = torch.from_numpy(groups).to(device, non_blocking=True)
@@ -149,10 +149,13 @@ def counts_from_tables(keys: torch.Tensor, t: SelectTables, keep: torch.Tensor) 
     if rows == 0 or t.groups == 0:
         return out
     block_l = _INTERP_LAYERS if interpreting(_keep_counts) else _GPU_LAYERS
+    lo = torch.empty_like(out)
+    hi = torch.empty_like(out)
+    pos = torch.empty((rows, t.layers, 1 << _RADIX_BITS), dtype=torch.int64, device=dev)
     with device_guard(dev):
         _keep_counts[(rows * t.groups,)](
-            keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, t.groups, t.layers,
-            t.steps, ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l,
+            keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, lo, hi, pos, t.groups,
+            t.layers, ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l,
             num_warps=_WARPS,
         )
     return out
@@ -211,8 +214,8 @@ def select_keep_counts_reference(scores: torch.Tensor, offsets: torch.Tensor, ke
 def launch_configs() -> list[LaunchConfig]:
     """What select_keep_counts launches on a GPU: one configuration whatever the layer count."""
     i64 = pointer(torch.int64)
-    types = dict(keys_ptr=i64, offsets_ptr=i64, groups_ptr=i64, keep_ptr=i64, out_ptr=i64, G="i32",
-                 L="i32", SEARCH_STEPS="i32")
+    types = dict(keys_ptr=i64, offsets_ptr=i64, groups_ptr=i64, keep_ptr=i64, out_ptr=i64, lo_ptr=i64,
+                 hi_ptr=i64, pos_ptr=i64, G="i32", L="i32")
     return [LaunchConfig.of(_keep_counts, f"select _keep_counts RADIX_BITS={_RADIX_BITS} BLOCK_L={_GPU_LAYERS}",
                             types, dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
                                         BLOCK_L=_GPU_LAYERS), _WARPS)]
