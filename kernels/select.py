@@ -38,9 +38,9 @@ _INTERP_LAYERS = 8
 
 
 @triton.jit
-def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, hi_ptr, pos_ptr, G, L,
-                 ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX: tl.constexpr,
-                 BLOCK_L: tl.constexpr):
+def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, hi_ptr, pos_ptr,
+                 mags_ptr, cut_ptr, host_ptr, G, L, R, ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr,
+                 RADIX: tl.constexpr, BLOCK_L: tl.constexpr, CUTS: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // G
     g = pid % G
@@ -118,13 +118,24 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, h
     for l0 in range(lo, hi, BLOCK_L):
         lay = l0 + lane
         ok = lay < hi
+        first = tl.load(offsets_ptr + lay, mask=ok, other=0)
         r0 = tl.load(lo_ptr + base + lay, mask=ok, other=0)
-        gt = r0 - tl.load(offsets_ptr + lay, mask=ok, other=0)
+        gt = r0 - first
         eq = tl.load(hi_ptr + base + lay, mask=ok, other=0) - r0
         before = tl.cumsum(eq, 0) - eq  # ties of earlier layers in this chunk (integers: exact)
         take = tl.minimum(tl.maximum(ties_left - before, 0), eq)
-        tl.store(out_ptr + row * L + lay, gt + take, mask=ok)
+        count = gt + take
+        tl.store(out_ptr + row * L + lay, count, mask=ok)
         ties_left -= tl.sum(take, 0)
+        if CUTS:  # the layer's last kept magnitude and key (inf and 0 when it keeps none)
+            kept = ok & (count > 0)
+            at = first + count - 1
+            mag = tl.load(mags_ptr + at, mask=kept, other=float("inf"))
+            key = tl.load(keys_ptr + at, mask=kept, other=0).to(tl.float64, bitcast=True)
+            tl.store(cut_ptr + row * L + lay, mag, mask=ok)
+            tl.store(host_ptr + row * L + lay, count.to(tl.float64), mask=ok)
+            tl.store(host_ptr + (R + row) * L + lay, mag.to(tl.float64), mask=ok)
+            tl.store(host_ptr + (2 * R + row) * L + lay, key, mask=ok)
 
 
 class SelectTables:
@@ -143,22 +154,36 @@ class SelectTables:
 
 def counts_from_tables(keys: torch.Tensor, t: SelectTables, keep: torch.Tensor) -> torch.Tensor:
     """select_keep_counts without the checks: ``keep`` is int64 [R, G] on the keys' device."""
+    return _launch(keys, None, t, keep)[0]
+
+
+def cuts_from_tables(keys: torch.Tensor, mags: torch.Tensor, t: SelectTables, keep: torch.Tensor):
+    """counts_from_tables, and from the same launch each layer's cut: ``mags`` (float32) are the
+    sorted magnitudes beside ``keys``. Returns (int64 counts [R, L], float32 cut magnitudes [R, L],
+    inf where a layer keeps none, float64 [3, R, L]: counts, cuts and the keys at the cuts)."""
+    return _launch(keys, mags, t, keep)
+
+
+def _launch(keys, mags, t: SelectTables, keep):
     dev = keys.device
     rows = keep.shape[0]
     out = torch.empty((rows, t.layers), dtype=torch.int64, device=dev)
+    cut = torch.empty((rows, t.layers), dtype=torch.float32, device=dev)
+    host = torch.empty((3, rows, t.layers), dtype=torch.float64, device=dev)
     if rows == 0 or t.groups == 0:
-        return out
+        return out, cut, host
     block_l = _INTERP_LAYERS if interpreting(_keep_counts) else _GPU_LAYERS
     lo = torch.empty_like(out)
     hi = torch.empty_like(out)
     pos = torch.empty((rows, t.layers, 1 << _RADIX_BITS), dtype=torch.int64, device=dev)
     with device_guard(dev):
         _keep_counts[(rows * t.groups,)](
-            keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, lo, hi, pos, t.groups,
-            t.layers, ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l,
+            keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, lo, hi, pos,
+            cut if mags is None else mags, cut, host, t.groups, t.layers, rows, ROUNDS=_ROUNDS,
+            RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l, CUTS=mags is not None,
             num_warps=_WARPS,
         )
-    return out
+    return out, cut, host
 
 
 def _check(scores, offsets, keep, groups):
@@ -212,10 +237,13 @@ def select_keep_counts_reference(scores: torch.Tensor, offsets: torch.Tensor, ke
 
 
 def launch_configs() -> list[LaunchConfig]:
-    """What select_keep_counts launches on a GPU: one configuration whatever the layer count."""
-    i64 = pointer(torch.int64)
+    """What select_keep_counts and the GPU plan (with its cuts) launch on a GPU: one
+    configuration each whatever the layer count."""
+    i64, f32, f64 = pointer(torch.int64), pointer(torch.float32), pointer(torch.float64)
     types = dict(keys_ptr=i64, offsets_ptr=i64, groups_ptr=i64, keep_ptr=i64, out_ptr=i64, lo_ptr=i64,
-                 hi_ptr=i64, pos_ptr=i64, G="i32", L="i32")
-    return [LaunchConfig.of(_keep_counts, f"select _keep_counts RADIX_BITS={_RADIX_BITS} BLOCK_L={_GPU_LAYERS}",
-                            types, dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
-                                        BLOCK_L=_GPU_LAYERS), _WARPS)]
+                 hi_ptr=i64, pos_ptr=i64, mags_ptr=f32, cut_ptr=f32, host_ptr=f64, G="i32", L="i32", R="i32")
+    return [LaunchConfig.of(_keep_counts, f"select _keep_counts RADIX_BITS={_RADIX_BITS} BLOCK_L={_GPU_LAYERS}"
+                            f"{' CUTS' if cuts else ''}", types,
+                            dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,
+                                 BLOCK_L=_GPU_LAYERS, CUTS=cuts), _WARPS)
+            for cuts in (False, True)]

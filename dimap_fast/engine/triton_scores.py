@@ -2,17 +2,18 @@
 
 Planning: every layer's |w| copied once into one float32 buffer in slot order (kept: the masks
 are cut from it), each run of consecutive equal-size layers sorted by one batched torch.sort
-straight into the sorted buffer (values only kept), one read of each layer's largest magnitude (the non-finite check), and the
-three score launches of dimap_fast.kernels.importance over every layer at once. Layers are laid
-out group by group (a DIMAP module, or every layer for ``global``), natural order inside a group,
-so one selection launch serves every (ratio, group).
+straight into the sorted buffer (values only kept), one read of each layer's largest magnitude
+(the non-finite check), and the three score launches of dimap_fast.kernels.importance over every
+layer at once. Layers are laid out group by group (a DIMAP module, or every layer for
+``global``), natural order inside a group, so one selection launch serves every (ratio, group).
 
-A ratio: one selection launch, a gather of each layer's cut magnitude and key, and ONE copy of
-those to the host (``to_host``, the only device-to-host read of this path); the masks are then
-written by the apply kernel in one pass over that |w| buffer, from the cuts still on the device
-(rebuilt first if a weight changed in place since planning, so the masks are those of the
-weights as they are, like the CPU plan's). GPU memory is plentiful next to the CPU's, so every
-score is kept (float64) instead of block heads, and |w| (float32) beside it. On CPU tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
+A ratio: one selection launch, which also gathers each layer's cut magnitude and key, and ONE
+copy of those to the host (``to_host``, the only device-to-host read of this path); the masks
+are then written by the apply kernels in one pass over that |w| buffer, from the cuts still on
+the device (rebuilt first if a weight changed in place since planning, so the masks are those
+of the weights as they are, like the CPU plan's). GPU memory is plentiful next to the CPU's, so
+every score is kept (float64) instead of block heads, and |w| (float32) beside it. On CPU
+tensors this runs under TRITON_INTERPRET=1, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -85,18 +86,20 @@ class TritonScorer:
         return np.stack([self._cuts[r][0] for r in ratios]) if ratios else np.zeros((0, len(self.units)), np.int64)
 
     def _cut(self, ratios: list[float]) -> None:
-        from ..kernels.select import counts_from_tables
+        from ..kernels.select import cuts_from_tables
 
         if self.method == "uniform":
             counts = np.array([[n - prune_count(r, n) for n in self.numels[self.order]] for r in ratios], dtype=np.int64)
             counts_dev = torch.from_numpy(counts).to(self.device, non_blocking=True)
-        else:
+            at = self._starts + (counts_dev - 1).clamp_min(0)
+            mags, keys = self.mags[at], self.keys[at]
+            cuts = torch.where(counts_dev > 0, mags, torch.full_like(mags, math.inf))
+            host = to_host(torch.stack([counts_dev.double(), mags.double(), keys]))  # exact: counts < 2^53
+        else:  # the selection launch writes the cuts and the host's copy too
             keep = np.array([[g - prune_count(r, int(g)) for g in self.group_sizes] for r in ratios], dtype=np.int64)
-            counts_dev = counts_from_tables(self.keys, self._select, torch.from_numpy(keep).to(self.device, non_blocking=True))
-        at = self._starts + (counts_dev - 1).clamp_min(0)
-        mags, keys = self.mags[at], self.keys[at]
-        cuts = torch.where(counts_dev > 0, mags, torch.full_like(mags, math.inf))
-        host = to_host(torch.stack([counts_dev.double(), mags.double(), keys]))  # exact: counts < 2^53
+            counts_dev, cuts, host = cuts_from_tables(self.keys, self.mags, self._select,
+                                                      torch.from_numpy(keep).to(self.device, non_blocking=True))
+            host = to_host(host)
         if len(self._cuts) + len(ratios) > _CACHED_RATIOS:
             self._cuts.clear()
         for r, ratio in enumerate(ratios):

@@ -116,3 +116,24 @@ def test_property(sizes, levels, zero_tail, seed, data, device):
     s = scores_of(sizes, device, levels=levels, zero_tail=zero_tail, seed=seed)
     keep = data.draw(st.lists(st.integers(0, s.numel()), min_size=1, max_size=6))
     check_counts(s, offsets_of(sizes, device), torch.tensor(keep, dtype=torch.int64, device=device))
+
+
+def test_cuts_come_with_the_counts(device):
+    # The GPU plan's launch: the same counts, and each layer's last kept magnitude and key.
+    from dimap_fast.kernels.select import SelectTables, cuts_from_tables
+
+    sizes = [3, 9, 1, 8, 2, 5]
+    groups = [0, 2, 6]
+    mags = sorted_mags(sizes, device=device, levels=4).float()
+    s = module_scores_reference(mags, offsets_of(sizes, device))
+    offs = offsets_of(sizes)
+    totals = [int(offs[b] - offs[a]) for a, b in zip(groups[:-1], groups[1:])]
+    keep = torch.tensor([[0, 0], [1, 3], [totals[0] // 2, totals[1] - 1], totals], device=device)
+    counts, cut, host = cuts_from_tables(s, mags, SelectTables(sizes, groups, device), keep)
+    assert torch.equal(counts.cpu(), select_keep_counts_reference(s, offs, keep.cpu(), groups=groups))
+    at = (offs[:-1] + (counts.cpu() - 1).clamp_min(0))
+    kept = counts.cpu() > 0
+    want_cut = torch.where(kept, mags.cpu()[at], torch.tensor(float("inf")))
+    assert torch.equal(cut.cpu(), want_cut)
+    assert torch.equal(host[0].cpu(), counts.cpu().double()) and torch.equal(host[1].cpu(), want_cut.double())
+    assert torch.equal(host[2].cpu()[kept], s.cpu()[at][kept])
