@@ -43,11 +43,14 @@ def _block_warps(block: int) -> int:
 
 @triton.jit
 def _count_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, gt_ptr, eq_ptr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blk_layer_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
+    if ALIGNED:  # every layer offset and block start a multiple of 16: vector loads
+        start = tl.multiple_of(start, 16)
+        end = tl.multiple_of(end, 16)
     idx = start + tl.arange(0, BLOCK)
     valid = idx < end
     # float16/bfloat16 widen to float32 exactly, so comparing in float32 is exact.
@@ -88,11 +91,15 @@ def _block_quotas(gt_ptr, eq_ptr, blk_off_ptr, keep_ptr, quota_ptr, split_ptr, C
 
 @triton.jit
 def _apply_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, quota_ptr, mask_ptr,
-                 kept_ptr, BLOCK: tl.constexpr, ZERO: tl.constexpr, COUNT: tl.constexpr):
+                 kept_ptr, BLOCK: tl.constexpr, ZERO: tl.constexpr, COUNT: tl.constexpr,
+                 ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blk_layer_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, 16)
+        end = tl.multiple_of(end, 16)
     quota = tl.load(quota_ptr + pid)
     mine = quota >= 0  # else _split_block's: an empty range here
     # Masks combine full-size operands only: the interpreter keeps a scalar-and-block mask as
@@ -161,6 +168,7 @@ class ApplyTables:
         layer = np.repeat(np.arange(sizes.size), nblk)
         start = offsets[layer] + (np.arange(layer.size) - blk_off[layer]) * block
         self.block, self.layers, self.blocks, self.n = block, int(sizes.size), int(layer.size), int(offsets[-1])
+        self.aligned = block % 16 == 0 and not (offsets % 16).any()
         put = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
         self.offsets, self.blk_layer, self.blk_start = put(offsets), put(layer.astype(np.int32)), put(start)
         self.blk_off, self.blk_layer_l = put(blk_off), put(layer)
@@ -186,10 +194,10 @@ def cut_from_tables(w: torch.Tensor, t: ApplyTables, cut: torch.Tensor, keep: to
     chunk = _INTERP_QUOTA_CHUNK if interpreting(_block_quotas) else _QUOTA_CHUNK
     with device_guard(dev):
         _count_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, gt, eq, BLOCK=t.block,
-                            num_warps=warps)
+                            ALIGNED=t.aligned, num_warps=warps)
         _block_quotas[(nl,)](gt, eq, t.blk_off, keep, quota, split, CHUNK=chunk, num_warps=4)
         _apply_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, quota, mask, kept_blk,
-                            BLOCK=t.block, ZERO=zero, COUNT=count, num_warps=warps)
+                            BLOCK=t.block, ZERO=zero, COUNT=count, ALIGNED=t.aligned, num_warps=warps)
         _split_block[(nl,)](w, t.offsets, t.blk_start, cut, quota, split, mask, kept_blk,
                             BLOCK=t.block, ZERO=zero, COUNT=count, num_warps=warps)
     kept = None
@@ -233,26 +241,29 @@ def apply_cutoffs_reference(w: torch.Tensor, offsets: torch.Tensor, cut: torch.T
 
 def launch_configs() -> list[LaunchConfig]:
     """What the engine launches on a GPU at the default block: apply_cutoffs (zero and count)
-    and the GPU plan's masks (neither)."""
+    and the GPU plan's masks (neither; float32 |w| whose layers start at multiples of 16 in
+    Swin and most models: aligned)."""
     i32, i64 = pointer(torch.int32), pointer(torch.int64)
     table = dict(offsets_ptr=i64, blk_layer_ptr=i32, blk_start_ptr=i64, cut_ptr=pointer(torch.float32))
     warps = _block_warps(_GPU_BLOCK)
     out = [LaunchConfig.of(_block_quotas, f"apply _block_quotas CHUNK={_QUOTA_CHUNK}",
                            dict(gt_ptr=i32, eq_ptr=i32, blk_off_ptr=i64, keep_ptr=i64, quota_ptr=i32,
                                 split_ptr=i64), dict(CHUNK=_QUOTA_CHUNK), 4)]
-    for dtype in FLOAT_DTYPES:
+    for dtype, aligned in [(d, False) for d in FLOAT_DTYPES] + [(torch.float32, True)]:
         w = pointer(dtype)
-        label = f"{w[1:]} BLOCK={_GPU_BLOCK}"
+        label = f"{w[1:]} BLOCK={_GPU_BLOCK}{' ALIGNED' if aligned else ''}"
         out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}",
                                    dict(table, w_ptr=w, gt_ptr=i32, eq_ptr=i32),
-                                   dict(BLOCK=_GPU_BLOCK), warps))
+                                   dict(BLOCK=_GPU_BLOCK, ALIGNED=aligned), warps))
         for zero in (True, False):
             flags = dict(BLOCK=_GPU_BLOCK, ZERO=zero, COUNT=zero)
             out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label} ZERO={zero}",
                                        dict(table, w_ptr=w, quota_ptr=i32, mask_ptr=pointer(torch.uint8),
-                                            kept_ptr=i32), flags, warps))
-            out.append(LaunchConfig.of(_split_block, f"apply _split_block {label} ZERO={zero}",
-                                       dict(w_ptr=w, offsets_ptr=i64, blk_start_ptr=i64,
-                                            cut_ptr=pointer(torch.float32), quota_ptr=i32, split_ptr=i64,
-                                            mask_ptr=pointer(torch.uint8), kept_ptr=i32), flags, warps))
+                                            kept_ptr=i32), dict(flags, ALIGNED=aligned), warps))
+            if not aligned:
+                out.append(LaunchConfig.of(_split_block, f"apply _split_block {label} ZERO={zero}",
+                                           dict(w_ptr=w, offsets_ptr=i64, blk_start_ptr=i64,
+                                                cut_ptr=pointer(torch.float32), quota_ptr=i32,
+                                                split_ptr=i64, mask_ptr=pointer(torch.uint8),
+                                                kept_ptr=i32), flags, warps))
     return out

@@ -124,6 +124,14 @@ def test_masks_without_counts_are_the_same_masks(device):
     assert kept is None and torch.equal(mask, want)
 
 
+def test_vector_loads_only_where_every_layer_and_block_starts_at_a_multiple_of_16():
+    from dimap_fast.kernels.apply import ApplyTables
+
+    assert ApplyTables([16, 48, 2048], "cpu", 256).aligned
+    assert not ApplyTables([16, 8, 16], "cpu", 256).aligned
+    assert not ApplyTables([16, 48], "cpu", 8).aligned
+
+
 @pytest.mark.parametrize(
     "kw, msg",
     [
