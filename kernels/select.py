@@ -32,8 +32,8 @@ from ._common import (
 
 _RADIX_BITS = 4  # 16 candidates a round; 16 rounds cover the 63 bits of a non-negative key
 _ROUNDS = 16
-_GPU_LAYERS = 32  # [16 candidates, 32 layers] of int64 over 4 warps: 4 lanes' worth per thread
-_WARPS = 4
+_GPU_LAYERS = 64  # [16 candidates, 64 layers] over 8 warps: 4 lanes' worth per thread; a Swin
+_WARPS = 8  # module (at most 48 layers) in one chunk
 _INTERP_LAYERS = 8
 
 
@@ -73,22 +73,25 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, h
         for l0 in range(lo, hi, BLOCK_L):
             lay = l0 + lane
             ok = lay < hi
-            first = tl.load(offsets_ptr + lay, mask=ok, other=0)[None, :]
-            r0 = tl.load(lo_ptr + base + lay, mask=ok, other=0)
-            r1 = tl.load(hi_ptr + base + lay, mask=ok, other=0)
-            a = r0[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
-            b = r1[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int64)
+            first = tl.load(offsets_ptr + lay, mask=ok, other=0)
+            r0 = tl.load(lo_ptr + base + lay, mask=ok, other=0) - first
+            r1 = tl.load(hi_ptr + base + lay, mask=ok, other=0) - first
             steps = tl.sum(((tl.max(r1 - r0, 0) >> bit) > 0).to(tl.int32), 0)  # its bit length
+            # Ranks within a layer fit int32 (SelectTables checks): cheaper than int64 addresses.
+            a = r0.to(tl.int32)[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int32)
+            b = r1.to(tl.int32)[None, :] + tl.zeros((RADIX, BLOCK_L), tl.int32)
+            keys = keys_ptr + first[None, :]
             # Keys descend within a layer: the first rank with key < cand is the count >= cand.
             for _s in range(steps):
                 act = a < b
-                c = a + (b - a) // 2
-                key = tl.load(keys_ptr + c, mask=act, other=0)
+                c = a + ((b - a) >> 1)
+                key = tl.load(keys + c, mask=act, other=0)
                 ge = key >= cand[:, None]
                 a = tl.where(act & ge, c + 1, a)
                 b = tl.where(act & ~ge, c, b)
-            total += tl.sum(a - first, 1)
-            tl.store(pos_ptr + (base + lay[None, :]) * RADIX + digit[:, None], a, mask=ok[None, :])
+            total += tl.sum(a.to(tl.int64), 1)
+            tl.store(pos_ptr + (base + lay[None, :]) * RADIX + digit[:, None], first[None, :] + a,
+                     mask=ok[None, :])
         passing = tl.sum(((total >= m) & (cand >= t)).to(tl.int64), 0)
         d = passing - 1
         # The next rounds' candidates lie in [t + d, t + d + 1) << shift: their counts between
@@ -146,6 +149,8 @@ class SelectTables:
         offsets = np.zeros(sizes.size + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         groups = np.asarray(groups, dtype=np.int64)
+        if sizes.size and int(sizes.max()) >= 1 << 31:
+            raise ValueError(f"layers of 2^31 or more scores are not supported, got {int(sizes.max())}")
         self.layers, self.groups = int(sizes.size), int(groups.size - 1)
         self.group_sizes = offsets[groups[1:]] - offsets[groups[:-1]]
         self.offsets = torch.from_numpy(offsets).to(device, non_blocking=True)
