@@ -42,12 +42,15 @@ def _block_warps(block: int) -> int:
 
 
 @triton.jit
-def _count_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, gt_ptr, eq_ptr,
-                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def _count_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, split_ptr, gt_ptr, eq_ptr,
+                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr, SKIP: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.load(blk_layer_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
     end = tl.load(offsets_ptr + layer + 1)
+    if SKIP:  # a layer whose cut splits no run of ties keeps them all: counted as none here,
+        # its quota is then the whole keep count, every tie (see _block_quotas)
+        end = tl.where(tl.load(split_ptr + layer) != 0, end, start)
     if ALIGNED:  # every layer offset and block start a multiple of 16: vector loads
         start = tl.multiple_of(start, 16)
         end = tl.multiple_of(end, 16)
@@ -179,9 +182,12 @@ def default_tables(sizes, device) -> ApplyTables:
 
 
 def cut_from_tables(w: torch.Tensor, t: ApplyTables, cut: torch.Tensor, keep: torch.Tensor, *,
-                    zero: bool, count: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    zero: bool, count: bool = True, split: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """apply_cutoffs without the checks: ``t`` fits ``w``, cut and keep are on its device.
-    ``zero=False`` only writes the mask; ``count=False`` returns no kept counts (None)."""
+    ``zero=False`` only writes the mask; ``count=False`` returns no kept counts (None).
+    ``split`` (int32 per layer, optional): 0 where the layer has exactly ``keep`` weights with
+    |w| >= cut (its cut splits no run of equal magnitudes), which are then not counted."""
     dev = w.device
     nb, nl = t.blocks, t.layers
     gt = torch.empty(nb, dtype=torch.int32, device=dev)
@@ -189,16 +195,18 @@ def cut_from_tables(w: torch.Tensor, t: ApplyTables, cut: torch.Tensor, keep: to
     quota = torch.empty_like(gt)
     mask = torch.empty(w.numel(), dtype=torch.uint8, device=dev)
     kept_blk = torch.empty_like(gt)
-    split = torch.empty(nl, dtype=torch.int64, device=dev)
+    split_blk = torch.empty(nl, dtype=torch.int64, device=dev)
     warps = _block_warps(t.block)
     chunk = _INTERP_QUOTA_CHUNK if interpreting(_block_quotas) else _QUOTA_CHUNK
     with device_guard(dev):
-        _count_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, gt, eq, BLOCK=t.block,
-                            ALIGNED=t.aligned, num_warps=warps)
-        _block_quotas[(nl,)](gt, eq, t.blk_off, keep, quota, split, CHUNK=chunk, num_warps=4)
+        _count_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut,
+                            t.blk_layer if split is None else split,  # unread when None
+                            gt, eq, BLOCK=t.block, ALIGNED=t.aligned, SKIP=split is not None,
+                            num_warps=warps)
+        _block_quotas[(nl,)](gt, eq, t.blk_off, keep, quota, split_blk, CHUNK=chunk, num_warps=4)
         _apply_block[(nb,)](w, t.offsets, t.blk_layer, t.blk_start, cut, quota, mask, kept_blk,
                             BLOCK=t.block, ZERO=zero, COUNT=count, ALIGNED=t.aligned, num_warps=warps)
-        _split_block[(nl,)](w, t.offsets, t.blk_start, cut, quota, split, mask, kept_blk,
+        _split_block[(nl,)](w, t.offsets, t.blk_start, cut, quota, split_blk, mask, kept_blk,
                             BLOCK=t.block, ZERO=zero, COUNT=count, num_warps=warps)
     kept = None
     if count:
@@ -252,9 +260,10 @@ def launch_configs() -> list[LaunchConfig]:
     for dtype, aligned in [(d, False) for d in FLOAT_DTYPES] + [(torch.float32, True)]:
         w = pointer(dtype)
         label = f"{w[1:]} BLOCK={_GPU_BLOCK}{' ALIGNED' if aligned else ''}"
-        out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}",
-                                   dict(table, w_ptr=w, gt_ptr=i32, eq_ptr=i32),
-                                   dict(BLOCK=_GPU_BLOCK, ALIGNED=aligned), warps))
+        for skip in (False, True) if dtype == torch.float32 else (False,):  # the GPU plan's |w|: skips
+            out.append(LaunchConfig.of(_count_block, f"apply _count_block {label}{' SKIP' if skip else ''}",
+                                       dict(table, w_ptr=w, split_ptr=i32, gt_ptr=i32, eq_ptr=i32),
+                                       dict(BLOCK=_GPU_BLOCK, ALIGNED=aligned, SKIP=skip), warps))
         for zero in (True, False):
             flags = dict(BLOCK=_GPU_BLOCK, ZERO=zero, COUNT=zero)
             out.append(LaunchConfig.of(_apply_block, f"apply _apply_block {label} ZERO={zero}",

@@ -39,7 +39,7 @@ _INTERP_LAYERS = 8
 
 @triton.jit
 def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, hi_ptr, pos_ptr,
-                 mags_ptr, cut_ptr, host_ptr, G, L, R, ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr,
+                 mags_ptr, cut_ptr, host_ptr, split_ptr, G, L, R, ROUNDS: tl.constexpr, RADIX_BITS: tl.constexpr,
                  RADIX: tl.constexpr, BLOCK_L: tl.constexpr, CUTS: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // G
@@ -139,6 +139,11 @@ def _keep_counts(keys_ptr, offsets_ptr, groups_ptr, keep_ptr, out_ptr, lo_ptr, h
             tl.store(host_ptr + row * L + lay, count.to(tl.float64), mask=ok)
             tl.store(host_ptr + (R + row) * L + lay, mag.to(tl.float64), mask=ok)
             tl.store(host_ptr + (2 * R + row) * L + lay, key, mask=ok)
+            # Does the cut split a run of equal magnitudes? If not, the layer keeps every one
+            # >= its cut and the apply pass need not count them.
+            end = tl.load(offsets_ptr + lay + 1, mask=ok, other=0)
+            nxt = tl.load(mags_ptr + at + 1, mask=kept & (at + 1 < end), other=-1.0)
+            tl.store(split_ptr + row * L + lay, (nxt == mag).to(tl.int32), mask=ok)
 
 
 class SelectTables:
@@ -165,7 +170,8 @@ def counts_from_tables(keys: torch.Tensor, t: SelectTables, keep: torch.Tensor) 
 def cuts_from_tables(keys: torch.Tensor, mags: torch.Tensor, t: SelectTables, keep: torch.Tensor):
     """counts_from_tables, and from the same launch each layer's cut: ``mags`` (float32) are the
     sorted magnitudes beside ``keys``. Returns (int64 counts [R, L], float32 cut magnitudes [R, L],
-    inf where a layer keeps none, float64 [3, R, L]: counts, cuts and the keys at the cuts)."""
+    inf where a layer keeps none, float64 [3, R, L]: counts, cuts and the keys at the cuts, int32
+    [R, L]: 1 where the cut falls inside a run of equal magnitudes, else 0)."""
     return _launch(keys, mags, t, keep)
 
 
@@ -175,8 +181,9 @@ def _launch(keys, mags, t: SelectTables, keep):
     out = torch.empty((rows, t.layers), dtype=torch.int64, device=dev)
     cut = torch.empty((rows, t.layers), dtype=torch.float32, device=dev)
     host = torch.empty((3, rows, t.layers), dtype=torch.float64, device=dev)
+    split = torch.empty((rows, t.layers), dtype=torch.int32, device=dev)
     if rows == 0 or t.groups == 0:
-        return out, cut, host
+        return out, cut, host, split
     block_l = _INTERP_LAYERS if interpreting(_keep_counts) else _GPU_LAYERS
     lo = torch.empty_like(out)
     hi = torch.empty_like(out)
@@ -184,11 +191,11 @@ def _launch(keys, mags, t: SelectTables, keep):
     with device_guard(dev):
         _keep_counts[(rows * t.groups,)](
             keys.view(torch.int64), t.offsets, t.bounds, keep.contiguous(), out, lo, hi, pos,
-            cut if mags is None else mags, cut, host, t.groups, t.layers, rows, ROUNDS=_ROUNDS,
+            cut if mags is None else mags, cut, host, split, t.groups, t.layers, rows, ROUNDS=_ROUNDS,
             RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS, BLOCK_L=block_l, CUTS=mags is not None,
             num_warps=_WARPS,
         )
-    return out, cut, host
+    return out, cut, host, split
 
 
 def _check(scores, offsets, keep, groups):
@@ -246,7 +253,8 @@ def launch_configs() -> list[LaunchConfig]:
     configuration each whatever the layer count."""
     i64, f32, f64 = pointer(torch.int64), pointer(torch.float32), pointer(torch.float64)
     types = dict(keys_ptr=i64, offsets_ptr=i64, groups_ptr=i64, keep_ptr=i64, out_ptr=i64, lo_ptr=i64,
-                 hi_ptr=i64, pos_ptr=i64, mags_ptr=f32, cut_ptr=f32, host_ptr=f64, G="i32", L="i32", R="i32")
+                 hi_ptr=i64, pos_ptr=i64, mags_ptr=f32, cut_ptr=f32, host_ptr=f64,
+                 split_ptr=pointer(torch.int32), G="i32", L="i32", R="i32")
     return [LaunchConfig.of(_keep_counts, f"select _keep_counts RADIX_BITS={_RADIX_BITS} BLOCK_L={_GPU_LAYERS}"
                             f"{' CUTS' if cuts else ''}", types,
                             dict(ROUNDS=_ROUNDS, RADIX_BITS=_RADIX_BITS, RADIX=1 << _RADIX_BITS,

@@ -60,7 +60,7 @@ class TritonScorer:
         self.group_sizes = self.offsets[bounds[1:]] - self.offsets[bounds[:-1]]
         self.device = layers[0].values.device
         self._abs = _magnitudes([layers[i] for i in self.order])
-        self._versions = self._weight_versions()
+        self._versions, self._planned = self._weight_versions(), True  # _abs is what mags sorts
         self.mags = _sorted_magnitudes(self._abs, sizes, self.offsets)
         firsts = to_host(self.mags[torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)])
         for slot in np.flatnonzero(~np.isfinite(firsts)):  # torch sorts NaN above +inf: the first tells
@@ -95,25 +95,27 @@ class TritonScorer:
             mags, keys = self.mags[at], self.keys[at]
             cuts = torch.where(counts_dev > 0, mags, torch.full_like(mags, math.inf))
             host = to_host(torch.stack([counts_dev.double(), mags.double(), keys]))  # exact: counts < 2^53
+            split = [None] * len(ratios)  # every layer's ties counted
         else:  # the selection launch writes the cuts and the host's copy too
             keep = np.array([[g - prune_count(r, int(g)) for g in self.group_sizes] for r in ratios], dtype=np.int64)
-            counts_dev, cuts, host = cuts_from_tables(self.keys, self.mags, self._select,
+            counts_dev, cuts, host, split = cuts_from_tables(self.keys, self.mags, self._select,
                                                       torch.from_numpy(keep).to(self.device, non_blocking=True))
             host = to_host(host)
         if len(self._cuts) + len(ratios) > _CACHED_RATIOS:
             self._cuts.clear()
         for r, ratio in enumerate(ratios):
             by_layer = host[:, r, self.slot]
-            self._cuts[ratio] = (by_layer[0].astype(np.int64), by_layer[1], by_layer[2], counts_dev[r], cuts[r])
+            self._cuts[ratio] = (by_layer[0].astype(np.int64), by_layer[1], by_layer[2], counts_dev[r], cuts[r],
+                                 split[r])
 
     def magnitude_at(self, i: int, rank: int) -> float:
-        for counts, mags, _, _, _ in self._cuts.values():
+        for counts, mags, *_ in self._cuts.values():
             if counts[i] - 1 == rank:
                 return float(mags[i])
         return float(to_host(self.mags[int(self.offsets[self.slot[i]]) + rank]))
 
     def key_at(self, i: int, rank: int) -> float:
-        for counts, _, keys, _, _ in self._cuts.values():
+        for counts, _, keys, *_ in self._cuts.values():
             if counts[i] - 1 == rank:
                 return float(keys[i])
         return float(to_host(self.keys[int(self.offsets[self.slot[i]]) + rank]))
@@ -123,13 +125,15 @@ class TritonScorer:
         from ..kernels.apply import cut_from_tables, default_tables
 
         self.keep_counts(ratio)
-        counts_dev, cuts = self._cuts[ratio][3], self._cuts[ratio][4]
+        counts_dev, cuts, split = self._cuts[ratio][3:]
         if self._apply is None:
             self._apply = default_tables(self.numels[self.order], self.device)
         if self._weight_versions() != self._versions:
+            # |w| no longer the one sorted: every layer's ties are counted (``split`` is of the sort)
             self._abs = _magnitudes([self.units[i] for i in self.order])
-            self._versions = self._weight_versions()
-        mask, _ = cut_from_tables(self._abs, self._apply, cuts, counts_dev, zero=False, count=False)
+            self._versions, self._planned = self._weight_versions(), False
+        mask, _ = cut_from_tables(self._abs, self._apply, cuts, counts_dev, zero=False, count=False,
+                                  split=split if self._planned else None)
         out = {}
         for slot, i in enumerate(self.order):
             u, start = self.units[i], int(self.offsets[slot])

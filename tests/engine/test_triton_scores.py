@@ -55,6 +55,20 @@ def test_prune_in_place_zeroes_exactly_the_masked_weights(backend, device):
         assert torch.equal(state[name], original[name] * mask)
 
 
+def test_masks_follow_weights_changed_in_place_after_planning(device):
+    # The plan's cuts stay; the masks are of the weights as they are now, on both paths.
+    state = make_state(SHAPES, seed=15)
+    gpu_state = {k: v.clone().to(device) for k, v in state.items()}
+    gpu = dimap_fast.plan(gpu_state, backend="triton")
+    cpu = dimap_fast.plan(state, backend="numpy")
+    gpu.masks(0.5)  # the kept |w| is used once before the change
+    name = "layers.1.blocks.0.mlp.fc1.weight"
+    for t in (state[name], gpu_state[name]):
+        t.mul_(torch.linspace(0.0, 2.0, t.numel()).view(t.shape).to(t.device))
+    a, b = gpu.masks(0.5), cpu.masks(0.5)
+    assert all(torch.equal(a[k].cpu(), b[k]) for k in b)
+
+
 class _ScalarReads(TorchDispatchMode):
     """Counts .item() / float() / int() / bool() on tensors: each is a device sync on a GPU."""
 

@@ -124,6 +124,22 @@ def test_masks_without_counts_are_the_same_masks(device):
     assert kept is None and torch.equal(mask, want)
 
 
+def test_layers_whose_cut_splits_no_ties_are_not_counted(device):
+    from dimap_fast.kernels.apply import cut_from_tables, default_tables
+
+    sizes = [40, 300, 7]
+    w = tied_weights(sizes, levels=4, seed=3, device=device)
+    offs = offsets_of(sizes, device)
+    cut = torch.tensor([0.5, 0.25, 0.75], device=device)
+    mags = w.abs().cpu()
+    ge = [int((mags[a:b] >= c).sum()) for a, b, c in zip(offs[:-1].tolist(), offs[1:].tolist(), cut.tolist())]
+    keep = torch.tensor([ge[0], ge[1] - 5, ge[2]], device=device)  # the middle one splits its ties
+    split = torch.tensor([0, 1, 0], dtype=torch.int32, device=device)
+    _, want, _ = apply_cutoffs_reference(w, offs, cut, keep)
+    mask, kept = cut_from_tables(w, default_tables(sizes, device), cut, keep, zero=False, split=split)
+    assert torch.equal(mask, want) and kept.tolist() == keep.tolist()
+
+
 def test_vector_loads_only_where_every_layer_and_block_starts_at_a_multiple_of_16():
     from dimap_fast.kernels.apply import ApplyTables
 

@@ -129,7 +129,7 @@ def test_cuts_come_with_the_counts(device):
     offs = offsets_of(sizes)
     totals = [int(offs[b] - offs[a]) for a, b in zip(groups[:-1], groups[1:])]
     keep = torch.tensor([[0, 0], [1, 3], [totals[0] // 2, totals[1] - 1], totals], device=device)
-    counts, cut, host = cuts_from_tables(s, mags, SelectTables(sizes, groups, device), keep)
+    counts, cut, host, split = cuts_from_tables(s, mags, SelectTables(sizes, groups, device), keep)
     assert torch.equal(counts.cpu(), select_keep_counts_reference(s, offs, keep.cpu(), groups=groups))
     at = (offs[:-1] + (counts.cpu() - 1).clamp_min(0))
     kept = counts.cpu() > 0
@@ -137,3 +137,6 @@ def test_cuts_come_with_the_counts(device):
     assert torch.equal(cut.cpu(), want_cut)
     assert torch.equal(host[0].cpu(), counts.cpu().double()) and torch.equal(host[1].cpu(), want_cut.double())
     assert torch.equal(host[2].cpu()[kept], s.cpu()[at][kept])
+    size = offs[1:] - offs[:-1]
+    inside = kept & (counts.cpu() < size) & (mags.cpu()[(at + 1).clamp_max(mags.numel() - 1)] == want_cut)
+    assert torch.equal(split.cpu(), inside.int())
