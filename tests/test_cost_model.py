@@ -95,6 +95,36 @@ def test_fresh_sm90_compile_counts_a_known_loop_by_hand(monkeypatch):
 
 
 @triton.jit
+def _add_rows(x_ptr, out_ptr, n, BLOCK: tl.constexpr, SEM: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for i in range(0, n):
+        tl.atomic_add(out_ptr + offs, tl.load(x_ptr + i * BLOCK + offs), sem=SEM)
+
+
+def test_atomic_bytes_equal_the_hand_count(monkeypatch):
+    # BLOCK = 128 floats over 4 warps: each iteration every lane adds one float, 512 bytes a
+    # program; n iterations, 3 programs.
+    import torch
+
+    from dimap_fast.cost_model.kernel_cost import atomic_bytes
+
+    n, programs = 11, 3
+    launches = [Launch(_add_rows, (programs, 1, 1), (torch.zeros(128 * n), torch.zeros(128), n),
+                       {"BLOCK": 128, "SEM": sem, "num_warps": 4}) for sem in ("relaxed", "acq_rel")]
+    here = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    relaxed, fenced = worker.call("compile", [(_add_rows.fn.__module__, "_add_rows", spec(l))
+                                              for l in launches])
+    code = _add_rows.fn.__code__
+    loops = [l for l in source_loops(code.co_filename) if l[0] == code.co_firstlineno + 3]
+    execs = executions(relaxed, loops, {(code.co_filename, loops[0][2]): float(n)}, code.co_filename)
+    assert atomic_bytes(relaxed, execs) * relaxed.num_warps * programs == n * 128 * 4 * programs
+    # relaxed: plain reductions; acq_rel (triton's default): a GPU-wide fence around each
+    assert relaxed.fenced_atomics_in_loops() == 0
+    assert fenced.fenced_atomics_in_loops() > 0
+
+
+@triton.jit
 def _plus_one(x):
     return x + 1.0
 

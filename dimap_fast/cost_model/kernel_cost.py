@@ -61,6 +61,7 @@ class KernelEstimate:
     tensor_s: float  # its tensor cores alone
     compute_s: float  # wave by wave, the largest of the three
     memory_s: float
+    atomic_bytes: float = 0.0  # what its REDs / atomics add into L2, all lanes: shown, not priced
 
     @property
     def seconds(self) -> float:
@@ -197,6 +198,23 @@ class ProgramCost:
     per_warp: float
     chain_cycles: float
     mma_cycles: float
+    atomic_bytes: float = 0.0  # per warp
+
+
+_ATOMICS = ("RED", "REDG", "ATOMG", "ATOM")
+_LANE_BYTES = {"64": 8, "F64": 8, "U64": 8, "S64": 8, "F16x2": 4, "BF16x2": 4}
+
+
+def atomic_bytes(sass: Sass, execs: list[float]) -> float:
+    """Bytes a warp's atomics add into L2: each executed instruction, 32 lanes of its width (4 bytes
+    unless it names a 64-bit type). Contention on the same addresses is what costs, and nothing
+    here knows its price: the report shows the bytes so a GPU run can calibrate them."""
+    total = 0.0
+    for insn, n in zip(sass.insns, execs):
+        parts = insn.op.split(".")
+        if parts[0] in _ATOMICS and n:
+            total += n * 32 * next((_LANE_BYTES[p] for p in parts[1:] if p in _LANE_BYTES), 4)
+    return total
 
 
 def program_cost(sass: Sass, hits: dict, file: str, loops, gpu: Gpu = H100) -> ProgramCost:
@@ -205,7 +223,7 @@ def program_cost(sass: Sass, hits: dict, file: str, loops, gpu: Gpu = H100) -> P
     flops, kind = _tensor_flops(sass, execs)
     mma = flops / gpu.flops_per_clock(kind)  # at the SM's whole rate
     chain = per_warp * gpu.alu_latency_cycles + load_waits(sass, execs) * gpu.dram_latency_cycles + mma
-    return ProgramCost(per_warp, chain, mma)
+    return ProgramCost(per_warp, chain, mma, atomic_bytes(sass, execs))
 
 
 def compute_cycles(cost: ProgramCost, programs: int, resident: int, num_warps: int,
@@ -234,4 +252,5 @@ def estimate(name: str, sass: Sass, replay, file: str, loops, programs: int,
     return KernelEstimate(name, programs, sass.num_warps, sass.regs, sass.shared, sass.spill,
                           resident_blocks(sass, gpu), cost.per_warp, sass.count(*TENSOR_OPS),
                           sass.fenced_atomics_in_loops(), nbytes, waves, issue / hz, chain / hz,
-                          tensor / hz, cycles / hz, gpu.memory_seconds(nbytes))
+                          tensor / hz, cycles / hz, gpu.memory_seconds(nbytes),
+                          cost.atomic_bytes * sass.num_warps * programs)

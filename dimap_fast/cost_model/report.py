@@ -56,7 +56,9 @@ def _kernels(captured):
 def _note(e) -> str:
     return (f"{e.name}: {e.programs} programs, {e.regs} regs, {e.shared // 1024} KiB shared, "
             f"{e.resident} blocks/SM, {e.waves} waves, spill {e.spill} B, {e.sass_per_program:.0f} "
-            f"SASS/warp/program, {e.tensor_insns} MMA insns, {e.bytes / 1e6:.0f} MB; memory "
+            f"SASS/warp/program, {e.tensor_insns} MMA insns, {e.bytes / 1e6:.0f} MB"
+            + (f" + {e.atomic_bytes / 1e6:.0f} MB of atomics into L2 (not priced)"
+               if e.atomic_bytes else "") + "; memory "
             f"{e.memory_s * 1e3:.3f} ms, compute {e.compute_s * 1e3:.3f} ms (issue "
             f"{e.issue_s * 1e3:.3f}, latency {e.chain_s * 1e3:.3f}, tensor {e.tensor_s * 1e3:.3f}): "
             f"{e.bound}-bound, {e.no_overlap_seconds * 1e3:.3f} ms if nothing overlapped")

@@ -30,7 +30,7 @@ _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
 _FORMAT = 3  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
 TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
-GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG", "UTMASTG")
+GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "REDG", "UBLKCP", "UTMALDG", "UTMASTG")
 
 
 @dataclass
@@ -59,19 +59,21 @@ class Sass:
         return sum(i.op.split(".")[0] in prefixes for i in self.insns[lo:hi + 1])
 
     def fenced_atomics_in_loops(self) -> int:
-        """Atomics that a MEMBAR precedes inside a loop body: each one waits for the whole GPU."""
+        """Atomics in a loop body that also holds a GPU- or system-scope MEMBAR (what acq_rel
+        atomics compile to): each waits for the whole GPU. A CTA-scope MEMBAR (the fence before
+        a wgmma reads shared memory) does not count."""
         n = 0
         for lo, hi in self.loops:
-            body = [i.op.split(".")[0] for i in self.insns[lo:hi + 1]]
-            if "MEMBAR" in body:
-                n += sum(op in ("ATOMG", "RED", "ATOM") for op in body)
+            ops = [i.op for i in self.insns[lo:hi + 1]]
+            if any(op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op) for op in ops):
+                n += sum(op.split(".")[0] in ("ATOMG", "RED", "REDG", "ATOM") for op in ops)
         return n
 
 
 # Memory and matrix instructions, which ptxas neither merges nor splits: a loop's work, as classes
 # that its PTX and its SASS both name, so SASS work / PTX work is ptxas's unroll factor.
 _SASS_WORK = {"LDG": "ld", "LDGSTS": "cp", "STG": "st", "HGMMA": "mma", "QGMMA": "mma",
-              "HMMA": "mma", "ATOMG": "atom", "RED": "atom", "LDSM": "ldsm", "UTMALDG": "tma"}
+              "HMMA": "mma", "ATOMG": "atom", "RED": "atom", "REDG": "atom", "LDSM": "ldsm", "UTMALDG": "tma"}
 _PTX_WORK = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld\.global|cp\.async\.c[ga]|st\.global|wgmma\.mma_async|"
                        r"mma\.sync|atom\.global|red\.global|ldmatrix|cp\.async\.bulk\.tensor)\b")
 _PTX_CLASS = {"ld.global": "ld", "cp.async.cg": "cp", "cp.async.ca": "cp", "st.global": "st",
