@@ -71,8 +71,9 @@ class TritonScorer:
             self.keys = self.mags.double()
         self._select = SelectTables(sizes, bounds, self.device) if method != "uniform" else None
         self._starts = torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)
-        self._cuts: dict[float, tuple] = {}  # ratio -> (host counts, mags, keys by layer; device counts, cuts by slot)
-        self._apply: dict | None = None
+        self._cuts: dict[float, tuple] = {}  # ratio -> (host counts, mags, keys by layer; device counts, cuts,
+        # split flags or None, by slot)
+        self._apply = None  # the apply kernels' block table, built at the first masks()
 
     def keep_counts(self, ratio: float) -> np.ndarray:
         return self.keep_counts_many([ratio])[0]
