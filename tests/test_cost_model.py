@@ -151,6 +151,30 @@ class _SumRowsTwice:
         _sum_rows_twice[(1,)](torch.zeros(16 * self.trips), torch.empty(16), self.trips, BLOCK=16)
 
 
+@triton.jit
+def _masked_copy(x_ptr, out_ptr, flag, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = (offs < BLOCK) & (flag != 0)  # a block and a scalar: the interpreter's mask is 0/1 ints
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0), mask=m)
+
+
+class _MaskedCopy:
+    name = "masked_copy"
+
+    def run(self, steady=lambda: None):
+        import torch
+
+        _masked_copy[(1,)](torch.zeros(128), torch.empty(128), 1, BLOCK=128)
+
+
+def test_replay_reads_a_mixed_mask_as_lanes_not_indices(monkeypatch):
+    here = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    [captured] = worker.call("capture", [_MaskedCopy()])
+    [launch] = captured["launches"]
+    assert launch["replay"].unique_bytes == {"x_ptr": 512, "out_ptr": 512}  # 128 floats each way
+
+
 def test_replay_counts_a_multiline_loop_body_once_an_iteration(monkeypatch):
     # The body's one statement spans two lines and calls a helper twice: Python raises a line
     # event each time its evaluation comes back to a line, 18 for 9 iterations here. The model
@@ -190,6 +214,19 @@ def test_copy_kernel_estimate_is_bytes_over_bandwidth():
     assert e.bytes == 2 * n * 4
     assert e.seconds == pytest.approx(2 * n * 4 / H100.copy_bytes_per_s)
     assert e.bound == "memory"
+
+
+def test_an_out_argument_is_charged_once_and_in_place_reads_and_writes():
+    import torch
+
+    from dimap_fast.cost_model.baselines import count_bytes
+
+    a, b, c = torch.zeros(1000), torch.zeros(1000), torch.empty(1000)
+    with count_bytes(real=True) as into:
+        torch.add(a, b, out=c)  # reads a and b, writes c
+    with count_bytes(real=True) as in_place:
+        a.add_(b)  # reads a and b, writes a
+    assert into.bytes == in_place.bytes == 3 * 4000
 
 
 def test_small_tensors_are_charged_once():

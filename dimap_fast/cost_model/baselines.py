@@ -59,7 +59,9 @@ class _Bytes(TorchDispatchMode):
             self.tally.syncs += 1
         if func in _FREE or func.is_view or func is aten._local_scalar_dense.default:
             return out
-        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        # an out= argument is what the op writes: counted once, as its output
+        inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}
+        flat = torch.utils._pytree.tree_leaves((args, inputs, out))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         flops = 0.0
         if func.overloadpacket in (aten.bmm, aten.mm, aten.addmm, aten.baddbmm):

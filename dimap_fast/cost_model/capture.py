@@ -146,8 +146,14 @@ def replay(launch: Launch, samples: int = 6) -> Replay:
     builder = interp.interpreter_builder
     originals = {}
 
+    def lanes(ptrs, mask):
+        # a mask mixing a scalar and a block reaches here as 0/1 integers, maybe unbroadcast:
+        # as booleans of the pointers' shape, or numpy would read them as indices
+        return None if mask is None else np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)
+
     def touch(ptrs, mask):
-        addr = ptrs.data[mask.data] if mask is not None else ptrs.data.ravel()
+        m = lanes(ptrs, mask)
+        addr = ptrs.data[m] if m is not None else ptrs.data.ravel()
         if addr.size == 0:
             return
         for n, (lo, hi, _) in ranges.items():
@@ -165,7 +171,7 @@ def replay(launch: Launch, samples: int = 6) -> Replay:
 
     def atomic(op, ptrs, val, mask, *a):
         touch(ptrs, mask)
-        out.atomics += float(mask.data.sum()) if mask is not None else float(ptrs.data.size)
+        out.atomics += float(lanes(ptrs, mask).sum()) if mask is not None else float(ptrs.data.size)
         return originals["create_atomic_rmw"](op, ptrs, val, mask, *a)
 
     for name, wrapper in (("create_masked_load", load), ("create_masked_store", store),
