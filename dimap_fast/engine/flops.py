@@ -177,6 +177,7 @@ def _storage(value) -> int | None:
     return value.untyped_storage()._cdata if isinstance(value, torch.Tensor) else None
 
 
+@torch.inference_mode(False)  # inside inference mode the counter's dispatch mode sees no op
 @torch.no_grad()
 def count_workload(model: torch.nn.Module, inputs, meta: bool) -> Workload:
     """The Workload of one forward pass of ``inputs``, on meta tensors (no arithmetic) or for real."""

@@ -32,7 +32,7 @@ from .budget import FlopsBudget, Kept, check_budget_pattern
 from .values import Method, Pattern, as_pattern, check_reduction, supported
 from ..errors import DimapError, check_choice, check_ratio
 from .flops import input_shape
-from .prunable import Layer, named_tensors, prunable_layers
+from .prunable import Layer, named_tensors, prunable_layers, weight_version
 from .units import UnitLayer, two_four_mask, unit_layers
 from .scores import NumpyScorer
 
@@ -298,7 +298,7 @@ def _layer_mask_torch(values: torch.Tensor, cut: Cutoff) -> torch.Tensor:
 
 
 def _versions(layers: list[Layer]) -> list[int]:
-    return [layer.tensor._version for layer in layers]  # bumped by every in-place write
+    return [weight_version(layer.tensor) for layer in layers]  # bumped by every in-place write
 
 
 def _workers(jobs: int) -> int:

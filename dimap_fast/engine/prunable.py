@@ -35,6 +35,15 @@ class Layer:
         return self.tensor.numel()
 
 
+def weight_version(t: torch.Tensor) -> int:
+    """The tensor's in-place write counter; -1 for an inference tensor, which keeps none (it can
+    be written in place only inside inference mode, which nothing here can see)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def named_tensors(source) -> dict[str, torch.Tensor]:
     """Parameters of a model, or the tensors of a state dict, detached but sharing storage."""
     if isinstance(source, torch.nn.Module):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .prunable import non_finite_error, prune_count
+from .prunable import non_finite_error, prune_count, weight_version
 from .units import UnitLayer
 
 _CACHED_RATIOS = 64
@@ -142,7 +142,7 @@ class TritonScorer:
         return out
 
     def _weight_versions(self) -> list[int]:
-        return [u.values._version for u in self.units]
+        return [weight_version(u.values) for u in self.units]
 
 
 def _magnitudes(layers: list[UnitLayer]) -> torch.Tensor:

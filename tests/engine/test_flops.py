@@ -43,6 +43,15 @@ def test_small_swin_matches_the_hand_count():
     assert dimap_fast.report(small_swin())["flops"]["dense"] == expected
 
 
+def test_counts_are_the_same_inside_inference_mode():
+    # inside torch.inference_mode a dispatch mode sees no op: the pass must leave it
+    expected = swin_by_hand(**CONFIG)
+    with torch.inference_mode():
+        model = small_swin()
+        assert count_flops(model, (1, 3, 32, 32)) == (expected, expected)
+        assert dimap_fast.plan(model).flops_reduction(0.5) > 0.3
+
+
 def test_swin_tiny_matches_the_count_of_version_0_1():
     # 0.1 hooked every Linear and Conv2d and matched the attention by class name; it gave 4,490,566,656
     model = timm.create_model("swin_tiny_patch4_window7_224").eval()

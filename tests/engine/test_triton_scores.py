@@ -55,6 +55,18 @@ def test_prune_in_place_zeroes_exactly_the_masked_weights(backend, device):
         assert torch.equal(state[name], original[name] * mask)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_inference_tensors_plan_like_ordinary_ones(backend, device):
+    # An inference tensor keeps no version counter (reading it raises): the plan must not need one.
+    state = {k: v.to(device) for k, v in make_state(SHAPES, seed=13).items()}
+    expected = dimap_fast.plan(state, backend=backend).masks(0.5)
+    with torch.inference_mode():
+        frozen = {k: v.clone() for k, v in state.items()}
+    p = dimap_fast.plan(frozen, backend=backend)
+    for name, mask in p.masks(0.5).items():
+        assert torch.equal(mask, expected[name]), name
+
+
 def test_masks_follow_weights_changed_in_place_after_planning(device):
     # The plan's cuts stay; the masks are of the weights as they are now, on both paths.
     state = make_state(SHAPES, seed=15)
