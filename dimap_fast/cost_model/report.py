@@ -193,6 +193,8 @@ GPU_ROWS = {
        for m in ("swin_t", "swin_b") for d in ("fp16", "fp32") for b in ("eager", "sdpa")},
     **{f"speed.attn_train.swin_b.s1.fp16.fused_vs_{b}": f"attention.fwd_bwd.swin_b.s1.fp16.block_vs_{b}"
        for b in ("eager", "sdpa")},
+    **{f"speed.attn_train.swin_b384.s1.fp16.fused_vs_{b}":
+       f"attention.fwd_bwd.swin_b.s1.w12_384.b32.fp16.block_vs_{b}" for b in ("eager", "sdpa")},
     **{f"speed.linear.{g}.fp16.b64.t{t}": f"sparse_linear.swin_b.{g}.b64.t{t}.fp16.vs_cublas"
        for g in ("s1_mlp", "s3_mlp") for t in (50, 75, 90)},
 }
