@@ -105,8 +105,6 @@ def _apply_block(w_ptr, offsets_ptr, blk_layer_ptr, blk_start_ptr, cut_ptr, quot
         end = tl.multiple_of(end, 16)
     quota = tl.load(quota_ptr + pid)
     mine = quota >= 0  # else _split_block's: an empty range here
-    # Masks combine full-size operands only: the interpreter keeps a scalar-and-block mask as
-    # integers, which its callers' byte counts read as indices.
     idx = start + tl.arange(0, BLOCK)
     valid = idx < tl.where(mine, end, start)
     w = tl.load(w_ptr + idx, mask=valid, other=0.0)
