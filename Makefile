@@ -10,7 +10,13 @@ LATEST := .venv-latest
 
 .PHONY: demo test bench install clean gpu-check gpu-wheels test-latest lock
 
+# The lock's torch is the CUDA build: the environment takes ~6 GB. Say so before pip fails halfway.
+NEED_GB := 7
+
 $(STAMP): setup.py $(LOCK)
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(NEED_GB) ] && ! test -x $(BIN)/python; then \
+		echo "make: installing $(VENV) needs about $(NEED_GB) GB free here, only $$free GB is: free some space (old clones' .venv folders?) and rerun"; exit 2; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
 	$(BIN)/python -m pip install -q --no-build-isolation -c $(LOCK) -e '.[dev]'
