@@ -34,8 +34,8 @@ import torch
 
 from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device_guard,
                       interpreting, pointer, triton)
-from .window_attention_backward_kernels import (_window_attn_bwd_dkdv, _window_attn_bwd_dq,
-                                                _window_attn_bwd_one)
+from .window_attention_backward_kernels import (_window_attn_bwd_dbias, _window_attn_bwd_dkdv,
+                                                _window_attn_bwd_dq, _window_attn_bwd_one)
 from .window_attention_kernels import _window_attn_fwd
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
@@ -64,6 +64,14 @@ _GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32,
 _BWD_ONE_WARPS = 4
 _BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
+# How the backward of windows over one tile (12x12) sums the bias gradient over windows:
+# "flush", the dQ kernel adds each window's piece with relaxed atomics (~1.2 GB into L2 on
+# Swin-B's stage 1 at 384, batch 128), or "sum", a kernel of its own sums a run of windows in
+# registers and flushes once, repeating the scores to do so. The static model prices the second
+# at ~2x the backward's other kernels and cannot price the first's atomics; the GPU check times
+# both (speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush).
+BIAS_GRAD = "flush"
+_DBIAS_WARPS = 8  # sm_90: 128 registers (177 at 4 warps, 2 blocks an SM either way)
 # A forward over several key blocks pipelines its key loop; a second stage would hold the next
 # block's (BLOCK, BLOCK) float32 bias piece in registers (sm_90, 12x12 at head dim 32: 168-176
 # registers, 2-3 blocks an SM, against 128 and 4 with one stage, where the other resident blocks'
@@ -129,6 +137,14 @@ class _Geometry:
             return 2  # several windows per program, and a partial last run, in small tests
         return max(1, min(64, self.n_windows * self.heads // (8 * _SMS)))
 
+    @property
+    def dbias_windows_per_program(self) -> int:
+        # a run's programs are its heads times its NB * NB pieces: about 8 of them an SM, each
+        # flushing once
+        if self.interp:
+            return 2
+        return max(1, self.n_windows * self.heads * self.nb * self.nb // (8 * _SMS))
+
     def launches(self, train: bool, backward: bool, want_bias: bool = True,
                  want_qkv_bias: bool = True) -> list:
         """(kernel, grid, scalar args, constexprs, warps, stages) of the forward, or of the
@@ -145,10 +161,20 @@ class _Geometry:
                         want_dbias=int(want_bias), want_dqkv_bias=int(want_qkv_bias))
             return [(_window_attn_bwd_one, (triton.cdiv(self.n_windows, wpp) * self.heads,), args,
                      self.const, _BWD_ONE_WARPS, self.bwd_stages)]
-        return [(_window_attn_bwd_dq, split, dict(common, want_dbias=int(want_bias)), blocked,
-                 self.warps, self.bwd_stages),
-                (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
-                 blocked, self.warps, self.bwd_stages)]
+        if BIAS_GRAD not in ("flush", "sum"):
+            raise ValueError(f"window_attention.BIAS_GRAD is {BIAS_GRAD!r}: set 'flush' or 'sum'")
+        by_kernel = want_bias and BIAS_GRAD == "sum"
+        out = [(_window_attn_bwd_dq, split, common,
+                dict(blocked, DBIAS=want_bias and not by_kernel), self.warps, self.bwd_stages),
+               (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
+                blocked, self.warps, self.bwd_stages)]
+        if by_kernel:
+            wpp = self.dbias_windows_per_program
+            runs = triton.cdiv(self.n_windows, wpp)
+            out.append((_window_attn_bwd_dbias, (runs * self.heads * self.nb * self.nb,),
+                        dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp),
+                        blocked, _DBIAS_WARPS, self.bwd_stages))
+        return out
 
 
 def _tail(n: int, block: int) -> int:
@@ -365,6 +391,14 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
     return plan
 
 
+def _blocked_backward(dtype, prec, const, warps, stages) -> list:
+    # both ways to the bias gradient (BIAS_GRAD), and the dQ kernel of a table without one
+    return [_config(_window_attn_bwd_dq, dtype, prec, dict(const, DBIAS=dbias), warps, stages)
+            for dbias in (True, False)] + [
+        _config(_window_attn_bwd_dkdv, dtype, prec, const, warps, stages),
+        _config(_window_attn_bwd_dbias, dtype, prec, const, _DBIAS_WARPS, stages)]
+
+
 def launch_configs() -> list:
     """The compiled variants the window-attention kernels are launched with on a GPU: per dtype
     (and float32 dot precision) and padded head dim, the forward and the backward of windows of
@@ -382,13 +416,11 @@ def launch_configs() -> list:
                     out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
                                        bwd))
                 else:
-                    out += [_config(k, dtype, prec, dict(const, NB=1), warps, bwd)
-                            for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
+                    out += _blocked_backward(dtype, prec, dict(const, NB=1), warps, bwd)
                 if hdp == 32:  # 144 tokens: 3 blocks of 64 (5 of 32 for ieee float32)
                     nb = triton.cdiv(144, block)
                     out.append(_config(_window_attn_fwd, dtype, prec,
                                        dict(const, NB=nb, TAIL=_tail(144, block)), warps,
                                        _MULTI_BLOCK_FWD_STAGES))
-                    out += [_config(k, dtype, prec, dict(const, NB=nb), warps, bwd)
-                            for k in (_window_attn_bwd_dq, _window_attn_bwd_dkdv)]
+                    out += _blocked_backward(dtype, prec, dict(const, NB=nb), warps, bwd)
     return out

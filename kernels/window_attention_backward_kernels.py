@@ -12,7 +12,15 @@ gradient.
   head of a run of windows and does all of dQ, dK and dV for each; the bias gradient (and the
   qkv bias's) is summed over its windows in registers and flushed once;
 - ``_window_attn_bwd_dq`` then ``_window_attn_bwd_dkdv``: larger windows, one (window, head
-  group, block) per program: the first also stores delta for the second.
+  group, block) per program: the first also stores delta for the others. With DBIAS the dQ
+  kernel adds each (window, key block)'s dS into the bias gradient (relaxed atomics: ~1.2 GB
+  into L2 per backward of Swin-B's 12x12 stage 1 at batch 128, on 147k addresses);
+- ``_window_attn_bwd_dbias``, the other way to the bias gradient of larger windows: a program
+  owns one (head, query block, key block) piece of the tile over a run of windows, recomputes dS
+  there and sums it in registers, flushing once. (Summing inside the dQ kernel takes a (BLOCK,
+  BLOCK) float32 accumulator per key block on top of dQ's body: 255 registers and spills on
+  sm_90 at 12x12.) It repeats half the dQ kernel's work, so it wins only if the atomics cost
+  more than that; which one runs is ``window_attention.BIAS_GRAD``.
 """
 
 from __future__ import annotations
@@ -91,10 +99,10 @@ def _window_attn_bwd_dq(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, do_ptr, lse_pt
                         dqkv_ptr, dtile_ptr,
                         H, W, n_win, n_win_w, n_win_h, shift_h, shift_w, n_mask, cls_h, cls_w,
                         scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
-                        C, HEADS, HD, WH, WW, heads_per_program, n_groups, want_dbias,
+                        C, HEADS, HD, WH, WW, heads_per_program, n_groups,
                         HDP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                         PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        UPCAST: tl.constexpr, DBIAS: tl.constexpr):
     pid = tl.program_id(0)
     qb = pid % NB
     g = (pid // NB) % n_groups
@@ -136,8 +144,8 @@ def _window_attn_bwd_dq(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, do_ptr, lse_pt
             p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            tl.atomic_add(dtile_h + kb * piece, ds, mask=(want_dbias != 0) & (local >= 0),
-                          sem="relaxed")
+            if DBIAS:
+                tl.atomic_add(dtile_h + kb * piece, ds, sem="relaxed")
         if EVEN_D:
             st = real[:, None]
         else:
@@ -209,3 +217,54 @@ def _window_attn_bwd_dkdv(qkv_ptr, tile_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
                           sem="relaxed")
             tl.atomic_add(dqkv_bias_ptr + 2 * C + ch, tl.sum(tl.where(pad, dv, 0.0), 0), mask=ok,
                           sem="relaxed")
+
+
+@triton.jit
+def _window_attn_bwd_dbias(qkv_ptr, tile_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr, dtile_ptr,
+                           H, W, n_win, n_win_w, n_win_h, shift_h, shift_w, n_mask, cls_h, cls_w,
+                           scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
+                           C, HEADS, HD, WH, WW, n_windows, windows_per_program,
+                           HDP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
+                           PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+                           UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    # the NB * NB pieces and the heads of a run of windows are neighbours: they read its q, k, v
+    # and dO from L2 after the first of them brought them in
+    qb = (pid // NB) % NB
+    kb = pid % NB
+    h = (pid // (NB * NB)) % HEADS
+    w0 = (pid // (NB * NB * HEADS)) * windows_per_program
+    N = WH * WW
+    d = tl.arange(0, HDP)
+    d_ok = d < HD
+    ch = h * HD + d
+    r = tl.arange(0, BLOCK)
+    piece = BLOCK * BLOCK
+    local = r[:, None] * BLOCK + r[None, :]
+    at = (qb * NB + kb) * piece + local
+    tile_h = tile_ptr + h * (NB * NB * piece) + at
+    dbias = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for wid in range(w0, tl.minimum(w0 + windows_per_program, n_windows)):
+        b, wy0, wx0, cls = _window_of(wid, n_win, n_win_w, n_win_h, WH, WW, n_mask, cls_h, cls_w)
+        valid, real, sy, sx = _tokens(qb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w, BLOCK,
+                                      PAD)
+        k_valid, k_real, syk, sxk = _tokens(kb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w,
+                                            BLOCK, PAD)
+        q_rows = b * s_qb + sy * s_qh + sx * s_qw
+        k_rows = b * s_qb + syk * s_qh + sxk * s_qw
+        tok = ((b * H + sy) * W + sx) * HEADS + h
+        q = _scaled_q(_load_rows(qkv_ptr, q_rows, ch, valid, real, d_ok, qkv_bias_ptr, PAD,
+                                 EVEN_D), scale, UPCAST)
+        do = _up(_load_rows(do_ptr, b * s_ob + sy * s_oh + sx * s_ow, ch, valid, real, d_ok,
+                            do_ptr, False, EVEN_D), UPCAST)
+        k = _up(_load_rows(qkv_ptr + C, k_rows, ch, k_valid, k_real, d_ok, qkv_bias_ptr + C,
+                           PAD, EVEN_D), UPCAST)
+        v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok,
+                           qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
+        lse = tl.load(lse_ptr + tok, mask=real, other=0.0)
+        delta = tl.load(delta_ptr + tok, mask=real, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) \
+            + tl.load(tile_h + (cls * HEADS).to(tl.int64) * (NB * NB * piece))
+        p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
+        dbias += p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    tl.atomic_add(dtile_ptr + h * (NB * NB * piece) + at, dbias, sem="relaxed")

@@ -3,6 +3,9 @@
 - ``speed.attn_train.<stage>.<dtype>.fused_vs_eager``: one forward + backward of the attention
   half of a block (timm's ``_attn`` from the normed tokens, gradients to the tokens and every
   parameter) against qkv Linear + fused kernel + proj, as SwinBlock trains;
+- ``speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush``: the same step of the 12x12 stage with
+  the bias gradient summed over windows by a kernel of its own against flushed per window by the
+  dQ kernel (``BIAS_GRAD``: which one the backward should use);
 - ``speed.v2_attn.<stage>.fp16.fused_vs_eager``: SwinV2's cosine attention half, forward;
 - ``speed.model_attn.swin_b.fp16``: whole Swin-B, dense weights, inference: timm on its SDPA
   path against the converted model (the fused attention alone: nothing is sparse); ``.vs_eager``
@@ -27,12 +30,15 @@ from .context import Ctx, Rows
 TRAIN_STAGES = {"swin_b.s1": (56, 128, 4, 7, 128), "swin_b384.s1": (96, 128, 4, 12, 32)}
 V2_STAGES = {"swinv2_b.s1": (64, 128, 4, 8, 128)}  # swinv2_base_window8_256's first stage
 TINY = (8, 32, 2, 4, 1)
+TINY_BLOCKED = (12, 32, 2, 12, 1)  # a dry run of a 12x12 stage still takes several tiles a window
+# stages whose windows span several tiles: the two ways to the bias gradient are timed there too
+BIAS_GRAD_STAGES = ("swin_b384.s1",)
 
 
 def _block(cls, shape, dev, dtype, dry):
     import torch
 
-    res, c, heads, win, batch = TINY if dry else shape
+    res, c, heads, win, batch = shape if not dry else TINY_BLOCKED if shape[3] > 8 else TINY
     torch.manual_seed(0)
     blk = cls(c, (res, res), num_heads=heads, window_size=win, shift_size=win // 2)
     x = torch.randn(batch, res, res, c)
@@ -64,6 +70,13 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
 
         with _triton(ctx):
             t_ours = timer.ms(step(ours))
+            if stage in BIAS_GRAD_STAGES:
+                t_sum = _bias_grad_by_kernel(timer, step(ours))
+                t_flush = timer.ms(step(ours))  # again, after it: the pair's two sides alternate
+                rows.add(f"speed.attn_train.{stage}.{dt}.bias_sum_vs_flush", t_flush / t_sum, "x",
+                         f"the bias gradient summed by its own kernel {t_sum:.3f} ms, flushed per "
+                         f"window by the dQ kernel {t_flush:.3f} ms (> 1: summing wins; "
+                         f"kernels.window_attention.BIAS_GRAD)")
         t_timm = timer.ms(step(timm_blk))
         t_sdpa = timer.ms(step(sdpa_blk))
         c.value = t_timm / t_ours
@@ -73,6 +86,19 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
         rows.add(name, t_sdpa / t_ours, "x", f"timm SDPA {t_sdpa:.3f} ms, fused {t_ours:.3f} ms")
     else:
         rows.add(name, None, "x", error=f"see speed.attn_train.{stage}.{dt}.fused_vs_eager")
+
+
+def _bias_grad_by_kernel(timer, fn) -> float:
+    import importlib
+
+    # the package's attribute of that name is the function: the module through importlib
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+
+    saved, wa.BIAS_GRAD = wa.BIAS_GRAD, "sum"
+    try:
+        return timer.ms(fn)
+    finally:
+        wa.BIAS_GRAD = saved
 
 
 def v2_attention(rows: Rows, ctx: Ctx, timer, stage: str) -> None:

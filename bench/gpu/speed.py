@@ -115,7 +115,8 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32"),
               [f"speed.block_attn.{st}.fp32.fused_vs_{b}" for b in ("eager", "sdpa")]) for st in ATTN]
     jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d),
-              [f"speed.attn_train.{st}.{d}.fused_vs_{b}" for b in ("eager", "sdpa")])
+              [f"speed.attn_train.{st}.{d}.fused_vs_{b}" for b in ("eager", "sdpa")]
+              + ([f"speed.attn_train.{st}.{d}.bias_sum_vs_flush"] if st in attn.BIAS_GRAD_STAGES else []))
              for st, d in (("swin_b384.s1", "fp16"), ("swin_b.s1", "bf16"), ("swin_b.s1", "fp32"))]
     rest16 = [(b, t) for b in (32, 64) for t in (0.5, 0.75) if (b, t) != (64, 0.75)]
     for g in sparse.LINEAR:

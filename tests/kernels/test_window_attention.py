@@ -189,12 +189,16 @@ def test_bias_tile_is_cached_until_the_table_changes(device):
     assert len(wa._TILES) == held - 1
 
 
-def test_launch_plan_names_every_argument():
+@pytest.mark.parametrize("bias_grad", ["flush", "sum"])
+def test_launch_plan_names_every_argument(bias_grad, monkeypatch):
     import importlib
     import inspect
 
     wa = importlib.import_module("dimap_fast.kernels.window_attention")
-    for backward, window, nb_kernels in ((False, 7, 1), (True, 7, 1), (False, 12, 1), (True, 12, 2)):
+    monkeypatch.setattr(wa, "BIAS_GRAD", bias_grad)
+    twelve = 2 if bias_grad == "flush" else 3  # "sum": the bias gradient's own kernel
+    for backward, window, nb_kernels in ((False, 7, 1), (True, 7, 1), (False, 12, 1),
+                                         (True, 12, twelve)):
         plan = wa.launch_plan(2, 4 * window, 4 * window, 64, 2, window, window // 2,
                               backward=backward)
         assert len(plan) == nb_kernels

@@ -49,6 +49,36 @@ def grads(fn, qkv, table, qkv_bias, d_out, heads, window, shift, mask, dtype):
 
 @pytest.mark.parametrize("res,window,shift,heads,head_dim,batch,explicit", CASES)
 def test_gradients_match_reference(res, window, shift, heads, head_dim, batch, explicit, device):
+    check_gradients(res, window, shift, heads, head_dim, batch, explicit, device)
+
+
+# windows over several tiles, where the bias gradient has two ways (window_attention.BIAS_GRAD)
+BLOCKED = [c for c in CASES if c.id.startswith(("w12", "w16"))]
+
+
+@pytest.mark.parametrize("res,window,shift,heads,head_dim,batch,explicit", BLOCKED)
+def test_bias_gradient_summed_by_its_own_kernel(res, window, shift, heads, head_dim, batch,
+                                                explicit, device, monkeypatch):
+    import importlib
+
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    monkeypatch.setattr(wa, "BIAS_GRAD", "sum")
+    check_gradients(res, window, shift, heads, head_dim, batch, explicit, device)
+
+
+def test_an_unknown_bias_gradient_way_is_refused(device, monkeypatch):
+    import importlib
+
+    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    monkeypatch.setattr(wa, "BIAS_GRAD", "atomics")
+    qkv, table, qkv_bias, d_out = inputs((12, 12), 12, 1, 16, 1, device)
+    out = window_attention(qkv.requires_grad_(), table.requires_grad_(), 1, 12, 6,
+                           qkv_bias=qkv_bias)
+    with pytest.raises(ValueError, match="BIAS_GRAD is 'atomics'"):
+        out.backward(d_out)
+
+
+def check_gradients(res, window, shift, heads, head_dim, batch, explicit, device):
     qkv, table, qkv_bias, d_out = inputs(res, window, heads, head_dim, batch, device)
     mask = shifted_window_mask(*res, window, window // 2, device=device) if explicit else None
     with matmul_precision("ieee"):
