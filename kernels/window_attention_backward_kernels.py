@@ -30,6 +30,24 @@ from .window_attention_kernels import LOG2E, _load_rows, _scaled_q, _tokens, _up
 
 
 @triton.jit
+def _query_block(qkv_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr, t0, b, wy0, wx0, h, ch, d_ok,
+                 N, H, W, WW, shift_h, shift_w, scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow, HEADS,
+                 BLOCK: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """A query block's side of dS for head ``h``: which rows are real tokens, scaled q, dO,
+    and the log-sum-exp and delta the dQ kernel left."""
+    valid, real, sy, sx = _tokens(t0, N, WW, wy0, wx0, H, W, shift_h, shift_w, BLOCK, PAD)
+    tok = ((b * H + sy) * W + sx) * HEADS + h
+    q = _scaled_q(_load_rows(qkv_ptr, b * s_qb + sy * s_qh + sx * s_qw, ch, valid, real, d_ok,
+                             qkv_bias_ptr, PAD, EVEN_D), scale, UPCAST)
+    do = _up(_load_rows(do_ptr, b * s_ob + sy * s_oh + sx * s_ow, ch, valid, real, d_ok, do_ptr,
+                        False, EVEN_D), UPCAST)
+    lse = tl.load(lse_ptr + tok, mask=real, other=0.0)
+    delta = tl.load(delta_ptr + tok, mask=real, other=0.0)
+    return real, q, do, lse, delta
+
+
+@triton.jit
 def _window_attn_bwd_one(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, do_ptr, lse_ptr,
                          dqkv_ptr, dtile_ptr, dqkv_bias_ptr,
                          H, W, n_win, n_win_w, n_win_h, shift_h, shift_w, n_mask, cls_h, cls_w,
@@ -189,16 +207,10 @@ def _window_attn_bwd_dkdv(qkv_ptr, tile_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delt
         dk = tl.zeros((BLOCK, HDP), tl.float32)
         dv = tl.zeros((BLOCK, HDP), tl.float32)
         for qb in range(NB):
-            valid, real, sy, sx = _tokens(qb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w,
-                                          BLOCK, PAD)
-            q_rows = b * s_qb + sy * s_qh + sx * s_qw
-            tok = ((b * H + sy) * W + sx) * HEADS + h
-            q = _scaled_q(_load_rows(qkv_ptr, q_rows, ch, valid, real, d_ok, qkv_bias_ptr, PAD,
-                                     EVEN_D), scale, UPCAST)
-            do = _up(_load_rows(do_ptr, b * s_ob + sy * s_oh + sx * s_ow, ch, valid, real, d_ok,
-                                do_ptr, False, EVEN_D), UPCAST)
-            lse = tl.load(lse_ptr + tok, mask=real, other=0.0)
-            delta = tl.load(delta_ptr + tok, mask=real, other=0.0)
+            real, q, do, lse, delta = _query_block(
+                qkv_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr, qb * BLOCK, b, wy0, wx0, h, ch,
+                d_ok, N, H, W, WW, shift_h, shift_w, scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
+                HEADS, BLOCK, PAD, EVEN_D, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) + tl.load(tile_h + qb * (NB * piece))
             p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
@@ -246,23 +258,17 @@ def _window_attn_bwd_dbias(qkv_ptr, tile_ptr, qkv_bias_ptr, do_ptr, lse_ptr, del
     dbias = tl.zeros((BLOCK, BLOCK), tl.float32)
     for wid in range(w0, tl.minimum(w0 + windows_per_program, n_windows)):
         b, wy0, wx0, cls = _window_of(wid, n_win, n_win_w, n_win_h, WH, WW, n_mask, cls_h, cls_w)
-        valid, real, sy, sx = _tokens(qb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w, BLOCK,
-                                      PAD)
+        real, q, do, lse, delta = _query_block(
+            qkv_ptr, qkv_bias_ptr, do_ptr, lse_ptr, delta_ptr, qb * BLOCK, b, wy0, wx0, h, ch,
+            d_ok, N, H, W, WW, shift_h, shift_w, scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
+            HEADS, BLOCK, PAD, EVEN_D, UPCAST)
         k_valid, k_real, syk, sxk = _tokens(kb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w,
                                             BLOCK, PAD)
-        q_rows = b * s_qb + sy * s_qh + sx * s_qw
         k_rows = b * s_qb + syk * s_qh + sxk * s_qw
-        tok = ((b * H + sy) * W + sx) * HEADS + h
-        q = _scaled_q(_load_rows(qkv_ptr, q_rows, ch, valid, real, d_ok, qkv_bias_ptr, PAD,
-                                 EVEN_D), scale, UPCAST)
-        do = _up(_load_rows(do_ptr, b * s_ob + sy * s_oh + sx * s_ow, ch, valid, real, d_ok,
-                            do_ptr, False, EVEN_D), UPCAST)
         k = _up(_load_rows(qkv_ptr + C, k_rows, ch, k_valid, k_real, d_ok, qkv_bias_ptr + C,
                            PAD, EVEN_D), UPCAST)
         v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok,
                            qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
-        lse = tl.load(lse_ptr + tok, mask=real, other=0.0)
-        delta = tl.load(delta_ptr + tok, mask=real, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) \
             + tl.load(tile_h + (cls * HEADS).to(tl.int64) * (NB * NB * piece))
         p = tl.where(real[:, None], tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None]), 0.0)
