@@ -1,27 +1,19 @@
 """Fused Swin window attention, read from and written to the token map; forward and backward.
 
-Input is the qkv projection of the un-partitioned token map, (B, H, W, 3*C) with channels laid
-out as timm's (3, heads, head_dim); output is (B, H, W, C) with channels (heads, head_dim), ready
-for the output projection. ``window_attention`` is differentiable (a torch.autograd.Function
-over the kernels of window_attention_kernels.py and window_attention_backward_kernels.py) with
-respect to the qkv tokens, the bias table and the qkv bias.
+Input is the qkv projection of the un-partitioned token map, (B, H, W, 3*C), channels as timm's
+(3, heads, head_dim); output (B, H, W, C), ready for the output projection. ``window_attention``
+is differentiable (an autograd Function over window_attention_kernels.py and
+window_attention_backward_kernels.py) in the qkv tokens, the bias table and the qkv bias.
 
-- the cyclic shift and the window partition are index arithmetic: window token (y, x) of the
-  shifted, padded grid reads token ((y + shift_h) % H, (x + shift_w) % W), and its output is
-  written back to that same token, which is the reverse partition and reverse shift;
-- grid positions past H or W (resolution not a multiple of the window) are timm's zero padding
-  put through the qkv Linear, so their q, k, v are the qkv bias; their outputs are dropped;
-- the relative-position bias, the shifted-window mask (timm's nine regions, -100 between
-  regions; only four window classes differ: last window row or not, last column or not) or an
-  explicit additive mask (n_mask, N, N), window ``(b * windows_per_image + w) % n_mask`` as in
-  timm, and the padding of the window to whole BLOCKs are folded by torch into one float32 tile
-  per (class, head) (``folded_bias_tile``), cached while the table and mask are unchanged (same
-  tensors, same version counters); the kernels add it with contiguous unmasked loads. Its
-  gradient is summed over windows by the backward kernels and taken back to the table here;
-- keys are visited BLOCK at a time with an online softmax, so the on-chip footprint depends on
-  BLOCK and the head dim, never on the window: 12x12 and 16x16 windows fit Hopper's shared
-  memory in every dtype. ``launch_plan`` gives the launches the launchers make for given shapes,
-  ``launch_configs`` the compiles they can ask for (checked by dimap_fast.hopper_fit).
+- shift and partition are index arithmetic: window token (y, x) of the shifted, padded grid reads
+  token ((y + shift_h) % H, (x + shift_w) % W) and writes its output back there;
+- grid positions past H or W are timm's zero padding through the qkv Linear: q, k, v = qkv bias;
+- the relative-position bias, the shifted-window mask (only four window classes differ) or an
+  explicit (n_mask, N, N) mask, and the padding to whole BLOCKs are folded by torch into one
+  float32 tile per (class, head) (``folded_bias_tile``), cached while table and mask keep their
+  versions; its gradient, summed over windows by the backward, goes back to the table here;
+- keys are visited BLOCK at a time with an online softmax: 12x12 and 16x16 windows fit Hopper's
+  shared memory in every dtype. ``launch_plan``, ``launch_configs``: launches and compiles.
 """
 
 from __future__ import annotations
@@ -64,18 +56,12 @@ _GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32,
 _BWD_ONE_WARPS = 4
 _BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
-# How the backward of windows over one tile (12x12) sums the bias gradient over windows:
-# "flush", the dQ kernel adds each window's piece with relaxed atomics (~1.2 GB into L2 on
-# Swin-B's stage 1 at 384, batch 128), or "sum", a kernel of its own sums a run of windows in
-# registers and flushes once, repeating the scores to do so. The static model prices the second
-# at ~2x the backward's other kernels and cannot price the first's atomics; the GPU check times
-# both (speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush).
+# Bias gradient of multi-tile windows: "flush" per window from dQ, or "sum" by its own kernel (why
+# both: window_attention_backward_kernels.py; the GPU check times both, bias_sum_vs_flush).
 BIAS_GRAD = "flush"
 _DBIAS_WARPS = 8  # sm_90: 128 registers (177 at 4 warps, 2 blocks an SM either way)
-# A forward over several key blocks pipelines its key loop; a second stage would hold the next
-# block's (BLOCK, BLOCK) float32 bias piece in registers (sm_90, 12x12 at head dim 32: 168-176
-# registers, 2-3 blocks an SM, against 128 and 4 with one stage, where the other resident blocks'
-# warps cover the loads' latency).
+# One stage: a second holds the next float32 bias piece in registers (sm_90, 12x12: 168-176
+# registers, 2-3 blocks an SM; one: 128 and 4, other blocks' warps covering the loads' latency).
 _MULTI_BLOCK_FWD_STAGES = 1
 _HEADS_PER_PROGRAM = 4
 _SMS = 132  # H100 SXM: a backward program sums the bias gradient over about windows*heads/(8*SMs)
@@ -131,19 +117,10 @@ class _Geometry:
         self.dtype = qkv.dtype
         self.one_program_backward = _one_program_backward(self.nb, qkv.dtype, hdp)
 
-    @property
-    def windows_per_program(self) -> int:
-        if self.interp:
-            return 2  # several windows per program, and a partial last run, in small tests
-        return max(1, min(64, self.n_windows * self.heads // (8 * _SMS)))
-
-    @property
-    def dbias_windows_per_program(self) -> int:
-        # a run's programs are its heads times its NB * NB pieces: about 8 of them an SM, each
-        # flushing once
-        if self.interp:
-            return 2
-        return max(1, self.n_windows * self.heads * self.nb * self.nb // (8 * _SMS))
+    def windows_per_program(self, pieces: int, cap: int) -> int:
+        # a run's programs (heads x pieces): ~8 an SM; the interpreter's tests: partial runs too
+        wpp = self.n_windows * self.heads * pieces // (8 * _SMS)
+        return 2 if self.interp else max(1, min(cap, wpp))
 
     def launches(self, train: bool, backward: bool, want_bias: bool = True,
                  want_qkv_bias: bool = True) -> list:
@@ -156,7 +133,7 @@ class _Geometry:
             return [(_window_attn_fwd, split, dict(common, store_lse=int(train)),
                      dict(blocked, TAIL=self.tail), self.warps, self.fwd_stages)]
         if self.one_program_backward:
-            wpp = self.windows_per_program
+            wpp = self.windows_per_program(1, 64)
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
                         want_dbias=int(want_bias), want_dqkv_bias=int(want_qkv_bias))
             return [(_window_attn_bwd_one, (triton.cdiv(self.n_windows, wpp) * self.heads,), args,
@@ -169,9 +146,9 @@ class _Geometry:
                (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
                 blocked, self.warps, self.bwd_stages)]
         if by_kernel:
-            wpp = self.dbias_windows_per_program
-            runs = triton.cdiv(self.n_windows, wpp)
-            out.append((_window_attn_bwd_dbias, (runs * self.heads * self.nb * self.nb,),
+            wpp = self.windows_per_program(self.nb * self.nb, self.n_windows)
+            grid = (triton.cdiv(self.n_windows, wpp) * self.heads * self.nb ** 2,)
+            out.append((_window_attn_bwd_dbias, grid,
                         dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp),
                         blocked, _DBIAS_WARPS, self.bwd_stages))
         return out
@@ -263,11 +240,10 @@ def _table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor
 
 
 class FusedWindowAttention(torch.autograd.Function):
-    """The fused window attention as an autograd Function; ``window_attention`` below is its
-    keyword form. Arguments (all positional): qkv_tokens, rel_pos_table, qkv_bias, mask,
-    num_heads, window_size, shift_size, scale (None: head_dim ** -0.5). Forward and backward run
-    eagerly under torch.compile (a graph break at ``apply``): the launchers read data pointers and
-    version counters, which dynamo's fake tensors lack."""
+    """The fused window attention as an autograd Function (``window_attention`` is its keyword
+    form; arguments positional: qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads, window_size,
+    shift_size, scale). Under torch.compile it runs eagerly (a graph break at ``apply``): the
+    launchers read data pointers and version counters, which dynamo's fake tensors lack."""
 
     @staticmethod
     @torch.compiler.disable
@@ -400,10 +376,8 @@ def _blocked_backward(dtype, prec, const, warps, stages) -> list:
 
 
 def launch_configs() -> list:
-    """The compiled variants the window-attention kernels are launched with on a GPU: per dtype
-    (and float32 dot precision) and padded head dim, the forward and the backward of windows of
-    one block (7x7, 8x8); at Swin's head dim 32 also those of three blocks (12x12). All with
-    timm's padding tokens (the larger code); windows, heads, shifts and masks are runtime values."""
+    """Every compile the launchers can ask for on a GPU: per dtype, dot precision and padded head
+    dim, forward and backward (at head dim 32 also 12x12's), with padding tokens (larger code)."""
     out = []
     for dtype, precs in _PRECISIONS.items():
         for prec in precs:
