@@ -29,6 +29,7 @@ from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device
 from .window_attention_backward_kernels import (_window_attn_bwd_dbias, _window_attn_bwd_dkdv,
                                                 _window_attn_bwd_dq, _window_attn_bwd_one)
 from .window_attention_kernels import _window_attn_fwd
+from .window_attention_settings import get_bias_grad
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
     MAX_HEAD_DIM,
@@ -56,9 +57,6 @@ _GPU_TILES = {"tf32": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 2), 128: (32,
 _BWD_ONE_WARPS = 4
 _BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
-# Bias gradient of multi-tile windows: "flush" per window from dQ, or "sum" by its own kernel (why
-# both: window_attention_backward_kernels.py; the GPU check times both, bias_sum_vs_flush).
-BIAS_GRAD = "flush"
 _DBIAS_WARPS = 8  # sm_90: 128 registers (177 at 4 warps, 2 blocks an SM either way)
 # One stage: a second holds the next float32 bias piece in registers (sm_90, 12x12: 168-176
 # registers, 2-3 blocks an SM; one: 128 and 4, other blocks' warps covering the loads' latency).
@@ -138,9 +136,7 @@ class _Geometry:
                         want_dbias=int(want_bias), want_dqkv_bias=int(want_qkv_bias))
             return [(_window_attn_bwd_one, (triton.cdiv(self.n_windows, wpp) * self.heads,), args,
                      self.const, _BWD_ONE_WARPS, self.bwd_stages)]
-        if BIAS_GRAD not in ("flush", "sum"):
-            raise ValueError(f"window_attention.BIAS_GRAD is {BIAS_GRAD!r}: set 'flush' or 'sum'")
-        by_kernel = want_bias and BIAS_GRAD == "sum"
+        by_kernel = want_bias and get_bias_grad() == "sum"
         out = [(_window_attn_bwd_dq, split, common,
                 dict(blocked, DBIAS=want_bias and not by_kernel), self.warps, self.bwd_stages),
                (_window_attn_bwd_dkdv, split, dict(common, want_dqkv_bias=int(want_qkv_bias)),
@@ -368,7 +364,8 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
 
 
 def _blocked_backward(dtype, prec, const, warps, stages) -> list:
-    # both ways to the bias gradient (BIAS_GRAD), and the dQ kernel of a table without one
+    # both ways to the bias gradient (window_attention_settings), and the dQ kernel of a table
+    # without one
     return [_config(_window_attn_bwd_dq, dtype, prec, dict(const, DBIAS=dbias), warps, stages)
             for dbias in (True, False)] + [
         _config(_window_attn_bwd_dkdv, dtype, prec, const, warps, stages),

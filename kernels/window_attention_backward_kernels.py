@@ -20,7 +20,7 @@ gradient.
   there and sums it in registers, flushing once. (Summing inside the dQ kernel takes a (BLOCK,
   BLOCK) float32 accumulator per key block on top of dQ's body: 255 registers and spills on
   sm_90 at 12x12.) It repeats half the dQ kernel's work, so it wins only if the atomics cost
-  more than that; which one runs is ``window_attention.BIAS_GRAD``.
+  more than that; which one runs is ``window_attention_settings.bias_grad``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   parameter) against qkv Linear + fused kernel + proj, as SwinBlock trains;
 - ``speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush``: the same step of the 12x12 stage with
   the bias gradient summed over windows by a kernel of its own against flushed per window by the
-  dQ kernel (``BIAS_GRAD``: which one the backward should use);
+  dQ kernel (``window_attention_settings.bias_grad``: which one the backward should use);
 - ``speed.v2_attn.<stage>.fp16.fused_vs_eager``: SwinV2's cosine attention half, forward;
 - ``speed.model_attn.swin_b.fp16``: whole Swin-B, dense weights, inference: timm on its SDPA
   path against the converted model (the fused attention alone: nothing is sparse); ``.vs_eager``
@@ -50,6 +50,7 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
     from timm.models.swin_transformer import SwinTransformerBlock
 
     import dimap_fast.nn as dnn
+    from dimap_fast.kernels.window_attention_settings import bias_grad
 
     dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dt])
     t_sdpa = t_ours = None
@@ -71,12 +72,13 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
         with _triton(ctx):
             t_ours = timer.ms(step(ours))
             if stage in BIAS_GRAD_STAGES:
-                t_sum = _bias_grad_by_kernel(timer, step(ours))
+                with bias_grad("sum"):
+                    t_sum = timer.ms(step(ours))
                 t_flush = timer.ms(step(ours))  # again, after it: the pair's two sides alternate
                 rows.add(f"speed.attn_train.{stage}.{dt}.bias_sum_vs_flush", t_flush / t_sum, "x",
                          f"the bias gradient summed by its own kernel {t_sum:.3f} ms, flushed per "
                          f"window by the dQ kernel {t_flush:.3f} ms (> 1: summing wins; "
-                         f"kernels.window_attention.BIAS_GRAD)")
+                         f"kernels.window_attention_settings.bias_grad)")
         t_timm = timer.ms(step(timm_blk))
         t_sdpa = timer.ms(step(sdpa_blk))
         c.value = t_timm / t_ours
@@ -86,19 +88,6 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
         rows.add(name, t_sdpa / t_ours, "x", f"timm SDPA {t_sdpa:.3f} ms, fused {t_ours:.3f} ms")
     else:
         rows.add(name, None, "x", error=f"see speed.attn_train.{stage}.{dt}.fused_vs_eager")
-
-
-def _bias_grad_by_kernel(timer, fn) -> float:
-    import importlib
-
-    # the package's attribute of that name is the function: the module through importlib
-    wa = importlib.import_module("dimap_fast.kernels.window_attention")
-
-    saved, wa.BIAS_GRAD = wa.BIAS_GRAD, "sum"
-    try:
-        return timer.ms(fn)
-    finally:
-        wa.BIAS_GRAD = saved
 
 
 def v2_attention(rows: Rows, ctx: Ctx, timer, stage: str) -> None:

@@ -29,11 +29,13 @@ class Attention:
     window: int = 7
     backward: bool = False
     batch: int = BATCH
+    bias_grad: str = "flush"  # the backward's way to the bias gradient (window_attention_settings)
 
     @property
     def name(self) -> str:
         tail = "" if self.window == 7 else f".w{self.window}_{self.image}"
         tail += "" if self.batch == BATCH else f".b{self.batch}"
+        tail += "" if self.bias_grad == "flush" else f".bias_{self.bias_grad}"
         return (f"attention.{'fwd_bwd' if self.backward else 'fwd'}.{self.model}.s{self.stage + 1}"
                 f"{tail}.{self.dtype}")
 
@@ -54,6 +56,7 @@ class Attention:
         inference the bias tile folded by the first is reused; in training the table changed
         (an optimizer step) and the tile is folded again."""
         from ..kernels import window_attention
+        from ..kernels.window_attention_settings import bias_grad
 
         side, c, heads, win = self.shape()
         dt = DTYPES[self.dtype]
@@ -70,7 +73,8 @@ class Attention:
                 steady()
             out = window_attention(qkv, table, heads, win, win // 2, qkv_bias=qkv_bias)
             if grad:  # the gradients themselves, as the layers around would take them
-                torch.autograd.grad(out, (qkv, table, qkv_bias), d_out)
+                with bias_grad(self.bias_grad):
+                    torch.autograd.grad(out, (qkv, table, qkv_bias), d_out)
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,11 @@ def attention_workloads() -> list[Attention]:
     out = [Attention(model, 0, dt) for model in SWIN for dt in DTYPES]
     out += [Attention("swin_b", 0, "fp16", image=384, window=12)]
     out += [Attention(model, 0, "fp16", backward=True) for model in SWIN]
-    # the GPU check's window-12 training row (its batch): its dQ backward's per-window atomics,
-    # which this model shows but does not price, are what a first GPU run will price
-    out += [Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32)]
+    # the GPU check's window-12 training rows (its batch), the bias gradient both ways: the dQ
+    # backward's per-window atomics, which this model shows but does not price, or their own
+    # kernel; a first GPU run prices the atomics
+    out += [Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32,
+                      bias_grad=g) for g in ("flush", "sum")]
     return out
 
 

@@ -190,17 +190,19 @@ def test_bias_tile_is_cached_until_the_table_changes(device):
 
 
 @pytest.mark.parametrize("bias_grad", ["flush", "sum"])
-def test_launch_plan_names_every_argument(bias_grad, monkeypatch):
+def test_launch_plan_names_every_argument(bias_grad):
     import importlib
     import inspect
 
+    from dimap_fast.kernels.window_attention_settings import bias_grad as way
+
     wa = importlib.import_module("dimap_fast.kernels.window_attention")
-    monkeypatch.setattr(wa, "BIAS_GRAD", bias_grad)
     twelve = 2 if bias_grad == "flush" else 3  # "sum": the bias gradient's own kernel
     for backward, window, nb_kernels in ((False, 7, 1), (True, 7, 1), (False, 12, 1),
                                          (True, 12, twelve)):
-        plan = wa.launch_plan(2, 4 * window, 4 * window, 64, 2, window, window // 2,
-                              backward=backward)
+        with way(bias_grad):
+            plan = wa.launch_plan(2, 4 * window, 4 * window, 64, 2, window, window // 2,
+                                  backward=backward)
         assert len(plan) == nb_kernels
         for launch in plan:
             params = inspect.signature(launch.config.kernel.fn).parameters

@@ -9,6 +9,7 @@ from dimap_fast.kernels.window_attention import (
     window_attention,
     window_attention_reference,
 )
+from dimap_fast.kernels.window_attention_settings import bias_grad, get_bias_grad, set_bias_grad
 
 # (resolution, window, shift, heads, head_dim, batch, explicit mask)
 CASES = [
@@ -52,30 +53,24 @@ def test_gradients_match_reference(res, window, shift, heads, head_dim, batch, e
     check_gradients(res, window, shift, heads, head_dim, batch, explicit, device)
 
 
-# windows over several tiles, where the bias gradient has two ways (window_attention.BIAS_GRAD)
+# windows over several tiles, where the bias gradient has two ways (window_attention_settings)
 BLOCKED = [c for c in CASES if c.id.startswith(("w12", "w16"))]
 
 
 @pytest.mark.parametrize("res,window,shift,heads,head_dim,batch,explicit", BLOCKED)
 def test_bias_gradient_summed_by_its_own_kernel(res, window, shift, heads, head_dim, batch,
-                                                explicit, device, monkeypatch):
-    import importlib
-
-    wa = importlib.import_module("dimap_fast.kernels.window_attention")
-    monkeypatch.setattr(wa, "BIAS_GRAD", "sum")
-    check_gradients(res, window, shift, heads, head_dim, batch, explicit, device)
+                                                explicit, device):
+    with bias_grad("sum"):
+        check_gradients(res, window, shift, heads, head_dim, batch, explicit, device)
 
 
-def test_an_unknown_bias_gradient_way_is_refused(device, monkeypatch):
-    import importlib
-
-    wa = importlib.import_module("dimap_fast.kernels.window_attention")
-    monkeypatch.setattr(wa, "BIAS_GRAD", "atomics")
-    qkv, table, qkv_bias, d_out = inputs((12, 12), 12, 1, 16, 1, device)
-    out = window_attention(qkv.requires_grad_(), table.requires_grad_(), 1, 12, 6,
-                           qkv_bias=qkv_bias)
-    with pytest.raises(ValueError, match="BIAS_GRAD is 'atomics'"):
-        out.backward(d_out)
+def test_an_unknown_bias_gradient_way_is_refused_and_nothing_changes():
+    with pytest.raises(ValueError, match="way 'atomics': choose one of flush, sum"):
+        set_bias_grad("atomics")
+    assert get_bias_grad() == "flush"
+    with pytest.raises(ValueError), bias_grad("atomics"):
+        pass
+    assert get_bias_grad() == "flush"
 
 
 def check_gradients(res, window, shift, heads, head_dim, batch, explicit, device):
