@@ -288,3 +288,18 @@ def test_bench_static_bad_json_path_is_one_line_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "is a directory" in err[0] and "--static" in err[1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bias_grad_ratio_pairs_the_two_ways_of_a_workload():
+    from dimap_fast.cost_model.workloads import Attention
+
+    flush = Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32)
+    summed = Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32,
+                       bias_grad="sum")
+    rows = [report._row(f"{flush.name}.block_vs_eager", 2.0, "x"),
+            report._row(f"{summed.name}.block_vs_eager", 1.5, "x"),
+            report._row("attention.fwd_bwd.swin_t.s1.fp16.block_vs_eager", 3.0, "x")]
+    [row] = report.bias_grad_rows(rows)
+    # t_flush / t_sum: the same timm baseline on both sides, so the ratio of the two ratios
+    assert row["name"] == f"{flush.name}.bias_sum_vs_flush" and row["value"] == pytest.approx(0.75)
+    assert report.GPU_ROWS["speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush"] == row["name"]

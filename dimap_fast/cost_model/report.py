@@ -191,7 +191,7 @@ def bias_grad_rows(rows: list[dict]) -> list[dict]:
     value = {r["name"]: r["value"] for r in rows}
     out = []
     for name, v in value.items():
-        if name.endswith(".bias_sum.block_vs_eager"):
+        if ".bias_sum." in name and name.endswith(".block_vs_eager"):
             flush = name.replace(".bias_sum", "")
             if flush in value:
                 base = flush.removesuffix(".block_vs_eager")
