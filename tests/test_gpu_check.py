@@ -48,6 +48,11 @@ def test_dry_run_reports_every_target(tmp_path):
     assert {"tests.failed", "tests.skipped", "tests.not_passed"} <= shown
     md = (out / "report.md").read_text()
     assert "dry run, CPU interpreter: timings meaningless" in md and "targets met" in md
+    # the committed static report's estimates stand beside the rows it estimates
+    assert report["estimates"] == "docs/bench/static.json", report["estimates"]
+    estimated = {r["name"]: r["estimate"] for r in rows if "estimate" in r}
+    assert "speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush" in estimated
+    assert "speed.plan.swin_b" in estimated and all(isinstance(v, float) for v in estimated.values())
     import tarfile
 
     with tarfile.open(out / "logs.tar.gz") as tar:

@@ -31,7 +31,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-STATIC = Path(__file__).resolve().parents[1] / "docs" / "bench" / "static.json"  # `make bench` writes it
+STATIC = Path(__file__).resolve().parents[2] / "docs" / "bench" / "static.json"  # `make bench` writes it
 
 
 def attach_estimates(report: dict) -> None:
