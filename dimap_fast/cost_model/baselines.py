@@ -39,13 +39,21 @@ class _Tally:
     def reset(self) -> None:
         self.bytes, self.seconds, self.count, self.syncs = 0.0, 0.0, 0, 0
         self.sort_bytes = 0.0  # the part of ``bytes`` that sorts moved
-        self.sort_elements = 0  # elements of their inputs
+        self.sorts: list[tuple[int, int, int]] = []  # each sort's (segments, length, key bytes)
 
     def add(self, nbytes: float, flops: float = 0.0, dtype=torch.float16) -> None:
         peak = self.gpu.tensor_peak(_PEAK.get(dtype, "tf32"))
         self.bytes += nbytes
         self.seconds += max(self.gpu.memory_seconds(nbytes), flops / peak)
         self.count += 1
+
+
+def _argument(func, args, kwargs, name, default):
+    """An op's argument by its schema's name, passed by position or keyword."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return kwargs.get(name, args[i] if i < len(args) else default)
+    return default
 
 
 class _Bytes(TorchDispatchMode):
@@ -71,7 +79,9 @@ class _Bytes(TorchDispatchMode):
         nbytes = sum(unique_bytes(t) for t in tensors)
         if func.overloadpacket in (aten.sort, aten.argsort):
             self.tally.sort_bytes += nbytes
-            self.tally.sort_elements += tensors[0].numel()
+            key = tensors[0]
+            n = key.shape[_argument(func, args, kwargs, "dim", -1)] if key.dim() else 1
+            self.tally.sorts.append((key.numel() // max(n, 1), n, key.element_size()))
         self.tally.add(nbytes, flops, dtype)
         return out
 

@@ -13,8 +13,9 @@ per-program work that grows).
 
 Estimate = (Triton launches + torch ops) x launch cost + host reads x sync cost + torch bytes
 over the copy rate + each Triton launch's max(compute, memory) (kernel_cost's wave model).
-torch.sort on CUDA sorts (key, int64 index) pairs by radix, 8 bits a pass: charged 4 passes,
-each reading and writing 12 bytes an element, plus a read of the keys. A gather (``t[idx]``)
+Each torch.sort is charged the bytes and launches of the path ATen takes at the REAL model's
+layer sizes (torch_sort.py: the stand-ins' layers are small enough for its in-place path,
+Swin-B's are not), its rows and their lengths carried over exactly. A gather (``t[idx]``)
 reads its index and one 32-byte sector per element it gathers, not its whole source (the
 byte tally charges the source whole: the difference is taken back here). The floor is one read
 of the prunable weights (fp32).
@@ -30,13 +31,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .baselines import unique_bytes
+from .torch_sort import sort_cost
 from .workloads import TIMM_NAMES as MODELS
 
 REAL_WIDTH = {"swin_t": 96, "swin_b": 128}
 WIDTHS = {"swin_t": (3, 6), "swin_b": (4, 8)}  # stand-ins: each stage's heads still divide them
 RATIO = 0.5
 _SAMPLES = 4  # programs of each launch replayed for line hits and sectors
-_SORT_BYTES = 4 * 2 * (4 + 8) + 4  # per element
 _SECTOR = 32
 
 
@@ -45,10 +46,11 @@ class MasksRun:
     """One stand-in's recorded run."""
 
     weights: int  # prunable
-    torch_ops: int  # each a kernel launch on a GPU
-    torch_bytes: float
+    torch_ops: int  # each a kernel launch on a GPU; sorts not included
+    torch_bytes: float  # sorts not included
     syncs: int
     launches: list = field(default_factory=list)  # dicts: kernel, module, spec, grid, programs, replay, file, loops
+    sorts: list = field(default_factory=list)  # torch.sort calls: (segments, length, key bytes)
 
 
 @contextlib.contextmanager
@@ -194,9 +196,9 @@ def run(model: str, width: int) -> MasksRun:
             p.masks(RATIO)
     finally:
         interpreter.InterpretedFunction.run = original
-    torch_bytes = ops.bytes - ops.sort_bytes + ops.sort_elements * _SORT_BYTES - gathers.excess
     weights = sum(layer.tensor.numel() for layer in p.layers)
-    return MasksRun(weights, ops.count, torch_bytes, ops.syncs + reads[0], launches)
+    return MasksRun(weights, ops.count - len(ops.sorts), ops.bytes - ops.sort_bytes - gathers.excess,
+                    ops.syncs + reads[0], launches, ops.sorts)
 
 
 @dataclass
@@ -210,10 +212,13 @@ class MasksEstimate:
     kernel_bytes: float
     kernel_s: float  # the Triton launches' own time
     slowest: str  # the Triton launch that takes longest, and why
+    sort_bytes: float = 0.0
+    sort_launches: int = 0
+    sort_paths: str = ""  # the paths torch.sort takes, with their share of the sorted elements
 
     def seconds(self, gpu) -> float:
-        return ((self.launches + self.torch_ops) * gpu.launch_s + self.syncs * gpu.sync_s
-                + gpu.memory_seconds(self.torch_bytes) + self.kernel_s)
+        return ((self.launches + self.torch_ops + self.sort_launches) * gpu.launch_s + self.syncs * gpu.sync_s
+                + gpu.memory_seconds(self.torch_bytes + self.sort_bytes) + self.kernel_s)
 
     def floor_seconds(self, gpu) -> float:
         return gpu.memory_seconds(4 * self.weights)
@@ -229,7 +234,8 @@ def combine(model: str, small: MasksRun, large: MasksRun, sass: list, gpu) -> Ma
     from .kernel_cost import ProgramCost, compute_cycles, program_cost, resident_blocks
 
     a, b = small.launches, large.launches
-    if [l["kernel"] for l in a] != [l["kernel"] for l in b] or small.syncs != large.syncs:
+    if ([l["kernel"] for l in a] != [l["kernel"] for l in b] or small.syncs != large.syncs
+            or [s[0] for s in small.sorts] != [s[0] for s in large.sorts]):
         raise RuntimeError(f"masks() of {model}: the two stand-ins launch different sequences "
                            f"({[l['kernel'] for l in a]} vs {[l['kernel'] for l in b]})")
     scale = (REAL_WIDTH[model] / WIDTHS[model][1]) ** 2
@@ -252,5 +258,13 @@ def combine(model: str, small: MasksRun, large: MasksRun, sass: list, gpu) -> Ma
         if t > slowest[0]:
             why = "memory" if gpu.memory_seconds(nbytes) >= cycles / gpu.clock_hz else "latency/issue"
             slowest = (t, f"{la['kernel']} {t * 1e6:.0f} us ({programs} programs, {why}-bound)")
+    sort_bytes, sort_launches, paths = 0.0, 0, {}
+    for segments, length, key in large.sorts:  # a sorted row is a layer: it grows as width^2 too
+        nbytes, launches, path = sort_cost(segments, round(length * scale), key)
+        sort_bytes, sort_launches = sort_bytes + nbytes, sort_launches + launches
+        paths[path] = paths.get(path, 0) + segments * length
+    total = sum(paths.values()) or 1
+    shown = ", ".join(f"{path} {k / total:.0%}" for path, k in sorted(paths.items(), key=lambda kv: -kv[1]))
     return MasksEstimate(model, n, len(a), max(small.torch_ops, large.torch_ops), large.syncs,
-                         lin(small.torch_bytes, large.torch_bytes), kernel_bytes, kernel_s, slowest[1])
+                         lin(small.torch_bytes, large.torch_bytes), kernel_bytes, kernel_s, slowest[1],
+                         sort_bytes, sort_launches, shown)

@@ -131,9 +131,11 @@ def masks_rows() -> list[dict]:
                                + sass[(m, masks_cost.WIDTHS[m][1])], H100)
         rows.append(_row(f"masks.{m}.cuda", e.seconds(H100) * 1e3, "ms",
                          f"plan(state dict).masks({masks_cost.RATIO}): {e.launches} Triton launches "
-                         f"({e.kernel_s * 1e3:.3f} ms; slowest {e.slowest}) + {e.torch_ops} torch ops, "
-                         f"each {H100.launch_s * 1e6:.0f} us to launch; {e.syncs} host reads at "
-                         f"{H100.sync_s * 1e6:.0f} us; {(e.torch_bytes + e.kernel_bytes) / e.weights:.0f} "
+                         f"({e.kernel_s * 1e3:.3f} ms; slowest {e.slowest}) + {e.torch_ops} torch ops "
+                         f"and torch.sort's {e.sort_launches} kernels ({e.sort_paths}; "
+                         f"{e.sort_bytes / e.weights:.0f} B/weight), each {H100.launch_s * 1e6:.0f} us to "
+                         f"launch; {e.syncs} host reads at {H100.sync_s * 1e6:.0f} us; "
+                         f"{(e.torch_bytes + e.sort_bytes + e.kernel_bytes) / e.weights:.0f} "
                          f"B/weight moved; one read of the {e.weights / 1e6:.1f}M weights "
                          f"{e.floor_seconds(H100) * 1e3:.3f} ms"))
         rows.append(_row(f"masks.{m}.cuda.syncs", e.syncs, "reads"))
