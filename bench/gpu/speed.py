@@ -87,8 +87,8 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     s = Speed(rows, ctx)
     lin = "speed.linear.{}.{}.b{}.t{}"
     # (target?, kind, job, the rows it makes), targets first; a dry run keeps one info job of each kind
-    jobs = [(True, "plan", lambda: s.plan("swin_b"), ["speed.plan.swin_b"]),
-            (False, "plan", lambda: s.plan("swin_t"), ["speed.plan.swin_t"])]
+    jobs = [(True, "plan", lambda: s.plan("swin_b"), ["speed.plan.swin_b", "speed.plan.swin_b.sort_ms"]),
+            (False, "plan", lambda: s.plan("swin_t"), ["speed.plan.swin_t", "speed.plan.swin_t.sort_ms"])]
     jobs += [(True, "attn", lambda st=st: s.attention(st, "fp16"),
               [f"speed.block_attn.{st}.fp16.fused_vs_{b}" for b in ("eager", "sdpa")]
               + (["speed.attn_memory_floor.swin_b.s1.fp16"] if st == "swin_b.s1" else [])) for st in ATTN]
@@ -192,6 +192,12 @@ class Speed:
                 sd, kw = {k: v.cuda() for k, v in timm_swin_model(MODELS[short]).state_dict().items()}, {}
             c.value = self.timer.wall_ms(lambda: dimap_fast.plan(sd, **kw).masks(0.5))
             c.note = "plan(state dict).masks(0.5), fp32 weights; wall clock, median of 10 (host syncs inside)"
+        with self.rows.row(f"speed.plan.{short}.sort_ms", "ms") as c:
+            from dimap_fast.engine.triton_scores import TritonScorer
+
+            scorer = TritonScorer(dimap_fast.plan(sd, **kw).units, "dimap")
+            c.value = self.timer.ms(scorer.sort_again)
+            c.note = "its torch.sort calls alone, on its |w| buffer, as the plan makes them (CUDA events)"
         self._free()
 
     # ---- window attention ----

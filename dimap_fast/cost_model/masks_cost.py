@@ -217,8 +217,11 @@ class MasksEstimate:
     sort_paths: str = ""  # the paths torch.sort takes, with their share of the sorted elements
 
     def seconds(self, gpu) -> float:
-        return ((self.launches + self.torch_ops + self.sort_launches) * gpu.launch_s + self.syncs * gpu.sync_s
-                + gpu.memory_seconds(self.torch_bytes + self.sort_bytes) + self.kernel_s)
+        return ((self.launches + self.torch_ops) * gpu.launch_s + self.syncs * gpu.sync_s
+                + gpu.memory_seconds(self.torch_bytes) + self.kernel_s + self.sort_seconds(gpu))
+
+    def sort_seconds(self, gpu) -> float:
+        return self.sort_launches * gpu.launch_s + gpu.memory_seconds(self.sort_bytes)
 
     def floor_seconds(self, gpu) -> float:
         return gpu.memory_seconds(4 * self.weights)

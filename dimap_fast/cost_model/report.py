@@ -139,6 +139,9 @@ def masks_rows() -> list[dict]:
                          f"B/weight moved; one read of the {e.weights / 1e6:.1f}M weights "
                          f"{e.floor_seconds(H100) * 1e3:.3f} ms"))
         rows.append(_row(f"masks.{m}.cuda.syncs", e.syncs, "reads"))
+        rows.append(_row(f"masks.{m}.cuda.sort_ms", e.sort_seconds(H100) * 1e3, "ms",
+                         f"the plan's torch.sort calls alone: {e.sort_launches} kernels, "
+                         f"{e.sort_bytes / e.weights:.0f} B/weight ({e.sort_paths})"))
     return rows
 
 
@@ -207,6 +210,7 @@ def bias_grad_rows(rows: list[dict]) -> list[dict]:
 GPU_ROWS = {
     "speed.plan.swin_b": "masks.swin_b.cuda",
     "speed.plan.swin_t": "masks.swin_t.cuda",
+    **{f"speed.plan.{m}.sort_ms": f"masks.{m}.cuda.sort_ms" for m in ("swin_t", "swin_b")},
     "speed.attn_memory_floor.swin_b.s1.fp16": f"{_B1}.vs_floor",
     **{f"speed.block_attn.{m}.s1.{d}.fused_vs_{b}": f"attention.fwd.{m}.s1.{d}.block_vs_{b}"
        for m in ("swin_t", "swin_b") for d in ("fp16", "fp32") for b in ("eager", "sdpa")},

@@ -61,7 +61,8 @@ class TritonScorer:
         self.device = layers[0].values.device
         self._abs = _magnitudes([layers[i] for i in self.order])
         self._versions, self._planned = self._weight_versions(), True  # _abs is what mags sorts
-        self.mags = _sorted_magnitudes(self._abs, sizes, self.offsets)
+        self.sizes = sizes
+        self.mags = sorted_by_layer(self._abs, sizes, self.offsets)
         firsts = to_host(self.mags[torch.from_numpy(self.offsets[:-1]).to(self.device, non_blocking=True)])
         for slot in np.flatnonzero(~np.isfinite(firsts)):  # torch sorts NaN above +inf: the first tells
             raise non_finite_error(layers[self.order[slot]].name, float(firsts[slot]))
@@ -141,6 +142,11 @@ class TritonScorer:
             out[u.name] = mask[start : start + u.numel].view(u.values.shape)
         return out
 
+    def sort_again(self) -> torch.Tensor:
+        """The plan's sort calls alone, once more, on its |w| buffer: what the GPU check times
+        beside the static model's estimate of them."""
+        return sorted_by_layer(self._abs, self.sizes, self.offsets)
+
     def _weight_versions(self) -> list[int]:
         return [weight_version(u.values) for u in self.units]
 
@@ -153,7 +159,7 @@ def _magnitudes(layers: list[UnitLayer]) -> torch.Tensor:
     return flat.abs_()
 
 
-def _sorted_magnitudes(flat: torch.Tensor, sizes: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+def sorted_by_layer(flat: torch.Tensor, sizes: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
     """``flat`` (layers of ``sizes`` at ``offsets``) sorted descending within each layer: one
     batched sort per run of consecutive equal-size layers, written in place of the run's rows so
     nothing is concatenated afterwards.

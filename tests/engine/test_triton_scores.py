@@ -198,3 +198,16 @@ def test_cuda_masks_equal_cpu_masks_at_a_near_tie(device):
         assert torch.equal(gpu[name].cpu(), cpu[name]), name
     kept_a = int(cpu["layers.0.blocks.0.mlp.fc1.weight"].sum())
     assert kept_a in (j, j + 1)  # the cut is at the near-tie, not elsewhere
+
+
+def test_the_plans_sort_alone_sorts_each_layer_again(device):
+    # what the GPU check times as speed.plan.*.sort_ms: the same calls, the same result
+    state = {k: v.to(device) for k, v in make_state(SHAPES, seed=5).items()}
+    p = dimap_fast.plan(state, backend="triton")
+    scorer = triton_scores.TritonScorer(p.units, "dimap")
+    again = scorer.sort_again()
+    assert torch.equal(again, scorer.mags)
+    for slot, i in enumerate(scorer.order):
+        u, start = p.units[i], int(scorer.offsets[slot])
+        want = u.values.detach().abs().float().reshape(-1).sort(descending=True).values
+        assert torch.equal(again[start:start + u.numel], want), u.name
