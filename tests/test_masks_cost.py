@@ -59,3 +59,12 @@ def test_a_sort_is_recorded_with_its_rows_and_charged_at_the_real_size():
     nbytes, launches, path = sort_cost(2, 12288)
     assert (e.sort_bytes, e.sort_launches, e.sort_paths) == (nbytes, launches, f"{path} 100%")
     assert e.seconds(H100) == pytest.approx(launches * H100.launch_s + nbytes / H100.copy_bytes_per_s)
+
+
+def test_stand_ins_sorting_different_rows_are_refused():
+    from dimap_fast.cost_model.hardware import H100
+
+    small = masks_cost.MasksRun(1000, 0, 0.0, 0, [], [(2, 12, 4)])
+    large = masks_cost.MasksRun(4000, 0, 0.0, 0, [], [(3, 48, 4)])
+    with pytest.raises(RuntimeError, match=r"sorts \[2\] vs .*sorts \[3\]"):
+        masks_cost.combine("swin_b", small, large, [], H100)

@@ -240,7 +240,8 @@ def combine(model: str, small: MasksRun, large: MasksRun, sass: list, gpu) -> Ma
     if ([l["kernel"] for l in a] != [l["kernel"] for l in b] or small.syncs != large.syncs
             or [s[0] for s in small.sorts] != [s[0] for s in large.sorts]):
         raise RuntimeError(f"masks() of {model}: the two stand-ins launch different sequences "
-                           f"({[l['kernel'] for l in a]} vs {[l['kernel'] for l in b]})")
+                           f"({[l['kernel'] for l in a]}, sorts {[s[0] for s in small.sorts]} vs "
+                           f"{[l['kernel'] for l in b]}, sorts {[s[0] for s in large.sorts]})")
     scale = (REAL_WIDTH[model] / WIDTHS[model][1]) ** 2
     n = round(large.weights * scale)  # every prunable weight is a Linear's: it grows as width^2
     lin = lambda y1, y2: max(y1, _line(small.weights, y1, large.weights, y2, n))  # noqa: E731
