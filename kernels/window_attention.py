@@ -29,7 +29,7 @@ from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device
 from .window_attention_backward_kernels import (_window_attn_bwd_dbias, _window_attn_bwd_dkdv,
                                                 _window_attn_bwd_dq, _window_attn_bwd_one)
 from .window_attention_kernels import _window_attn_fwd
-from .window_attention_settings import get_bias_grad
+from .window_attention_settings import get_bias_grad, get_kv_prefetch
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
     MAX_HEAD_DIM,
@@ -58,9 +58,10 @@ _BWD_ONE_WARPS = 4
 _BWD_ONE_MAX_FP32_HDP = 32  # float32 at head dim 64+ needs over 227 KiB of shared memory there
 _BWD_STAGES = 2
 _DBIAS_WARPS = 8  # sm_90: 128 registers (177 at 4 warps, 2 blocks an SM either way)
-# One stage: a second holds the next float32 bias piece in registers (sm_90, 12x12: 168-176
-# registers, 2-3 blocks an SM; one: 128 and 4, other blocks' warps covering the loads' latency).
+# Windows over several tiles: one stage (two: 176 registers, 2 blocks an SM at 12x12), or with
+# kv_prefetch "on" three on the key-block loop (two copy a block only after the last one's reads).
 _MULTI_BLOCK_FWD_STAGES = 1
+_KV_PREFETCH_STAGES = 3
 _HEADS_PER_PROGRAM = 4
 _SMS = 132  # H100 SXM: a backward program sums the bias gradient over about windows*heads/(8*SMs)
 _PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.float16: ("tf32",), torch.bfloat16: ("tf32",)}
@@ -100,6 +101,7 @@ class _Geometry:
         self.block, self.nb = block, triton.cdiv(self.n, block)
         self.tail = _tail(self.n, block)
         self.fwd_stages = self.stages if self.nb == 1 else _MULTI_BLOCK_FWD_STAGES
+        self.kv_stages = _KV_PREFETCH_STAGES if self.nb > 1 and get_kv_prefetch() == "on" else 1
         self.hpp = min(num_heads, _HEADS_PER_PROGRAM)
         self.groups = triton.cdiv(num_heads, self.hpp)
         regions = n_mask is None
@@ -129,7 +131,8 @@ class _Geometry:
         common = dict(self.scalars, heads_per_program=self.hpp, n_groups=self.groups)
         if not backward:
             return [(_window_attn_fwd, split, dict(common, store_lse=int(train)),
-                     dict(blocked, TAIL=self.tail), self.warps, self.fwd_stages)]
+                     dict(blocked, TAIL=self.tail, KV_STAGES=self.kv_stages), self.warps,
+                     self.fwd_stages)]
         if self.one_program_backward:
             wpp = self.windows_per_program(1, 64)
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
@@ -380,8 +383,8 @@ def launch_configs() -> list:
         for prec in precs:
             for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
                 const = dict(HDP=hdp, BLOCK=block, PAD=True, EVEN_D=True, PREC=prec, UPCAST=False)
-                out.append(_config(_window_attn_fwd, dtype, prec, dict(const, NB=1, TAIL=block),
-                                   warps, stages))
+                out.append(_config(_window_attn_fwd, dtype, prec,
+                                   dict(const, NB=1, TAIL=block, KV_STAGES=1), warps, stages))
                 bwd = min(stages, _BWD_STAGES)
                 if _one_program_backward(1, dtype, hdp):
                     out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
@@ -390,8 +393,8 @@ def launch_configs() -> list:
                     out += _blocked_backward(dtype, prec, dict(const, NB=1), warps, bwd)
                 if hdp == 32:  # 144 tokens: 3 blocks of 64 (5 of 32 for ieee float32)
                     nb = triton.cdiv(144, block)
-                    out.append(_config(_window_attn_fwd, dtype, prec,
-                                       dict(const, NB=nb, TAIL=_tail(144, block)), warps,
-                                       _MULTI_BLOCK_FWD_STAGES))
+                    out += [_config(_window_attn_fwd, dtype, prec, dict(const, NB=nb,
+                                    TAIL=_tail(144, block), KV_STAGES=kv), warps,
+                                    _MULTI_BLOCK_FWD_STAGES) for kv in (1, _KV_PREFETCH_STAGES)]
                     out += _blocked_backward(dtype, prec, dict(const, NB=nb), warps, bwd)
     return out

@@ -13,7 +13,8 @@ window, so the programs of one window run side by side and share its k and v thr
 - forward: a query block, keys visited with an online softmax (running maximum and sum in
   float32); of a window's last key block only TAIL keys (what is left of the window, to a power
   of two), visited first so their loads go out with q's; it also stores each query's
-  log-sum-exp when a backward will follow;
+  log-sum-exp when a backward will follow; its key-block loop runs over KV_STAGES pipeline
+  stages (window_attention_settings.kv_prefetch: 1, or 3 to keep the next blocks in flight);
 - backward (window_attention_backward_kernels.py): dQ, dK, dV and the bias gradient
   (FlashAttention-2's backward with Swin's bias tile).
 """
@@ -132,7 +133,7 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      C, HEADS, HD, WH, WW, heads_per_program, n_groups, store_lse,
                      HDP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                      TAIL: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, KV_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     qb = pid % NB
     g = (pid // NB) % n_groups
@@ -173,7 +174,7 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
             l_i = tl.zeros((BLOCK,), tl.float32)
             acc = tl.zeros((BLOCK, HDP), tl.float32)
             if TAIL == BLOCK:
-                for kb in range(NB):
+                for kb in tl.range(NB, num_stages=KV_STAGES):
                     acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
                                                kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
                                                shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,
@@ -185,7 +186,7 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                                            NB - 1, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
                                            shift_w, s_qb, s_qh, s_qw, C, BLOCK, TAIL, PAD, EVEN_D,
                                            PREC, UPCAST)
-                for kb in range(NB - 1):
+                for kb in tl.range(NB - 1, num_stages=KV_STAGES):
                     acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
                                                kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
                                                shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,

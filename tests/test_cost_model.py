@@ -290,16 +290,21 @@ def test_bench_static_bad_json_path_is_one_line_and_writes_nothing(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bias_grad_ratio_pairs_the_two_ways_of_a_workload():
+@pytest.mark.parametrize("setting, way, gpu_row", [
+    ("bias_grad", "sum", "speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush"),
+    ("kv_prefetch", "on", "speed.attn.swin_b384.s1.fp16.kv_prefetch_vs_off")])
+def test_way_ratio_pairs_the_two_ways_of_a_workload(setting, way, gpu_row):
     from dimap_fast.cost_model.workloads import Attention
 
-    flush = Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32)
-    summed = Attention("swin_b", 0, "fp16", image=384, window=12, backward=True, batch=32,
-                       bias_grad="sum")
-    rows = [report._row(f"{flush.name}.block_vs_eager", 2.0, "x"),
-            report._row(f"{summed.name}.block_vs_eager", 1.5, "x"),
+    shape = dict(image=384, window=12, backward=setting == "bias_grad",
+                 batch=32 if setting == "bias_grad" else 128)
+    default = Attention("swin_b", 0, "fp16", **shape)
+    other = Attention("swin_b", 0, "fp16", **shape, **{setting: way})
+    assert other.name != default.name
+    rows = [report._row(f"{default.name}.block_vs_eager", 2.0, "x"),
+            report._row(f"{other.name}.block_vs_eager", 1.5, "x"),
             report._row("attention.fwd_bwd.swin_t.s1.fp16.block_vs_eager", 3.0, "x")]
-    [row] = report.bias_grad_rows(rows)
-    # t_flush / t_sum: the same timm baseline on both sides, so the ratio of the two ratios
-    assert row["name"] == f"{flush.name}.bias_sum_vs_flush" and row["value"] == pytest.approx(0.75)
-    assert report.GPU_ROWS["speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush"] == row["name"]
+    [row] = report.way_rows(rows)
+    # t_default / t_other: the same timm baseline on both sides, so the ratio of the two ratios
+    assert row["value"] == pytest.approx(0.75)
+    assert report.GPU_ROWS[gpu_row] == row["name"] and row["name"].startswith(f"{default.name}.")

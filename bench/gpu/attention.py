@@ -6,6 +6,10 @@
 - ``speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush``: the same step of the 12x12 stage with
   the bias gradient summed over windows by a kernel of its own against flushed per window by the
   dQ kernel (``window_attention_settings.bias_grad``: which one the backward should use);
+- ``speed.attn.swin_b384.s1.fp16.kv_prefetch_vs_off``: the forward of the 12x12 stage's attention
+  half (batch 128, the static report's window-12 workload) with the next key blocks kept in flight
+  (three pipeline stages on the key-block loop) against one stage
+  (``window_attention_settings.kv_prefetch``: which one the forward should use);
 - ``speed.v2_attn.<stage>.fp16.fused_vs_eager``: SwinV2's cosine attention half, forward;
 - ``speed.model_attn.swin_b.fp16``: whole Swin-B, dense weights, inference: timm on its SDPA
   path against the converted model (the fused attention alone: nothing is sparse); ``.vs_eager``
@@ -33,6 +37,7 @@ TINY = (8, 32, 2, 4, 1)
 TINY_BLOCKED = (12, 32, 2, 12, 1)  # a dry run of a 12x12 stage still takes several tiles a window
 # stages whose windows span several tiles: the two ways to the bias gradient are timed there too
 BIAS_GRAD_STAGES = ("swin_b384.s1",)
+PREFETCH_STAGE = ("swin_b384.s1", (96, 128, 4, 12, 128))  # and the forward's two ways, at batch 128
 
 
 def _block(cls, shape, dev, dtype, dry):
@@ -88,6 +93,27 @@ def attention_train(rows: Rows, ctx: Ctx, timer, stage: str, dt: str) -> None:
         rows.add(name, t_sdpa / t_ours, "x", f"timm SDPA {t_sdpa:.3f} ms, fused {t_ours:.3f} ms")
     else:
         rows.add(name, None, "x", error=f"see speed.attn_train.{stage}.{dt}.fused_vs_eager")
+
+
+def kv_prefetch_forward(rows: Rows, ctx: Ctx, timer) -> None:
+    import torch
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    import dimap_fast.nn as dnn
+    from dimap_fast.kernels.window_attention_settings import kv_prefetch
+
+    stage, shape = PREFETCH_STAGE
+    with rows.row(f"speed.attn.{stage}.fp16.kv_prefetch_vs_off", "x") as c, torch.inference_mode():
+        timm_blk, x = _block(SwinTransformerBlock, shape, _dev(ctx), torch.float16, ctx.dry)
+        ours = dnn.SwinBlock.adopt(timm_blk)
+        with _triton(ctx):
+            with kv_prefetch("on"):
+                t_on = timer.ms(lambda: ours._attn(x))
+            t_off = timer.ms(lambda: ours._attn(x))
+        c.value = t_off / t_on
+        c.note = (f"forward of the attention half, batch {x.shape[0]}: the next key blocks in flight "
+                  f"{t_on:.3f} ms, one stage {t_off:.3f} ms (> 1: in flight wins; "
+                  f"kernels.window_attention_settings.kv_prefetch)")
 
 
 def v2_attention(rows: Rows, ctx: Ctx, timer, stage: str) -> None:

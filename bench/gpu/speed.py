@@ -112,6 +112,8 @@ def step_speed(rows: Rows, ctx: Ctx) -> None:
     be = [f"speed.breakeven.s3_mlp.{{}}.b{b}.{c}" for b in TILE_SIZES for c in ("ours", "torch_bsr")]
     jobs += [(False, "breakeven", lambda: sparse.breakeven(s, "fp16"),  # issue 14's plot: first of the info jobs
               [n.format("fp16") for n in be] + ["speed.breakeven.s3_mlp.fp16.two_four"])]
+    jobs += [(False, "kv_prefetch", lambda: attn.kv_prefetch_forward(rows, ctx, s.timer),
+              [f"speed.attn.{attn.PREFETCH_STAGE[0]}.fp16.kv_prefetch_vs_off"])]
     jobs += [(False, "attn32", lambda st=st: s.attention(st, "fp32"),
               [f"speed.block_attn.{st}.fp32.fused_vs_{b}" for b in ("eager", "sdpa")]) for st in ATTN]
     jobs += [(False, "attn_train_info", lambda st=st, d=d: attn.attention_train(rows, ctx, s.timer, st, d),

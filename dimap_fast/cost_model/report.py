@@ -182,26 +182,35 @@ def build(include_masks: bool = True, reuse: bool = True) -> list[dict]:
     rows = []
     for c, est in _kernels(worker.call("capture", workloads)):
         rows += attention_rows(c, est) if isinstance(c["workload"], Attention) else sparse_rows(c, est)
-    rows += bias_grad_rows(rows)
+    rows += way_rows(rows)
     if include_masks:
         rows += masks_rows()
         write_json(CACHE, rows, key)
     return rows
 
 
-def bias_grad_rows(rows: list[dict]) -> list[dict]:
-    """``<flush workload>.bias_sum_vs_flush``: the block's time with the bias gradient flushed
-    per window over summed by its own kernel (> 1: summing wins), for each workload made both
-    ways. Both sides have the same timm baseline, so the ratio of their block_vs_eager is it."""
+# A setting's other way -> (its workloads' name part, the ratio row's suffix, the note): each
+# workload made both ways gets the default way's block time over the other's (> 1: the other
+# wins). Both sides have the same timm baseline, so the ratio of their block_vs_eager is it.
+WAY_PAIRS = {
+    "bias_sum": (".bias_sum", "bias_sum_vs_flush",
+                 "the flush's atomics unpriced: a lower bound of the flush's time"),
+    "kv_prefetch": (".kv_prefetch", "kv_prefetch_vs_off",
+                    "async copies charged a full DRAM wait like any load: the prefetch's gain unpriced"),
+}
+
+
+def way_rows(rows: list[dict]) -> list[dict]:
+    """``<default workload>.<suffix>`` for every workload the report made both ways of a setting."""
     value = {r["name"]: r["value"] for r in rows}
     out = []
-    for name, v in value.items():
-        if ".bias_sum." in name and name.endswith(".block_vs_eager"):
-            flush = name.replace(".bias_sum", "")
-            if flush in value:
-                base = flush.removesuffix(".block_vs_eager")
-                out.append(_row(f"{base}.bias_sum_vs_flush", v / value[flush], "x",
-                                "the flush's atomics unpriced: a lower bound of the flush's time"))
+    for part, suffix, note in WAY_PAIRS.values():
+        for name, v in value.items():
+            if f"{part}." in name and name.endswith(".block_vs_eager"):
+                default = name.replace(part, "")
+                if default in value:
+                    base = default.removesuffix(".block_vs_eager")
+                    out.append(_row(f"{base}.{suffix}", v / value[default], "x", note))
     return out
 
 
@@ -220,6 +229,7 @@ GPU_ROWS = {
        f"attention.fwd_bwd.swin_b.s1.w12_384.b32.fp16.block_vs_{b}" for b in ("eager", "sdpa")},
     "speed.attn_train.swin_b384.s1.fp16.bias_sum_vs_flush":
         "attention.fwd_bwd.swin_b.s1.w12_384.b32.fp16.bias_sum_vs_flush",
+    "speed.attn.swin_b384.s1.fp16.kv_prefetch_vs_off": "attention.fwd.swin_b.s1.w12_384.fp16.kv_prefetch_vs_off",
     **{f"speed.linear.{g}.fp16.b64.t{t}": f"sparse_linear.swin_b.{g}.b64.t{t}.fp16.vs_cublas"
        for g in ("s1_mlp", "s3_mlp") for t in (50, 75, 90)},
 }

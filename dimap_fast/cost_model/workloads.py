@@ -30,12 +30,14 @@ class Attention:
     backward: bool = False
     batch: int = BATCH
     bias_grad: str = "flush"  # the backward's way to the bias gradient (window_attention_settings)
+    kv_prefetch: str = "off"  # whether the forward keeps the next key blocks in flight (the same)
 
     @property
     def name(self) -> str:
         tail = "" if self.window == 7 else f".w{self.window}_{self.image}"
         tail += "" if self.batch == BATCH else f".b{self.batch}"
         tail += "" if self.bias_grad == "flush" else f".bias_{self.bias_grad}"
+        tail += "" if self.kv_prefetch == "off" else ".kv_prefetch"
         return (f"attention.{'fwd_bwd' if self.backward else 'fwd'}.{self.model}.s{self.stage + 1}"
                 f"{tail}.{self.dtype}")
 
@@ -56,7 +58,7 @@ class Attention:
         inference the bias tile folded by the first is reused; in training the table changed
         (an optimizer step) and the tile is folded again."""
         from ..kernels import window_attention
-        from ..kernels.window_attention_settings import bias_grad
+        from ..kernels.window_attention_settings import bias_grad, kv_prefetch
 
         side, c, heads, win = self.shape()
         dt = DTYPES[self.dtype]
@@ -71,7 +73,8 @@ class Attention:
                     table.add_(1.0)
             if step:
                 steady()
-            out = window_attention(qkv, table, heads, win, win // 2, qkv_bias=qkv_bias)
+            with kv_prefetch(self.kv_prefetch):
+                out = window_attention(qkv, table, heads, win, win // 2, qkv_bias=qkv_bias)
             if grad:  # the gradients themselves, as the layers around would take them
                 with bias_grad(self.bias_grad):
                     torch.autograd.grad(out, (qkv, table, qkv_bias), d_out)
@@ -124,7 +127,8 @@ class SparseLinear:
 
 def attention_workloads() -> list[Attention]:
     out = [Attention(model, 0, dt) for model in SWIN for dt in DTYPES]
-    out += [Attention("swin_b", 0, "fp16", image=384, window=12)]
+    # window 12 also with the next key blocks in flight (the GPU check times both ways)
+    out += [Attention("swin_b", 0, "fp16", image=384, window=12, kv_prefetch=p) for p in ("off", "on")]
     out += [Attention(model, 0, "fp16", backward=True) for model in SWIN]
     # the GPU check's window-12 training rows (its batch), the bias gradient both ways: the dQ
     # backward's per-window atomics, which this model shows but does not price, or their own

@@ -95,6 +95,50 @@ def test_dtypes_and_precisions(dtype, precision, res, window, device):
     assert_close(got, exact_reference(qkv, **args))
 
 
+MULTI_TILE = [c for c in CASES if c.id.startswith(("w12", "w16", "w9"))]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("res,window,shifted,heads,head_dim,batch", MULTI_TILE)
+def test_key_blocks_in_flight_give_the_same_attention(res, window, shifted, heads, head_dim, batch,
+                                                      device):
+    from dimap_fast.kernels.window_attention_settings import kv_prefetch
+
+    blk = timm_block(res, window, shifted, heads, head_dim, device=device)
+    x = torch.randn(batch, *res, heads * head_dim, device=device)
+    with matmul_precision("ieee"):
+        qkv = blk.attn.qkv(x)
+        with kv_prefetch("on"):
+            got = window_attention(qkv, **attn_args(blk))
+    assert_close(got, exact_reference(qkv, **attn_args(blk)))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
+def test_key_blocks_in_flight_in_every_dtype(dtype, precision, device):
+    from dimap_fast.kernels.window_attention_settings import kv_prefetch
+
+    blk = timm_block((14, 14), 12, True, 2, 16, device=device)
+    qkv = blk.attn.qkv(torch.randn(1, 14, 14, 32, device=device)).to(dtype)
+    args = attn_args(blk)
+    with matmul_precision(precision), kv_prefetch("on"):
+        got = window_attention(qkv, **{**args, "qkv_bias": args["qkv_bias"].to(dtype)})
+    assert got.dtype == dtype
+    assert_close(got, exact_reference(qkv, **args))
+
+
+def test_an_unknown_prefetch_way_is_refused_and_nothing_changes():
+    from dimap_fast.kernels.window_attention_settings import (get_kv_prefetch, kv_prefetch,
+                                                              set_kv_prefetch)
+
+    with pytest.raises(ValueError, match="way 'always': choose one of off, on"):
+        set_kv_prefetch("always")
+    assert get_kv_prefetch() == "off"
+    with pytest.raises(ValueError), kv_prefetch("always"):
+        pass
+    assert get_kv_prefetch() == "off"
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("window", [4, 12])
 def test_explicit_mask_on_windows(window, device):
@@ -189,21 +233,24 @@ def test_bias_tile_is_cached_until_the_table_changes(device):
     assert len(wa._TILES) == held - 1
 
 
-@pytest.mark.parametrize("bias_grad", ["flush", "sum"])
-def test_launch_plan_names_every_argument(bias_grad):
+@pytest.mark.parametrize("setting,way", [("bias_grad", "flush"), ("bias_grad", "sum"),
+                                         ("kv_prefetch", "on")])
+def test_launch_plan_names_every_argument(setting, way):
     import importlib
     import inspect
 
-    from dimap_fast.kernels.window_attention_settings import bias_grad as way
+    from dimap_fast.kernels import window_attention_settings as settings
 
     wa = importlib.import_module("dimap_fast.kernels.window_attention")
-    twelve = 2 if bias_grad == "flush" else 3  # "sum": the bias gradient's own kernel
+    twelve = 3 if way == "sum" else 2  # "sum": the bias gradient's own kernel
     for backward, window, nb_kernels in ((False, 7, 1), (True, 7, 1), (False, 12, 1),
                                          (True, 12, twelve)):
-        with way(bias_grad):
+        with getattr(settings, setting)(way):
             plan = wa.launch_plan(2, 4 * window, 4 * window, 64, 2, window, window // 2,
                                   backward=backward)
         assert len(plan) == nb_kernels
+        if not backward:  # the key-block loop's stages: three only where windows span tiles
+            assert plan[0].config.constexprs["KV_STAGES"] == (3 if way == "on" and window == 12 else 1)
         for launch in plan:
             params = inspect.signature(launch.config.kernel.fn).parameters
             given = set(launch.args) | set(launch.config.constexprs)
