@@ -127,16 +127,19 @@ def test_key_blocks_in_flight_in_every_dtype(dtype, precision, device):
     assert_close(got, exact_reference(qkv, **args))
 
 
-def test_an_unknown_prefetch_way_is_refused_and_nothing_changes():
-    from dimap_fast.kernels.window_attention_settings import (get_kv_prefetch, kv_prefetch,
-                                                              set_kv_prefetch)
+@pytest.mark.parametrize("setting, bad, message", [
+    ("bias_grad", "atomics", "way 'atomics': choose one of flush, sum"),
+    ("kv_prefetch", "always", "way 'always': choose one of off, on")])
+def test_an_unknown_way_is_refused_and_nothing_changes(setting, bad, message):
+    from dimap_fast.kernels import window_attention_settings as settings
 
-    with pytest.raises(ValueError, match="way 'always': choose one of off, on"):
-        set_kv_prefetch("always")
-    assert get_kv_prefetch() == "off"
-    with pytest.raises(ValueError), kv_prefetch("always"):
+    before = getattr(settings, f"get_{setting}")()
+    with pytest.raises(ValueError, match=message):
+        getattr(settings, f"set_{setting}")(bad)
+    assert getattr(settings, f"get_{setting}")() == before
+    with pytest.raises(ValueError), getattr(settings, setting)(bad):
         pass
-    assert get_kv_prefetch() == "off"
+    assert getattr(settings, f"get_{setting}")() == before
 
 
 @torch.no_grad()
