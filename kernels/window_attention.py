@@ -10,17 +10,15 @@ window_attention_backward_kernels.py) in the qkv tokens, the bias table and the 
 - grid positions past H or W are timm's zero padding through the qkv Linear: q, k, v = qkv bias;
 - the relative-position bias, the shifted-window mask (only four window classes differ) or an
   explicit (n_mask, N, N) mask, and the padding to whole BLOCKs are folded by torch into one
-  float32 tile per (class, head) (``folded_bias_tile``), cached while table and mask keep their
-  versions; its gradient, summed over windows by the backward, goes back to the table here;
+  float32 tile per (class, head) (window_attention_tiles.py: cached while table and mask keep
+  their versions; its gradient, summed over windows by the backward, goes back to the table);
 - keys are visited BLOCK at a time with an online softmax: 12x12 and 16x16 windows fit Hopper's
   shared memory in every dtype. ``launch_plan``, ``launch_configs``: launches and compiles.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import weakref
 
 import torch
 
@@ -29,7 +27,7 @@ from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device
 from .window_attention_backward_kernels import (_window_attn_bwd_dbias, _window_attn_bwd_dkdv,
                                                 _window_attn_bwd_dq, _window_attn_bwd_one)
 from .window_attention_kernels import _window_attn_fwd
-from .window_attention_settings import get_bias_grad, get_kv_prefetch
+from .window_attention_settings import get_bias_grad, get_bias_load, get_kv_prefetch
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
     MAX_HEAD_DIM,
@@ -45,6 +43,7 @@ from .window_attention_reference import (  # noqa: F401  (re-exported: one impor
     unsupported,
     window_attention_reference,
 )
+from .window_attention_tiles import bias_tile, table_grad, tile_descriptors
 
 # Dot precision -> padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, read
 # from sm_90 compiles. Tensor-core dots: one warpgroup (4 warps) owns a 64-token tile, the
@@ -102,6 +101,7 @@ class _Geometry:
         self.tail = _tail(self.n, block)
         self.fwd_stages = self.stages if self.nb == 1 else _MULTI_BLOCK_FWD_STAGES
         self.kv_stages = _KV_PREFETCH_STAGES if self.nb > 1 and get_kv_prefetch() == "on" else 1
+        self.tma = get_bias_load() == "tma"
         self.hpp = min(num_heads, _HEADS_PER_PROGRAM)
         self.groups = triton.cdiv(num_heads, self.hpp)
         regions = n_mask is None
@@ -131,8 +131,8 @@ class _Geometry:
         common = dict(self.scalars, heads_per_program=self.hpp, n_groups=self.groups)
         if not backward:
             return [(_window_attn_fwd, split, dict(common, store_lse=int(train)),
-                     dict(blocked, TAIL=self.tail, KV_STAGES=self.kv_stages), self.warps,
-                     self.fwd_stages)]
+                     dict(blocked, TAIL=self.tail, KV_STAGES=self.kv_stages, TMA=self.tma),
+                     self.warps, self.fwd_stages)]
         if self.one_program_backward:
             wpp = self.windows_per_program(1, 64)
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
@@ -177,67 +177,6 @@ def _launch(kernel, grid, scalars, const, warps, stages, pointers: dict) -> None
         kernel[grid](**mine, **scalars, **const, num_warps=warps, num_stages=stages)
 
 
-_TILES: dict = {}
-_TILE_CACHE_SIZE = 16
-
-
-_UNVERSIONED = object()
-
-
-def _version(t):
-    try:
-        return None if t is None else t._version
-    except RuntimeError:  # inference tensors keep no version counter: never cached
-        return _UNVERSIONED
-
-
-# A geometry's constants, built once: a training step folds the tile again (its table changed)
-# from them and the table alone, about ten torch ops instead of seventy.
-@functools.lru_cache(maxsize=32)
-def _table_index(win, device) -> torch.Tensor:
-    with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
-        return relative_position_index(*win, device=device).view(-1)
-
-
-@functools.lru_cache(maxsize=32)
-def _region_masks(win, shift, device) -> torch.Tensor | None:
-    with torch.inference_mode(False), torch.no_grad():
-        return region_class_masks(win, shift, device=device) if any(shift) else None
-
-
-def _bias_tile(table: torch.Tensor, mask, win, shift, block: int) -> torch.Tensor:
-    """The folded tile of ``table`` and ``mask`` (or the shift's regions), cached while both are
-    the same tensors at the same versions: in inference it is built once per layer."""
-    key = (id(table), _version(table), id(mask), _version(mask), win,
-           shift if mask is None else None, block, table.device)
-    hit = _TILES.get(key)
-    if hit is not None and hit[0]() is table and (mask is None or hit[1]() is mask):
-        return hit[2]
-    with torch.no_grad():
-        masks = mask if mask is not None else _region_masks(win, shift, table.device)
-        tile = folded_bias_tile(dense_position_bias(table.detach(), win,
-                                                    _table_index(win, table.device)), masks, block)
-    if _UNVERSIONED not in key:
-        while len(_TILES) >= _TILE_CACHE_SIZE:
-            _TILES.pop(next(iter(_TILES)))
-        _TILES[key] = (weakref.ref(table), None if mask is None else weakref.ref(mask), tile)
-        # a table computed per call (SwinV2's) must not keep its tile alive after it is gone
-        for t in (table, mask):
-            if t is not None:
-                weakref.finalize(t, _TILES.pop, key, None)
-    return tile
-
-
-def _table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor:
-    """The gradient of timm's bias table (or of a dense bias) from that of the dense bias."""
-    if table.dim() == 3:
-        return d_dense.to(table.dtype)
-    heads, n, _ = d_dense.shape
-    idx = _table_index(win, table.device)
-    grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-    return grad.index_add_(0, idx, d_dense.permute(1, 2, 0).reshape(n * n, heads)).to(table.dtype)
-
-
 class FusedWindowAttention(torch.autograd.Function):
     """The fused window attention as an autograd Function (``window_attention`` is its keyword
     form; arguments positional: qkv_tokens, rel_pos_table, qkv_bias, mask, num_heads, window_size,
@@ -255,16 +194,18 @@ class FusedWindowAttention(torch.autograd.Function):
         qkv = qkv.contiguous() if ctx.needs_input_grad[0] or qkv.stride(-1) != 1 else qkv
         geo = _Geometry(qkv, num_heads, win, shift, None if mask is None else mask.shape[0],
                         qkv_bias is not None, float(scale))
-        tile = _bias_tile(table, mask, win, shift, geo.block)
+        tile = bias_tile(table, mask, win, shift, geo.block)
         out = torch.empty(geo.bsz, geo.h, geo.w, geo.c, dtype=qkv.dtype, device=qkv.device)
         train = any(ctx.needs_input_grad[:3])
         lse = torch.empty((geo.bsz, geo.h, geo.w, num_heads) if train else (1,),
                           dtype=torch.float32, device=qkv.device)
         qkv_bias_arg = qkv_bias.to(qkv.dtype).contiguous() if qkv_bias is not None else qkv
         if out.numel():
+            descs = tile_descriptors(tile, geo.block, geo.tail) if geo.tma else (None, None)
             for launch in geo.launches(train, backward=False):
-                _launch(*launch, dict(qkv_ptr=qkv, tile_ptr=tile, qkv_bias_ptr=qkv_bias_arg,
-                                      out_ptr=out, lse_ptr=lse))
+                _launch(*launch, dict(qkv_ptr=qkv, tile_ptr=tile, bias_desc=descs[0],
+                                      tail_desc=descs[1], qkv_bias_ptr=qkv_bias_arg, out_ptr=out,
+                                      lse_ptr=lse))
         if train:
             ctx.save_for_backward(qkv, tile, qkv_bias_arg, out, lse, table)
             ctx.geo, ctx.bias_dtype = geo, None if qkv_bias is None else qkv_bias.dtype
@@ -290,8 +231,7 @@ class FusedWindowAttention(torch.autograd.Function):
         if dqkv.numel():
             for launch in geo.launches(True, True, want_bias, want_qkv_bias):
                 _launch(*launch, pointers)
-        d_table = _table_grad(unfold_bias_grad(dtile, geo.n), table, geo.win) if want_bias \
-            else None
+        d_table = table_grad(unfold_bias_grad(dtile, geo.n), table, geo.win) if want_bias else None
         return (dqkv, d_table, dqkv_bias.to(ctx.bias_dtype) if want_qkv_bias else None, None,
                 None, None, None, None)
 
@@ -325,6 +265,11 @@ def _config(kernel, dtype, prec, const, warps, stages) -> LaunchConfig:
     label = pointer(dtype)[1:] + (f"/{prec}" if dtype == torch.float32 else "")
     types = {**_types(dtype), **{a: "i32" for a in names if a not in _types(dtype)}}
     knobs = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "UPCAST"))
+    if "bias_desc" in names:  # the forward's descriptors of the tile: None unless TMA copies
+        block, keys = const["BLOCK"], const["TAIL"]
+        types.update(bias_desc=f"tensordesc<fp32[{block}, {block}]>",
+                     tail_desc=f"tensordesc<fp32[{block}, {keys}]>")
+        const = const if const["TMA"] else dict(const, bias_desc=None, tail_desc=None)
     return LaunchConfig.of(kernel, f"{_name(kernel)} {label} {knobs}", types, const, warps,
                            stages)
 
@@ -339,7 +284,8 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
     """The launches (``Launch``: compile, grid, argument values) ``window_attention`` makes on a
     GPU for a (batch, height, width, 3*channels) qkv token map: its forward (storing the
     log-sum-exp when ``train``), or with ``backward`` the backward's, in order. ``n_mask``: the
-    windows of an explicit mask, None for the shift's regions."""
+    windows of an explicit mask, None for the shift's regions. A tensor descriptor's value is the
+    (shape, dtype, block shape) of the tile rows it views."""
     win = tuple(int(v) for v in (window_size if not isinstance(window_size, int)
                                  else (window_size, window_size)))
     shift = tuple(int(v) for v in (shift_size if not isinstance(shift_size, int)
@@ -356,10 +302,14 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
                   do_ptr=(*tokens, channels), delta_ptr=(*tokens, num_heads),
                   dqkv_ptr=qkv.shape, dtile_ptr=(num_heads, geo.nb, geo.nb, geo.block, geo.block),
                   dqkv_bias_ptr=(3 * channels,))
+    rows = (shapes["tile_ptr"][0] * num_heads * geo.nb * geo.nb * geo.block, geo.block)
+    shapes.update(bias_desc=(rows, torch.float32, (geo.block, geo.block)),
+                  tail_desc=(rows, torch.float32, (geo.block, geo.tail)))
     plan = []
     for kernel, grid, scalars, const, warps, stages in geo.launches(train, backward):
         cfg = _config(kernel, dtype, geo.prec, const, warps, stages)
-        args = {a: (shapes[a], torch.float32 if cfg.signature[a] == "*fp32" else dtype)
+        args = {a: shapes[a] if a.endswith("_desc") else
+                (shapes[a], torch.float32 if cfg.signature[a] == "*fp32" else dtype)
                 if a.endswith("_ptr") else scalars[a]
                 for a, t in cfg.signature.items() if t != "constexpr"}
         plan.append(Launch(cfg, grid, args))
@@ -377,14 +327,16 @@ def _blocked_backward(dtype, prec, const, warps, stages) -> list:
 
 def launch_configs() -> list:
     """Every compile the launchers can ask for on a GPU: per dtype, dot precision and padded head
-    dim, forward and backward (at head dim 32 also 12x12's), with padding tokens (larger code)."""
+    dim, forward (bias by pointers and by TMA) and backward (at head dim 32 also 12x12's), with
+    padding tokens (larger code)."""
     out = []
     for dtype, precs in _PRECISIONS.items():
         for prec in precs:
             for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
                 const = dict(HDP=hdp, BLOCK=block, PAD=True, EVEN_D=True, PREC=prec, UPCAST=False)
-                out.append(_config(_window_attn_fwd, dtype, prec,
-                                   dict(const, NB=1, TAIL=block, KV_STAGES=1), warps, stages))
+                out += [_config(_window_attn_fwd, dtype, prec,
+                                dict(const, NB=1, TAIL=block, KV_STAGES=1, TMA=tma), warps, stages)
+                        for tma in (False, True)]
                 bwd = min(stages, _BWD_STAGES)
                 if _one_program_backward(1, dtype, hdp):
                     out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
@@ -394,7 +346,8 @@ def launch_configs() -> list:
                 if hdp == 32:  # 144 tokens: 3 blocks of 64 (5 of 32 for ieee float32)
                     nb = triton.cdiv(144, block)
                     out += [_config(_window_attn_fwd, dtype, prec, dict(const, NB=nb,
-                                    TAIL=_tail(144, block), KV_STAGES=kv), warps,
-                                    _MULTI_BLOCK_FWD_STAGES) for kv in (1, _KV_PREFETCH_STAGES)]
+                                    TAIL=_tail(144, block), KV_STAGES=kv, TMA=tma), warps,
+                                    _MULTI_BLOCK_FWD_STAGES)
+                            for kv in (1, _KV_PREFETCH_STAGES) for tma in (False, True)]
                     out += _blocked_backward(dtype, prec, dict(const, NB=nb), warps, bwd)
     return out

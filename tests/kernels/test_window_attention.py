@@ -127,9 +127,45 @@ def test_key_blocks_in_flight_in_every_dtype(dtype, precision, device):
     assert_close(got, exact_reference(qkv, **args))
 
 
+TMA_CASES = [c for c in CASES if c.id in ("w7-shift", "w7-shift-pad", "w4-shift-6heads", "w12-shift-pad",
+                                          "w16-plain", "w9-shift-tail")]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("res,window,shifted,heads,head_dim,batch", TMA_CASES)
+def test_bias_pieces_by_tma_give_the_same_attention(res, window, shifted, heads, head_dim, batch,
+                                                    device):
+    from dimap_fast.kernels.window_attention_settings import bias_load
+
+    blk = timm_block(res, window, shifted, heads, head_dim, device=device)
+    x = torch.randn(batch, *res, heads * head_dim, device=device)
+    with matmul_precision("ieee"):
+        qkv = blk.attn.qkv(x)
+        with bias_load("tma"):
+            got = window_attention(qkv, **attn_args(blk))
+    assert_close(got, exact_reference(qkv, **attn_args(blk)))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("res,window,prefetch", [((8, 8), 4, "off"), ((14, 14), 12, "on")],
+                         ids=["w4", "w12-prefetch"])
+def test_bias_pieces_by_tma_in_every_dtype(dtype, precision, res, window, prefetch, device):
+    from dimap_fast.kernels.window_attention_settings import bias_load, kv_prefetch
+
+    blk = timm_block(res, window, True, 2, 16, device=device)
+    qkv = blk.attn.qkv(torch.randn(1, *res, 32, device=device)).to(dtype)
+    args = attn_args(blk)
+    with matmul_precision(precision), bias_load("tma"), kv_prefetch(prefetch):
+        got = window_attention(qkv, **{**args, "qkv_bias": args["qkv_bias"].to(dtype)})
+    assert got.dtype == dtype
+    assert_close(got, exact_reference(qkv, **args))
+
+
 @pytest.mark.parametrize("setting, bad, message", [
     ("bias_grad", "atomics", "way 'atomics': choose one of flush, sum"),
-    ("kv_prefetch", "always", "way 'always': choose one of off, on")])
+    ("kv_prefetch", "always", "way 'always': choose one of off, on"),
+    ("bias_load", "texture", "way 'texture': choose one of pointers, tma")])
 def test_an_unknown_way_is_refused_and_nothing_changes(setting, bad, message):
     from dimap_fast.kernels import window_attention_settings as settings
 
@@ -198,12 +234,12 @@ def test_a_changed_table_is_folded_again_from_the_table_alone(device):
                 self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    wa = importlib.import_module("dimap_fast.kernels.window_attention_tiles")
     table = torch.randn(49, 2, device=device)
-    wa._bias_tile(table, None, (4, 4), (2, 2), 16)
+    wa.bias_tile(table, None, (4, 4), (2, 2), 16)
     table.mul_(-2.0)  # an optimizer step
     with Ops() as ops:
-        tile = wa._bias_tile(table, None, (4, 4), (2, 2), 16)
+        tile = wa.bias_tile(table, None, (4, 4), (2, 2), 16)
     expected = folded_bias_tile(dense_position_bias(table, (4, 4)),
                                 region_class_masks((4, 4), (2, 2), device=device), 16)
     assert torch.equal(tile, expected)
@@ -216,28 +252,28 @@ def test_a_changed_table_is_folded_again_from_the_table_alone(device):
 def test_bias_tile_is_cached_until_the_table_changes(device):
     import importlib
 
-    wa = importlib.import_module("dimap_fast.kernels.window_attention")
+    wa = importlib.import_module("dimap_fast.kernels.window_attention_tiles")
     blk = timm_block((8, 8), 4, True, 2, 16, device=device)
     args = attn_args(blk)
     qkv = torch.randn(1, 8, 8, 96, device=device)
     first = window_attention(qkv, **args)
-    tile = wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16)
-    assert wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is tile
+    tile = wa.bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16)
+    assert wa.bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is tile
     args["rel_pos_table"].mul_(-2.0)  # an optimizer step: same tensor, new version
-    assert wa._bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is not tile
+    assert wa.bias_tile(args["rel_pos_table"], None, (4, 4), (2, 2), 16) is not tile
     second = window_attention(qkv, **args)
     assert_close(second, exact_reference(qkv, **args))
     assert not torch.equal(first, second)
     fresh = torch.randn(49, 2, device=device)  # a fresh tensor (version 0) is cached too ...
-    wa._bias_tile(fresh, None, (4, 4), (2, 2), 16)
-    held = len(wa._TILES)
+    wa.bias_tile(fresh, None, (4, 4), (2, 2), 16)
+    held = len(wa.TILES)
     del fresh  # ... and its tile leaves with it
     gc.collect()
-    assert len(wa._TILES) == held - 1
+    assert len(wa.TILES) == held - 1
 
 
 @pytest.mark.parametrize("setting,way", [("bias_grad", "flush"), ("bias_grad", "sum"),
-                                         ("kv_prefetch", "on")])
+                                         ("kv_prefetch", "on"), ("bias_load", "tma")])
 def test_launch_plan_names_every_argument(setting, way):
     import importlib
     import inspect
@@ -254,6 +290,14 @@ def test_launch_plan_names_every_argument(setting, way):
         assert len(plan) == nb_kernels
         if not backward:  # the key-block loop's stages: three only where windows span tiles
             assert plan[0].config.constexprs["KV_STAGES"] == (3 if way == "on" and window == 12 else 1)
+            tma = way == "tma"
+            assert plan[0].config.constexprs["TMA"] is tma
+            if tma:  # the descriptors view the tile's rows in (BLOCK, BLOCK) and (BLOCK, TAIL) pieces
+                (rows, block), dtype, box = plan[0].args["bias_desc"]
+                assert dtype == torch.float32 and box == (block, block) == (64, 64)
+                assert plan[0].args["tail_desc"][2] == (64, 16 if window == 12 else 64)
+                assert rows == 4 * 2 * (3 if window == 12 else 1) ** 2 * 64  # classes, heads, pieces
+                assert plan[0].config.signature["bias_desc"] == "tensordesc<fp32[64, 64]>"
         for launch in plan:
             params = inspect.signature(launch.config.kernel.fn).parameters
             given = set(launch.args) | set(launch.config.constexprs)
