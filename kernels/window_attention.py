@@ -27,7 +27,7 @@ from ._common import (FLOAT_DTYPES, Launch, LaunchConfig, check_runnable, device
 from .window_attention_backward_kernels import (_window_attn_bwd_dbias, _window_attn_bwd_dkdv,
                                                 _window_attn_bwd_dq, _window_attn_bwd_one)
 from .window_attention_kernels import _window_attn_fwd
-from .window_attention_settings import get_bias_grad, get_bias_load, get_kv_prefetch
+from .window_attention_settings import get_bias_grad, get_kv_prefetch
 from .window_attention_reference import (  # noqa: F401  (re-exported: one import site for users)
     MASK_NEG,
     MAX_HEAD_DIM,
@@ -43,7 +43,7 @@ from .window_attention_reference import (  # noqa: F401  (re-exported: one impor
     unsupported,
     window_attention_reference,
 )
-from .window_attention_tiles import bias_tile, table_grad, tile_descriptors
+from .window_attention_tiles import bias_tile, table_grad
 
 # Dot precision -> padded head dim -> (tokens per tile, warps, pipeline stages) on a GPU, read
 # from sm_90 compiles. Tensor-core dots: one warpgroup (4 warps) owns a 64-token tile, the
@@ -101,7 +101,6 @@ class _Geometry:
         self.tail = _tail(self.n, block)
         self.fwd_stages = self.stages if self.nb == 1 else _MULTI_BLOCK_FWD_STAGES
         self.kv_stages = _KV_PREFETCH_STAGES if self.nb > 1 and get_kv_prefetch() == "on" else 1
-        self.tma = get_bias_load() == "tma"
         self.hpp = min(num_heads, _HEADS_PER_PROGRAM)
         self.groups = triton.cdiv(num_heads, self.hpp)
         regions = n_mask is None
@@ -131,8 +130,8 @@ class _Geometry:
         common = dict(self.scalars, heads_per_program=self.hpp, n_groups=self.groups)
         if not backward:
             return [(_window_attn_fwd, split, dict(common, store_lse=int(train)),
-                     dict(blocked, TAIL=self.tail, KV_STAGES=self.kv_stages, TMA=self.tma),
-                     self.warps, self.fwd_stages)]
+                     dict(blocked, TAIL=self.tail, KV_STAGES=self.kv_stages), self.warps,
+                     self.fwd_stages)]
         if self.one_program_backward:
             wpp = self.windows_per_program(1, 64)
             args = dict(self.scalars, n_windows=self.n_windows, windows_per_program=wpp,
@@ -201,11 +200,9 @@ class FusedWindowAttention(torch.autograd.Function):
                           dtype=torch.float32, device=qkv.device)
         qkv_bias_arg = qkv_bias.to(qkv.dtype).contiguous() if qkv_bias is not None else qkv
         if out.numel():
-            descs = tile_descriptors(tile, geo.block, geo.tail) if geo.tma else (None, None)
             for launch in geo.launches(train, backward=False):
-                _launch(*launch, dict(qkv_ptr=qkv, tile_ptr=tile, bias_desc=descs[0],
-                                      tail_desc=descs[1], qkv_bias_ptr=qkv_bias_arg, out_ptr=out,
-                                      lse_ptr=lse))
+                _launch(*launch, dict(qkv_ptr=qkv, tile_ptr=tile, qkv_bias_ptr=qkv_bias_arg,
+                                      out_ptr=out, lse_ptr=lse))
         if train:
             ctx.save_for_backward(qkv, tile, qkv_bias_arg, out, lse, table)
             ctx.geo, ctx.bias_dtype = geo, None if qkv_bias is None else qkv_bias.dtype
@@ -265,11 +262,6 @@ def _config(kernel, dtype, prec, const, warps, stages) -> LaunchConfig:
     label = pointer(dtype)[1:] + (f"/{prec}" if dtype == torch.float32 else "")
     types = {**_types(dtype), **{a: "i32" for a in names if a not in _types(dtype)}}
     knobs = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("PREC", "UPCAST"))
-    if "bias_desc" in names:  # the forward's descriptors of the tile: None unless TMA copies
-        block, keys = const["BLOCK"], const["TAIL"]
-        types.update(bias_desc=f"tensordesc<fp32[{block}, {block}]>",
-                     tail_desc=f"tensordesc<fp32[{block}, {keys}]>")
-        const = const if const["TMA"] else dict(const, bias_desc=None, tail_desc=None)
     return LaunchConfig.of(kernel, f"{_name(kernel)} {label} {knobs}", types, const, warps,
                            stages)
 
@@ -284,8 +276,7 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
     """The launches (``Launch``: compile, grid, argument values) ``window_attention`` makes on a
     GPU for a (batch, height, width, 3*channels) qkv token map: its forward (storing the
     log-sum-exp when ``train``), or with ``backward`` the backward's, in order. ``n_mask``: the
-    windows of an explicit mask, None for the shift's regions. A tensor descriptor's value is the
-    (shape, dtype, block shape) of the tile rows it views."""
+    windows of an explicit mask, None for the shift's regions."""
     win = tuple(int(v) for v in (window_size if not isinstance(window_size, int)
                                  else (window_size, window_size)))
     shift = tuple(int(v) for v in (shift_size if not isinstance(shift_size, int)
@@ -302,14 +293,10 @@ def launch_plan(batch: int, height: int, width: int, channels: int, num_heads: i
                   do_ptr=(*tokens, channels), delta_ptr=(*tokens, num_heads),
                   dqkv_ptr=qkv.shape, dtile_ptr=(num_heads, geo.nb, geo.nb, geo.block, geo.block),
                   dqkv_bias_ptr=(3 * channels,))
-    rows = (shapes["tile_ptr"][0] * num_heads * geo.nb * geo.nb * geo.block, geo.block)
-    shapes.update(bias_desc=(rows, torch.float32, (geo.block, geo.block)),
-                  tail_desc=(rows, torch.float32, (geo.block, geo.tail)))
     plan = []
     for kernel, grid, scalars, const, warps, stages in geo.launches(train, backward):
         cfg = _config(kernel, dtype, geo.prec, const, warps, stages)
-        args = {a: shapes[a] if a.endswith("_desc") else
-                (shapes[a], torch.float32 if cfg.signature[a] == "*fp32" else dtype)
+        args = {a: (shapes[a], torch.float32 if cfg.signature[a] == "*fp32" else dtype)
                 if a.endswith("_ptr") else scalars[a]
                 for a, t in cfg.signature.items() if t != "constexpr"}
         plan.append(Launch(cfg, grid, args))
@@ -327,16 +314,14 @@ def _blocked_backward(dtype, prec, const, warps, stages) -> list:
 
 def launch_configs() -> list:
     """Every compile the launchers can ask for on a GPU: per dtype, dot precision and padded head
-    dim, forward (bias by pointers and by TMA) and backward (at head dim 32 also 12x12's), with
-    padding tokens (larger code)."""
+    dim, forward and backward (at head dim 32 also 12x12's), with padding tokens (larger code)."""
     out = []
     for dtype, precs in _PRECISIONS.items():
         for prec in precs:
             for hdp, (block, warps, stages) in _GPU_TILES[prec].items():
                 const = dict(HDP=hdp, BLOCK=block, PAD=True, EVEN_D=True, PREC=prec, UPCAST=False)
-                out += [_config(_window_attn_fwd, dtype, prec,
-                                dict(const, NB=1, TAIL=block, KV_STAGES=1, TMA=tma), warps, stages)
-                        for tma in (False, True)]
+                out.append(_config(_window_attn_fwd, dtype, prec,
+                                   dict(const, NB=1, TAIL=block, KV_STAGES=1), warps, stages))
                 bwd = min(stages, _BWD_STAGES)
                 if _one_program_backward(1, dtype, hdp):
                     out.append(_config(_window_attn_bwd_one, dtype, prec, const, _BWD_ONE_WARPS,
@@ -346,8 +331,7 @@ def launch_configs() -> list:
                 if hdp == 32:  # 144 tokens: 3 blocks of 64 (5 of 32 for ieee float32)
                     nb = triton.cdiv(144, block)
                     out += [_config(_window_attn_fwd, dtype, prec, dict(const, NB=nb,
-                                    TAIL=_tail(144, block), KV_STAGES=kv, TMA=tma), warps,
-                                    _MULTI_BLOCK_FWD_STAGES)
-                            for kv in (1, _KV_PREFETCH_STAGES) for tma in (False, True)]
+                                    TAIL=_tail(144, block), KV_STAGES=kv), warps,
+                                    _MULTI_BLOCK_FWD_STAGES) for kv in (1, _KV_PREFETCH_STAGES)]
                     out += _blocked_backward(dtype, prec, dict(const, NB=nb), warps, bwd)
     return out

@@ -15,8 +15,6 @@ window, so the programs of one window run side by side and share its k and v thr
   of two), visited first so their loads go out with q's; it also stores each query's
   log-sum-exp when a backward will follow; its key-block loop runs over KV_STAGES pipeline
   stages (window_attention_settings.kv_prefetch: 1, or 3 to keep the next blocks in flight);
-  its bias pieces come by pointer loads or, with TMA (window_attention_settings.bias_load
-  "tma"), by tensor-memory-accelerator copies through host-built descriptors of the tile;
 - backward (window_attention_backward_kernels.py): dQ, dK, dV and the bias gradient
   (FlashAttention-2's backward with Swin's bias tile).
 """
@@ -104,22 +102,10 @@ def _up(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bias_piece(tile_h, desc, row, kb, BLOCK: tl.constexpr, KEYS: tl.constexpr,
-                TMA: tl.constexpr):
-    """The first KEYS columns of piece ``kb`` of a head's row of bias pieces: by pointers, or by
-    one tensor-memory-accelerator copy (``desc`` views the tile as rows of BLOCK floats; the
-    piece row of (class, head, query block) starts at ``row``)."""
-    if TMA:
-        return desc.load([row + kb * BLOCK, 0])
-    return tl.load(tile_h + kb * (BLOCK * BLOCK) + tl.arange(0, BLOCK)[:, None] * BLOCK
-                   + tl.arange(0, KEYS)[None, :])
-
-
-@triton.jit
-def _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, desc, row, kb, b, ch, d_ok, N, WW,
-               wy0, wx0, H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK: tl.constexpr,
+def _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, kb, b, ch, d_ok, N, WW, wy0, wx0,
+               H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK: tl.constexpr,
                KEYS: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr, TMA: tl.constexpr):
+               UPCAST: tl.constexpr):
     """One online-softmax step over the first KEYS keys of key block ``kb``: the running
     accumulator, maximum and sum, updated."""
     k_valid, k_real, syk, sxk = _tokens(kb * BLOCK, N, WW, wy0, wx0, H, W, shift_h, shift_w, KEYS,
@@ -129,7 +115,8 @@ def _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, desc, row, kb, b
                        EVEN_D), UPCAST)
     v = _up(_load_rows(qkv_ptr + 2 * C, k_rows, ch, k_valid, k_real, d_ok, qkv_bias_ptr + 2 * C,
                        PAD, EVEN_D), UPCAST)
-    bias = _bias_piece(tile_h, desc, row, kb, BLOCK, KEYS, TMA)
+    bias = tl.load(tile_h + kb * (BLOCK * BLOCK) + tl.arange(0, BLOCK)[:, None] * BLOCK
+                   + tl.arange(0, KEYS)[None, :])
     s = tl.dot(q, tl.trans(k), input_precision=PREC) + bias
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2((m_i - m_new) * LOG2E)
@@ -140,14 +127,13 @@ def _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h, desc, row, kb, b
 
 
 @triton.jit
-def _window_attn_fwd(qkv_ptr, tile_ptr, bias_desc, tail_desc, qkv_bias_ptr, out_ptr, lse_ptr,
+def _window_attn_fwd(qkv_ptr, tile_ptr, qkv_bias_ptr, out_ptr, lse_ptr,
                      H, W, n_win, n_win_w, n_win_h, shift_h, shift_w, n_mask, cls_h, cls_w,
                      scale, s_qb, s_qh, s_qw, s_ob, s_oh, s_ow,
                      C, HEADS, HD, WH, WW, heads_per_program, n_groups, store_lse,
                      HDP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
                      TAIL: tl.constexpr, PAD: tl.constexpr, EVEN_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr, KV_STAGES: tl.constexpr,
-                     TMA: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, KV_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     qb = pid % NB
     g = (pid // NB) % n_groups
@@ -161,17 +147,16 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, bias_desc, tail_desc, qkv_bias_ptr, out_
     lse_rows = ((b * H + sy) * W + sx) * HEADS
     d = tl.arange(0, HDP)
     d_ok = d < HD
+    r = tl.arange(0, BLOCK)
     piece = BLOCK * BLOCK
     # this program's row of (BLOCK, BLOCK) pieces in the tile of (class, head 0)
     tile_row = tile_ptr + (cls * HEADS).to(tl.int64) * (NB * NB * piece) + qb * (NB * piece)
-    desc_row = (cls * HEADS * NB + qb) * (NB * BLOCK)  # the same, in rows of BLOCK floats
     h0 = g * heads_per_program
     for h in range(h0, tl.minimum(h0 + heads_per_program, HEADS)):
         ch = h * HD + d
         q = _scaled_q(_load_rows(qkv_ptr, q_rows, ch, valid, real, d_ok, qkv_bias_ptr, PAD,
                                  EVEN_D), scale, UPCAST)
         tile_h = tile_row + h * (NB * NB * piece)
-        row = desc_row + h * (NB * NB * BLOCK)
         if NB == 1:
             # The window is one block: its keys are its queries; no running maximum needed.
             k = _up(_load_rows(qkv_ptr + C, q_rows, ch, valid, real, d_ok, qkv_bias_ptr + C,
@@ -179,7 +164,7 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, bias_desc, tail_desc, qkv_bias_ptr, out_
             v = _up(_load_rows(qkv_ptr + 2 * C, q_rows, ch, valid, real, d_ok,
                                qkv_bias_ptr + 2 * C, PAD, EVEN_D), UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) \
-                + _bias_piece(tile_h, bias_desc, row, 0, BLOCK, BLOCK, TMA)
+                + tl.load(tile_h + r[:, None] * BLOCK + r[None, :])
             m_i = tl.max(s, 1)
             p = tl.math.exp2(s * LOG2E - (m_i * LOG2E)[:, None])
             l_i = tl.sum(p, 1)
@@ -191,21 +176,21 @@ def _window_attn_fwd(qkv_ptr, tile_ptr, bias_desc, tail_desc, qkv_bias_ptr, out_
             if TAIL == BLOCK:
                 for kb in tl.range(NB, num_stages=KV_STAGES):
                     acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
-                                               bias_desc, row, kb, b, ch, d_ok, N, WW, wy0, wx0,
-                                               H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK,
-                                               BLOCK, PAD, EVEN_D, PREC, UPCAST, TMA)
+                                               kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                               shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,
+                                               EVEN_D, PREC, UPCAST)
             else:
                 # the last block holds N - (NB - 1) * BLOCK keys: only TAIL columns of it are
                 # visited, first, so that their loads go out with q's
                 acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
-                                           tail_desc, row, NB - 1, b, ch, d_ok, N, WW, wy0, wx0,
-                                           H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK,
-                                           TAIL, PAD, EVEN_D, PREC, UPCAST, TMA)
+                                           NB - 1, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                           shift_w, s_qb, s_qh, s_qw, C, BLOCK, TAIL, PAD, EVEN_D,
+                                           PREC, UPCAST)
                 for kb in tl.range(NB - 1, num_stages=KV_STAGES):
                     acc, m_i, l_i = _key_block(acc, m_i, l_i, q, qkv_ptr, qkv_bias_ptr, tile_h,
-                                               bias_desc, row, kb, b, ch, d_ok, N, WW, wy0, wx0,
-                                               H, W, shift_h, shift_w, s_qb, s_qh, s_qw, C, BLOCK,
-                                               BLOCK, PAD, EVEN_D, PREC, UPCAST, TMA)
+                                               kb, b, ch, d_ok, N, WW, wy0, wx0, H, W, shift_h,
+                                               shift_w, s_qb, s_qh, s_qw, C, BLOCK, BLOCK, PAD,
+                                               EVEN_D, PREC, UPCAST)
         o = acc * (1.0 / l_i)[:, None]
         if EVEN_D:
             st = real[:, None]

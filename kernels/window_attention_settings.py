@@ -13,12 +13,6 @@ registers and 4 blocks an SM at 12x12 (sm_90), other blocks' warps covering the 
 ``"on"``: Triton pipelines the key-block loop over three stages (two blocks' copies in shared
 memory), 174 registers and 2 blocks an SM. The GPU check times both
 (``speed.attn.swin_b384.s1.fp16.kv_prefetch_vs_off``) and the static report estimates both.
-
-``bias_load``: how the forward reads its (BLOCK, BLOCK) bias pieces. ``"pointers"`` (default): a
-load per element, addressed in registers. ``"tma"``: one tensor-memory-accelerator copy per piece
-(Hopper's TMA; descriptors of the tile built on the host at each launch), which the pipeliner
-keeps in flight like q, k and v. The GPU check times both at 7x7
-(``speed.attn.swin_b.s1.fp16.bias_tma_vs_pointers``) and the static report estimates both.
 """
 
 from __future__ import annotations
@@ -27,8 +21,7 @@ import contextlib
 
 BIAS_GRAD_WAYS = ("flush", "sum")
 KV_PREFETCH_WAYS = ("off", "on")
-BIAS_LOAD_WAYS = ("pointers", "tma")
-_WAYS = {"bias_grad": BIAS_GRAD_WAYS, "kv_prefetch": KV_PREFETCH_WAYS, "bias_load": BIAS_LOAD_WAYS}
+_WAYS = {"bias_grad": BIAS_GRAD_WAYS, "kv_prefetch": KV_PREFETCH_WAYS}
 _state = {name: ways[0] for name, ways in _WAYS.items()}
 
 
@@ -75,17 +68,3 @@ def set_kv_prefetch(way: str) -> None:
 def kv_prefetch(way: str):
     """``with kv_prefetch("on"): ...`` sets the way inside the block only."""
     return _scoped("kv_prefetch", way)
-
-
-def get_bias_load() -> str:
-    return _state["bias_load"]
-
-
-def set_bias_load(way: str) -> None:
-    """Choose how the forward reads its bias pieces: "pointers" or "tma"."""
-    _set("bias_load", way)
-
-
-def bias_load(way: str):
-    """``with bias_load("tma"): ...`` sets the way inside the block only."""
-    return _scoped("bias_load", way)

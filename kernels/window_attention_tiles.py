@@ -1,10 +1,10 @@
-"""The fused window attention's bias tile: built from timm's table and the mask, cached, viewed
-by tensor descriptors, and its gradient taken back to the table.
+"""The fused window attention's bias tile: built from timm's table and the mask, cached, and its
+gradient taken back to the table.
 
 ``bias_tile`` folds the relative-position bias, the shift's regions (or an explicit mask) and the
 padding into the kernels' float32 tile (``folded_bias_tile``), cached while the table and mask
-are the same tensors at the same versions (``TILES``); ``tile_descriptors`` views it for the
-forward's TMA copies; ``table_grad`` sums the tile's gradient back into the table's.
+are the same tensors at the same versions (``TILES``); ``table_grad`` sums the tile's gradient
+back into the table's.
 """
 
 from __future__ import annotations
@@ -77,12 +77,3 @@ def table_grad(d_dense: torch.Tensor, table: torch.Tensor, win) -> torch.Tensor:
     grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
     return grad.index_add_(0, idx, d_dense.permute(1, 2, 0).reshape(n * n, heads)).to(table.dtype)
 
-
-def tile_descriptors(tile: torch.Tensor, block: int, tail: int) -> tuple:
-    """Host tensor descriptors of ``tile`` as rows of ``block`` floats: (BLOCK, BLOCK) pieces,
-    and the first ``tail`` columns of one (a window's last key block)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = tile.view(-1, block)
-    return (TensorDescriptor.from_tensor(rows, [block, block]),
-            TensorDescriptor.from_tensor(rows, [block, tail]))

@@ -127,45 +127,9 @@ def test_key_blocks_in_flight_in_every_dtype(dtype, precision, device):
     assert_close(got, exact_reference(qkv, **args))
 
 
-TMA_CASES = [c for c in CASES if c.id in ("w7-shift", "w7-shift-pad", "w4-shift-6heads", "w12-shift-pad",
-                                          "w16-plain", "w9-shift-tail")]
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("res,window,shifted,heads,head_dim,batch", TMA_CASES)
-def test_bias_pieces_by_tma_give_the_same_attention(res, window, shifted, heads, head_dim, batch,
-                                                    device):
-    from dimap_fast.kernels.window_attention_settings import bias_load
-
-    blk = timm_block(res, window, shifted, heads, head_dim, device=device)
-    x = torch.randn(batch, *res, heads * head_dim, device=device)
-    with matmul_precision("ieee"):
-        qkv = blk.attn.qkv(x)
-        with bias_load("tma"):
-            got = window_attention(qkv, **attn_args(blk))
-    assert_close(got, exact_reference(qkv, **attn_args(blk)))
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("dtype,precision", DTYPE_CASES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("res,window,prefetch", [((8, 8), 4, "off"), ((14, 14), 12, "on")],
-                         ids=["w4", "w12-prefetch"])
-def test_bias_pieces_by_tma_in_every_dtype(dtype, precision, res, window, prefetch, device):
-    from dimap_fast.kernels.window_attention_settings import bias_load, kv_prefetch
-
-    blk = timm_block(res, window, True, 2, 16, device=device)
-    qkv = blk.attn.qkv(torch.randn(1, *res, 32, device=device)).to(dtype)
-    args = attn_args(blk)
-    with matmul_precision(precision), bias_load("tma"), kv_prefetch(prefetch):
-        got = window_attention(qkv, **{**args, "qkv_bias": args["qkv_bias"].to(dtype)})
-    assert got.dtype == dtype
-    assert_close(got, exact_reference(qkv, **args))
-
-
 @pytest.mark.parametrize("setting, bad, message", [
     ("bias_grad", "atomics", "way 'atomics': choose one of flush, sum"),
-    ("kv_prefetch", "always", "way 'always': choose one of off, on"),
-    ("bias_load", "texture", "way 'texture': choose one of pointers, tma")])
+    ("kv_prefetch", "always", "way 'always': choose one of off, on")])
 def test_an_unknown_way_is_refused_and_nothing_changes(setting, bad, message):
     from dimap_fast.kernels import window_attention_settings as settings
 
@@ -273,7 +237,7 @@ def test_bias_tile_is_cached_until_the_table_changes(device):
 
 
 @pytest.mark.parametrize("setting,way", [("bias_grad", "flush"), ("bias_grad", "sum"),
-                                         ("kv_prefetch", "on"), ("bias_load", "tma")])
+                                         ("kv_prefetch", "on")])
 def test_launch_plan_names_every_argument(setting, way):
     import importlib
     import inspect
@@ -290,14 +254,6 @@ def test_launch_plan_names_every_argument(setting, way):
         assert len(plan) == nb_kernels
         if not backward:  # the key-block loop's stages: three only where windows span tiles
             assert plan[0].config.constexprs["KV_STAGES"] == (3 if way == "on" and window == 12 else 1)
-            tma = way == "tma"
-            assert plan[0].config.constexprs["TMA"] is tma
-            if tma:  # the descriptors view the tile's rows in (BLOCK, BLOCK) and (BLOCK, TAIL) pieces
-                (rows, block), dtype, box = plan[0].args["bias_desc"]
-                assert dtype == torch.float32 and box == (block, block) == (64, 64)
-                assert plan[0].args["tail_desc"][2] == (64, 16 if window == 12 else 64)
-                assert rows == 4 * 2 * (3 if window == 12 else 1) ** 2 * 64  # classes, heads, pieces
-                assert plan[0].config.signature["bias_desc"] == "tensordesc<fp32[64, 64]>"
         for launch in plan:
             params = inspect.signature(launch.config.kernel.fn).parameters
             given = set(launch.args) | set(launch.config.constexprs)
