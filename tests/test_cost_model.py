@@ -58,6 +58,34 @@ def test_instruction_count_equals_hand_count():
     assert sum(executions(sass, [(3, 6, 4)], hits, F)) == 3 + 5 * 10 + 1
 
 
+WAITS = f"""
+	//## File "{F}", line 1
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R9, R9, R10 ;
+        /*0020*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0030*/                   FADD R8, R4, R5 ;
+        /*0040*/                   LDG.E.64 R6, desc[UR4][R2.64+0x8] ;
+        /*0050*/                   IADD3 R9, R9, 0x1, RZ ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R7 ;
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R11], desc[UR4][R2.64] ;
+        /*0080*/                   FADD R9, R9, R10 ;
+        /*0090*/                   DEPBAR.LE SB0, 0x0 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_load_waits_are_where_a_loaded_register_is_first_read():
+    # R4's load, unrelated math, R5's load, then the first read of R4: one wait for both; the
+    # 64-bit load into R6-R7 waited on by the store reading R7; the async copy at its DEPBAR.
+    from dimap_fast.cost_model.kernel_cost import load_waits
+
+    insns, loops = parse(WAITS)
+    sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
+    assert insns[4].writes == [6, 7] and insns[6].reads == [2, 3, 7]
+    assert load_waits(sass, [1.0] * len(insns)) == 3
+    assert load_waits(sass, [2.0] * len(insns)) == 6  # each as often as it runs
+
+
 @triton.jit
 def _sum_rows(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

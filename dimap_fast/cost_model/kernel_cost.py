@@ -7,8 +7,9 @@ Counts, per warp of one program:
   remainder copies ptxas emits around an unrolled loop are not counted: the n iterations are all
   charged at the main body's cost, n / u times (loop entry code between the copies, a few integer
   instructions per entry, is left out with them).
-- load waits: the clusters of global loads a warp waits on in turn (a cluster ends at the first
-  arithmetic or matrix instruction after it), times their executions;
+- load waits: the clusters of global loads a warp waits on in turn (a cluster is waited on where
+  an instruction first reads what one of its loads wrote, or an async copy's wait), times their
+  executions;
 - tensor FLOP: the HGMMA / HMMA shapes times their executions (an HGMMA is a warpgroup's).
 
 Time, for P programs of w warps with R resident blocks per SM (hardware.py's constants):
@@ -38,8 +39,6 @@ from .sass import TENSOR_OPS, Sass, work_class
 
 _MMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)")
 _LOADS = ("LDG", "LDGSTS", "UTMALDG", "ATOMG")
-_MATH = ("FADD", "FMUL", "FFMA", "FMNMX", "MUFU", "HADD2", "HMUL2", "HFMA2", "FSEL", "FSETP",
-         "HGMMA", "HMMA", "QGMMA", "IMMA", "F2F", "F2FP", "DADD", "DFMA", "DMUL")
 
 
 @dataclass(frozen=True)
@@ -161,16 +160,22 @@ def _copies(sass: Sass, members, main, u: int) -> list[int]:
 
 
 def load_waits(sass: Sass, execs: list[float]) -> float:
-    waits, waiting, region = 0.0, False, None
+    """Per warp, the global-load waits of its dependent path: a cluster of loads opens at a load
+    and is waited on once, where an instruction first reads a register one of them wrote (a
+    scoreboard wait), where an async copy is waited for (DEPBAR, an mbarrier's PHASECHK), or
+    where its loop (or the code between loops) ends; loads issued before that wait on it too."""
+    waits, region = 0.0, None
+    pending: set | None = None  # the open cluster's registers; None: no cluster open
     for k, insn in enumerate(sass.insns):
         here = next((ab for ab in sass.loops if ab[0] <= k <= ab[1]), None)
-        if here != region:
-            region, waiting = here, False
         op = insn.op.split(".")[0]
-        if op in _LOADS and execs[k] and not waiting:
-            waits, waiting = waits + execs[k], True
-        elif op in _MATH:
-            waiting = False
+        if here != region or (pending is not None and (
+                pending.intersection(insn.reads) or op == "DEPBAR" or insn.op.startswith("SYNCS.PHASECHK"))):
+            region, pending = here, None
+        if op in _LOADS and execs[k]:
+            if pending is None:
+                waits, pending = waits + execs[k], set()
+            pending.update(insn.writes)
     return waits
 
 

@@ -28,7 +28,7 @@ _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
-_FORMAT = 3  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
+_FORMAT = 4  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
 TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
 GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "REDG", "UBLKCP", "UTMALDG", "UTMASTG")
 
@@ -40,6 +40,8 @@ class Insn:
     file: str
     line: int
     target: int = -1  # a branch's destination (an index into the instructions), else -1
+    writes: list = field(default_factory=list)  # general registers (R numbers) it writes
+    reads: list = field(default_factory=list)  # and reads
 
 
 @dataclass
@@ -83,6 +85,29 @@ _PTX_LABEL = re.compile(r"^(\$L__BB\w+):")
 _PTX_BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);")
 
 
+# Opcodes whose first operand is not a register they write.
+_NO_DEST = ("ST", "STG", "STS", "STL", "RED", "REDG", "LDGSTS", "UTMALDG", "UTMASTG", "UBLKCP",
+            "BRA", "EXIT", "BAR", "MEMBAR", "SYNCS", "DEPBAR", "LDGDEPBAR", "CCTL", "RET", "CALL")
+_REG = re.compile(r"(?<![A-Z_.])R(\d+)(\.64)?\b")
+_WIDTH = {"64": 2, "128": 4}
+
+
+def _registers(text: str) -> list[int]:
+    return [int(n) + k for n, wide in _REG.findall(text) for k in range(2 if wide else 1)]
+
+
+def operands(op: str, text: str) -> tuple[list[int], list[int]]:
+    """(registers written, registers read) of one instruction: its first operand is what it
+    writes (a load's as wide as its .64 / .128), unless the opcode writes no register."""
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    first = _REG.fullmatch(parts[0].split(".reuse")[0]) if parts else None
+    if first is None or op.split(".")[0] in _NO_DEST:
+        return [], _registers(text)
+    width = max([_WIDTH.get(x, 1) for x in op.split(".")[1:]] + [2 if first.group(2) else 1])
+    base = int(first.group(1))
+    return list(range(base, base + width)), _registers(",".join(parts[1:]))
+
+
 def work_class(op: str) -> str | None:
     return _SASS_WORK.get(op.split(".")[0])
 
@@ -122,7 +147,8 @@ def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
             pending = []
             if op.startswith("BRA") and (t := _TARGET.search(m.group(4))):
                 branches.append((len(insns), t.group(1)))
-            insns.append(Insn(int(m.group(1), 16), op, file, line))
+            writes, reads = operands(op, m.group(4))
+            insns.append(Insn(int(m.group(1), 16), op, file, line, writes=writes, reads=reads))
     for i, t in branches:
         insns[i].target = labels.get(t, -1)
     # A branch to itself is the trap after the last EXIT: it and the NOP padding after it never run.
@@ -131,7 +157,6 @@ def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
         del insns[traps[-1]:]
     loops = sorted((labels[t], i) for i, t in branches if t in labels and labels[t] < i < len(insns))
     return insns, loops
-
 
 
 def _tool(name: str) -> str:
