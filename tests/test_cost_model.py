@@ -75,15 +75,23 @@ WAITS = f"""
 
 
 def test_load_waits_are_where_a_loaded_register_is_first_read():
-    # R4's load, unrelated math, R5's load, then the first read of R4: one wait for both; the
-    # 64-bit load into R6-R7 waited on by the store reading R7; the async copy at its DEPBAR.
-    from dimap_fast.cost_model.kernel_cost import load_waits
+    # R4's load, unrelated math, R5's load, then the first read of R4, 3 instructions after the
+    # first load: one wait for both, 700 - 3 x 5 cycles; the 64-bit load into R6-R7 waited on by
+    # the store reading R7, 2 later (690); the async copy at its DEPBAR, 2 later (690).
+    from dimap_fast.cost_model.kernel_cost import load_wait_cycles
 
     insns, loops = parse(WAITS)
     sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
     assert insns[4].writes == [6, 7] and insns[6].reads == [2, 3, 7]
-    assert load_waits(sass, [1.0] * len(insns)) == 3
-    assert load_waits(sass, [2.0] * len(insns)) == 6  # each as often as it runs
+    assert (H100.dram_latency_cycles, H100.alu_latency_cycles) == (700, 5)
+    assert load_wait_cycles(sass, [1.0] * len(insns)) == 685 + 690 + 690
+    assert load_wait_cycles(sass, [2.0] * len(insns)) == 2 * (685 + 690 + 690)  # as often as it runs
+    # a consumer 140 instructions or more after its load finds the data there: no wait
+    far = WAITS.replace("        /*0030*/", "".join(f"        /*{0x1000 + 16 * i:04x}*/                   IADD3 R9, R9, 0x1, RZ ;\n"
+                                                       for i in range(140)) + "        /*0030*/")
+    insns, loops = parse(far)
+    sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
+    assert load_wait_cycles(sass, [1.0] * len(insns)) == 0 + 690 + 690
 
 
 @triton.jit

@@ -8,15 +8,15 @@ Counts, per warp of one program:
   charged at the main body's cost, n / u times (loop entry code between the copies, a few integer
   instructions per entry, is left out with them).
 - load waits: the clusters of global loads a warp waits on in turn (a cluster is waited on where
-  an instruction first reads what one of its loads wrote, or an async copy's wait), times their
-  executions;
+  an instruction first reads what one of its loads wrote, or at an async copy's wait), each what
+  is left of the DRAM latency after the instructions issued since it opened, times its executions;
 - tensor FLOP: the HGMMA / HMMA shapes times their executions (an HGMMA is a warpgroup's).
 
 Time, for P programs of w warps with R resident blocks per SM (hardware.py's constants):
 - the grid over the SMs: the busiest SM runs p = ceil(P / SMs) programs, in ceil(p / R) waves;
 - a wave of b blocks takes max(issue, chain, tensor) cycles: issue = ceil(b w / 4) I, the
   warp-instructions of its busiest scheduler at one a cycle; chain = one program's dependent
-  path, I x ALU latency + load waits x DRAM latency + its tensor FLOP at the SM's full rate
+  path, I x ALU latency + its load waits + its tensor FLOP at the SM's full rate
   (nothing of a program overlaps itself: the conservative side); tensor = b x its tensor FLOP at
   that rate;
 - compute = the waves' cycles over the clock; memory = bytes over the copy rate, bytes counted
@@ -159,24 +159,35 @@ def _copies(sass: Sass, members, main, u: int) -> list[int]:
     return inside
 
 
-def load_waits(sass: Sass, execs: list[float]) -> float:
-    """Per warp, the global-load waits of its dependent path: a cluster of loads opens at a load
-    and is waited on once, where an instruction first reads a register one of them wrote (a
-    scoreboard wait), where an async copy is waited for (DEPBAR, an mbarrier's PHASECHK), or
-    where its loop (or the code between loops) ends; loads issued before that wait on it too."""
-    waits, region = 0.0, None
+def load_wait_cycles(sass: Sass, execs: list[float], gpu: Gpu = H100) -> float:
+    """Per warp, the cycles its dependent path waits on global loads. A cluster of loads opens at
+    a load and is waited on once: where an instruction first reads a register one of them wrote
+    (a scoreboard wait), where an async copy is waited for (DEPBAR, an mbarrier's PHASECHK), or
+    where its loop (or the code between loops) ends; loads issued before that wait on it too.
+    The wait is what is left of the DRAM latency after the instructions issued since the
+    cluster's first load, at the path's ALU latency each."""
+    cycles, region, issued = 0.0, None, 0
     pending: set | None = None  # the open cluster's registers; None: no cluster open
+    opened = runs = 0.0  # the cluster's first load: instructions issued before it, its executions
+
+    def wait() -> float:
+        return max(0.0, gpu.dram_latency_cycles - gpu.alu_latency_cycles * (issued - opened)) * runs
+
     for k, insn in enumerate(sass.insns):
         here = next((ab for ab in sass.loops if ab[0] <= k <= ab[1]), None)
         op = insn.op.split(".")[0]
-        if here != region or (pending is not None and (
-                pending.intersection(insn.reads) or op == "DEPBAR" or insn.op.startswith("SYNCS.PHASECHK"))):
-            region, pending = here, None
-        if op in _LOADS and execs[k]:
-            if pending is None:
-                waits, pending = waits + execs[k], set()
+        if pending is not None and (here != region or pending.intersection(insn.reads)
+                                    or op == "DEPBAR" or insn.op.startswith("SYNCS.PHASECHK")):
+            cycles, pending = cycles + wait(), None
+        region = here
+        if not execs[k]:
+            continue  # code that never runs (ptxas's peeled copies, charged to their loop)
+        if op in _LOADS and pending is None:
+            pending, opened, runs = set(), issued, execs[k]
+        if op in _LOADS:
             pending.update(insn.writes)
-    return waits
+        issued += 1
+    return cycles + (wait() if pending is not None else 0.0)
 
 
 def _tensor_flops(sass: Sass, execs: list[float]) -> tuple[float, str]:
@@ -227,7 +238,7 @@ def program_cost(sass: Sass, hits: dict, file: str, loops, gpu: Gpu = H100) -> P
     per_warp = sum(execs)
     flops, kind = _tensor_flops(sass, execs)
     mma = flops / gpu.flops_per_clock(kind)  # at the SM's whole rate
-    chain = per_warp * gpu.alu_latency_cycles + load_waits(sass, execs) * gpu.dram_latency_cycles + mma
+    chain = per_warp * gpu.alu_latency_cycles + load_wait_cycles(sass, execs, gpu) + mma
     return ProgramCost(per_warp, chain, mma, atomic_bytes(sass, execs))
 
 
