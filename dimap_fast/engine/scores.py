@@ -247,13 +247,16 @@ class ThresholdGroup:
         self.neg_values.sort()  # ascending
         # Every run counts RUN at most and at least, except a layer's last run (smaller at
         # most) and its first (1 at least). Those few corrections go to the start of their value's
-        # tie group: the cumulative counts are then exact at every tie group's end and never too
-        # high inside one, which is all _bracket reads (it works on whole tie groups).
+        # tie group: the cumulative counts are then exact at every tie group's end, which is all
+        # _bracket reads (it works on whole tie groups).
         n = self.neg_values.size
         full = np.arange(RUN, (n + 1) * RUN, RUN, dtype=np.int64)
         short_last = [(s.heads_neg[-1], RUN * s.heads_neg.size - s.numel) for s in states]
-        self.cum_hi = _corrections(self.neg_values, full, short_last)
-        self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], RUN - 1) for s in states])
+        # Read at each tie group's end: inside a group a correction can pull a count below the
+        # previous group's, and _bracket's binary searches need counts that never fall.
+        ends = np.searchsorted(self.neg_values, self.neg_values, side="right") - 1
+        self.cum_hi = _corrections(self.neg_values, full, short_last)[ends]
+        self.cum_lo = _corrections(self.neg_values, full, [(s.heads_neg[0], RUN - 1) for s in states])[ends]
 
     def keep_counts(self, keep: int) -> np.ndarray:
         """Per layer, how many top ranks stay so that exactly ``keep`` weights stay in the group.
