@@ -87,8 +87,8 @@ def test_load_waits_are_where_a_loaded_register_is_first_read():
     assert load_wait_cycles(sass, [1.0] * len(insns)) == 685 + 690 + 690
     assert load_wait_cycles(sass, [2.0] * len(insns)) == 2 * (685 + 690 + 690)  # as often as it runs
     # a consumer 140 instructions or more after its load finds the data there: no wait
-    far = WAITS.replace("        /*0030*/", "".join(f"        /*{0x1000 + 16 * i:04x}*/                   IADD3 R9, R9, 0x1, RZ ;\n"
-                                                       for i in range(140)) + "        /*0030*/")
+    filler = "".join(f"        /*{0x1000 + 16 * i:04x}*/  IADD3 R9, R9, 0x1, RZ ;\n" for i in range(140))
+    far = WAITS.replace("        /*0030*/", filler + "        /*0030*/")
     insns, loops = parse(far)
     sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
     assert load_wait_cycles(sass, [1.0] * len(insns)) == 0 + 690 + 690
