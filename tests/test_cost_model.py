@@ -68,21 +68,34 @@ WAITS = f"""
         /*0050*/                   IADD3 R9, R9, 0x1, RZ ;
         /*0060*/                   STG.E desc[UR4][R2.64], R7 ;
         /*0070*/                   LDGSTS.E.BYPASS.128 [R11], desc[UR4][R2.64] ;
-        /*0080*/                   FADD R9, R9, R10 ;
+        /*0080*/                   LDGDEPBAR ;
         /*0090*/                   DEPBAR.LE SB0, 0x0 ;
         /*00a0*/                   EXIT ;
+"""
+
+# A loop whose copy is waited on by the DEPBAR at its top: a later iteration's.
+PIPELINED = f"""
+	//## File "{F}", line 1
+.L_x_0:
+        /*0000*/                   DEPBAR.LE SB0, 0x{{depth}} ;
+{{filler}}        /*1000*/                   LDGSTS.E.BYPASS.128 [R11], desc[UR4][R2.64] ;
+        /*1010*/                   LDGDEPBAR ;
+        /*1020*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*1030*/                   ISETP.NE.AND P0, PT, R5, R2, PT ;
+        /*1040*/               @P0 BRA `(.L_x_0) ;
+        /*1050*/                   EXIT ;
 """
 
 
 def test_load_waits_are_where_a_loaded_register_is_first_read():
     # R4's load, unrelated math, R5's load, then the first read of R4, 3 instructions after the
     # first load: one wait for both, 700 - 3 x 5 cycles; the 64-bit load into R6-R7 waited on by
-    # the store reading R7, 2 later (690); the async copy at its DEPBAR, 2 later (690).
+    # the store reading R7, 2 later (690); the async copy at the DEPBAR after its commit (690).
     from dimap_fast.cost_model.kernel_cost import load_wait_cycles
 
     insns, loops = parse(WAITS)
     sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
-    assert insns[4].writes == [6, 7] and insns[6].reads == [2, 3, 7]
+    assert insns[4].writes == [6, 7] and insns[6].reads == [2, 3, 7] and insns[9].depth == 0
     assert (H100.dram_latency_cycles, H100.alu_latency_cycles) == (700, 5)
     assert load_wait_cycles(sass, [1.0] * len(insns)) == 685 + 690 + 690
     assert load_wait_cycles(sass, [2.0] * len(insns)) == 2 * (685 + 690 + 690)  # as often as it runs
@@ -92,6 +105,25 @@ def test_load_waits_are_where_a_loaded_register_is_first_read():
     insns, loops = parse(far)
     sass = Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
     assert load_wait_cycles(sass, [1.0] * len(insns)) == 0 + 690 + 690
+
+
+def _loop(depth: int) -> Sass:
+    filler = "".join(f"        /*{0x10 + 16 * i:04x}*/  FADD R9, R9, R10 ;\n" for i in range(20))
+    insns, loops = parse(PIPELINED.format(depth=depth, filler=filler))
+    return Sass(regs=32, shared=0, spill=0, num_warps=4, insns=insns, loops=loops)
+
+
+def test_a_pipelined_copy_is_waited_on_in_a_later_iteration():
+    from dimap_fast.cost_model.kernel_cost import load_wait_cycles
+
+    # A body of 26 instructions, the copy the 22nd: 5 instructions to the body's end. One group
+    # in flight allowed (depth 1): the copy's group is waited on at the top of the iteration
+    # after next, 26 more; none (depth 0): at the next iteration's top.
+    one, none = _loop(1), _loop(0)
+    assert one.loops == [(0, 25)] and one.insns[0].depth == 1 and none.insns[0].depth == 0
+    assert load_wait_cycles(none, [1.0] * 26 + [1.0]) == 700 - 5 * 5
+    assert load_wait_cycles(one, [1.0] * 26 + [1.0]) == 700 - 5 * (5 + 26)
+    assert load_wait_cycles(one, [3.0] * 26 + [1.0]) == 3 * (700 - 5 * (5 + 26))  # each iteration
 
 
 @triton.jit

@@ -159,35 +159,68 @@ def _copies(sass: Sass, members, main, u: int) -> list[int]:
     return inside
 
 
+_ASYNC = ("LDGSTS", "UTMALDG")
+
+
 def load_wait_cycles(sass: Sass, execs: list[float], gpu: Gpu = H100) -> float:
     """Per warp, the cycles its dependent path waits on global loads. A cluster of loads opens at
     a load and is waited on once: where an instruction first reads a register one of them wrote
-    (a scoreboard wait), where an async copy is waited for (DEPBAR, an mbarrier's PHASECHK), or
-    where its loop (or the code between loops) ends; loads issued before that wait on it too.
-    The wait is what is left of the DRAM latency after the instructions issued since the
-    cluster's first load, at the path's ALU latency each."""
+    (a scoreboard wait); for async copies, at the DEPBAR that waits for their commit group (one
+    allowing fewer groups in flight than were committed after it) or an mbarrier's PHASECHK;
+    otherwise where its loop (or the code between loops) ends, or, for copies still in flight
+    there, at the DEPBAR of the later iteration that waits for them. Loads issued before that wait
+    on it too. The wait is what is left of the DRAM latency after the instructions issued since
+    the cluster's first load, at the path's ALU latency each."""
     cycles, region, issued = 0.0, None, 0
     pending: set | None = None  # the open cluster's registers; None: no cluster open
     opened = runs = 0.0  # the cluster's first load: instructions issued before it, its executions
+    last_copy, commits = -1, 0  # its last async copy (-1: none), groups committed since
 
-    def wait() -> float:
-        return max(0.0, gpu.dram_latency_cycles - gpu.alu_latency_cycles * (issued - opened)) * runs
+    def wait(later: int = 0) -> float:
+        return max(0.0, gpu.dram_latency_cycles
+                   - gpu.alu_latency_cycles * (issued - opened + later)) * runs
 
     for k, insn in enumerate(sass.insns):
         here = next((ab for ab in sass.loops if ab[0] <= k <= ab[1]), None)
         op = insn.op.split(".")[0]
-        if pending is not None and (here != region or pending.intersection(insn.reads)
-                                    or op == "DEPBAR" or insn.op.startswith("SYNCS.PHASECHK")):
-            cycles, pending = cycles + wait(), None
+        if pending is not None:
+            waited = (pending.intersection(insn.reads) or insn.op.startswith("SYNCS.PHASECHK")
+                      or (op == "DEPBAR" and last_copy >= 0 and commits - 1 >= max(insn.depth, 0)))
+            if waited or here != region:
+                later = 0 if waited or region is None or last_copy < 0 else \
+                    _in_flight(sass, execs, region, last_copy)
+                cycles, pending = cycles + wait(later), None
         region = here
         if not execs[k]:
             continue  # code that never runs (ptxas's peeled copies, charged to their loop)
         if op in _LOADS and pending is None:
-            pending, opened, runs = set(), issued, execs[k]
+            pending, opened, runs, last_copy = set(), issued, execs[k], -1
         if op in _LOADS:
             pending.update(insn.writes)
+            if op in _ASYNC:
+                last_copy, commits = k, 0
+        elif op == "LDGDEPBAR":
+            commits += 1
         issued += 1
     return cycles + (wait() if pending is not None else 0.0)
+
+
+def _in_flight(sass: Sass, execs: list[float], loop: tuple[int, int], last_copy: int) -> int:
+    """Instructions, past its loop body's end, until the DEPBAR of a later iteration that waits for
+    the group committed after ``last_copy`` (0 where no DEPBAR of the loop does: waited at the end)."""
+    lo, hi = loop
+    body = [k for k in range(lo, hi + 1) if execs[k]]
+    commits = [k for k in body if sass.insns[k].op.startswith("LDGDEPBAR")]
+    waits = [k for k in body if sass.insns[k].op.startswith("DEPBAR")]
+    mine = next((k for k in commits if k > last_copy), None)
+    if mine is None or not waits:
+        return 0
+    newer = sum(k > mine for k in commits)  # groups committed after it in its own iteration
+    for later in range(1, 1 + max(max(sass.insns[d].depth, 0) for d in waits) // len(commits) + 1):
+        for d in waits:
+            if newer + len(commits) * (later - 1) + sum(k < d for k in commits) >= max(sass.insns[d].depth, 0):
+                return (later - 1) * len(body) + sum(k < d for k in body)
+    return 0
 
 
 def _tensor_flops(sass: Sass, execs: list[float]) -> tuple[float, str]:

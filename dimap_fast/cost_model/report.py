@@ -196,7 +196,8 @@ WAY_PAIRS = {
     "bias_sum": (".bias_sum", "bias_sum_vs_flush",
                  "the flush's atomics unpriced: a lower bound of the flush's time"),
     "kv_prefetch": (".kv_prefetch", "kv_prefetch_vs_off",
-                    "async copies charged a full DRAM wait like any load: the prefetch's gain unpriced"),
+                    "copies waited on where a later block's DEPBAR waits; half the resident blocks "
+                    "cost twice the waves (a program's chain overlaps nothing of its own)"),
 }
 
 

@@ -28,7 +28,7 @@ _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 
-_FORMAT = 4  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
+_FORMAT = 5  # of the cached listing: bump when Insn or parse() changes (or when entries were wrong)
 TENSOR_OPS = ("HGMMA", "HMMA", "QGMMA", "IMMA")
 GLOBAL_OPS = ("LDG", "STG", "LDGSTS", "ATOMG", "RED", "REDG", "UBLKCP", "UTMALDG", "UTMASTG")
 
@@ -42,6 +42,7 @@ class Insn:
     target: int = -1  # a branch's destination (an index into the instructions), else -1
     writes: list = field(default_factory=list)  # general registers (R numbers) it writes
     reads: list = field(default_factory=list)  # and reads
+    depth: int = -1  # a DEPBAR's: it waits until at most this many async-copy groups are pending
 
 
 @dataclass
@@ -90,6 +91,7 @@ _NO_DEST = ("ST", "STG", "STS", "STL", "RED", "REDG", "LDGSTS", "UTMALDG", "UTMA
             "BRA", "EXIT", "BAR", "MEMBAR", "SYNCS", "DEPBAR", "LDGDEPBAR", "CCTL", "RET", "CALL")
 _REG = re.compile(r"(?<![A-Z_.])R(\d+)(\.64)?\b")
 _WIDTH = {"64": 2, "128": 4}
+_DEPTH = re.compile(r"SB0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def _registers(text: str) -> list[int]:
@@ -148,7 +150,9 @@ def parse(text: str) -> tuple[list[Insn], list[tuple[int, int]]]:
             if op.startswith("BRA") and (t := _TARGET.search(m.group(4))):
                 branches.append((len(insns), t.group(1)))
             writes, reads = operands(op, m.group(4))
-            insns.append(Insn(int(m.group(1), 16), op, file, line, writes=writes, reads=reads))
+            depth = _DEPTH.search(m.group(4)) if op.startswith("DEPBAR") else None
+            insns.append(Insn(int(m.group(1), 16), op, file, line, writes=writes, reads=reads,
+                              depth=int(depth.group(1), 0) if depth else -1))
     for i, t in branches:
         insns[i].target = labels.get(t, -1)
     # A branch to itself is the trap after the last EXIT: it and the NOP padding after it never run.
