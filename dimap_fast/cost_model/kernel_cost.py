@@ -8,8 +8,9 @@ Counts, per warp of one program:
   charged at the main body's cost, n / u times (loop entry code between the copies, a few integer
   instructions per entry, is left out with them).
 - load waits: the clusters of global loads a warp waits on in turn (a cluster is waited on where
-  an instruction first reads what one of its loads wrote, or at an async copy's wait), each what
-  is left of the DRAM latency after the instructions issued since it opened, times its executions;
+  an instruction first reads what one of its loads wrote, or where a DEPBAR, maybe a later
+  iteration's, waits for its async copies' group), each what is left of the DRAM latency after
+  the instructions issued since it opened, times its executions;
 - tensor FLOP: the HGMMA / HMMA shapes times their executions (an HGMMA is a warpgroup's).
 
 Time, for P programs of w warps with R resident blocks per SM (hardware.py's constants):
@@ -17,8 +18,8 @@ Time, for P programs of w warps with R resident blocks per SM (hardware.py's con
 - a wave of b blocks takes max(issue, chain, tensor) cycles: issue = ceil(b w / 4) I, the
   warp-instructions of its busiest scheduler at one a cycle; chain = one program's dependent
   path, I x ALU latency + its load waits + its tensor FLOP at the SM's full rate
-  (nothing of a program overlaps itself: the conservative side); tensor = b x its tensor FLOP at
-  that rate;
+  (nothing of a program overlaps itself but its loads' flight: the conservative side);
+  tensor = b x its tensor FLOP at that rate;
 - compute = the waves' cycles over the clock; memory = bytes over the copy rate, bytes counted
   per program as the 32-byte sectors it touches in each argument (re-reads by other programs
   count again), except arguments small enough to stay in L2, charged once.
