@@ -132,11 +132,8 @@ def executions(sass: Sass, loops: list[tuple[int, int, int]], hits: dict, file: 
         dropped.update(_copies(sass, members, main, u))
     out = []
     for k in range(len(sass.insns)):
-        enclosing = [ab for ab in sass.loops if ab[0] <= k <= ab[1]]
-        if k in dropped:
-            out.append(0.0)
-        else:
-            out.append(runs[min(enclosing, key=lambda ab: ab[1] - ab[0])] if enclosing else 1.0)
+        loop = sass.loop_of(k)
+        out.append(0.0 if k in dropped else runs[loop] if loop else 1.0)
     return out
 
 
@@ -168,9 +165,9 @@ def load_wait_cycles(sass: Sass, execs: list[float], gpu: Gpu = H100) -> float:
     a load and is waited on once: where an instruction first reads a register one of them wrote
     (a scoreboard wait); for async copies, at the DEPBAR that waits for their commit group (one
     allowing fewer groups in flight than were committed after it) or an mbarrier's PHASECHK;
-    otherwise where its loop (or the code between loops) ends, or, for copies still in flight
-    there, at the DEPBAR of the later iteration that waits for them. Loads issued before that wait
-    on it too. The wait is what is left of the DRAM latency after the instructions issued since
+    otherwise where its innermost loop (or the code between loops) ends, or, for copies still in
+    flight there, at the DEPBAR of the later iteration that waits for them. Loads issued before
+    that wait on it too. The wait is what is left of the DRAM latency after the instructions issued since
     the cluster's first load, at the path's ALU latency each."""
     cycles, region, issued = 0.0, None, 0
     pending: set | None = None  # the open cluster's registers; None: no cluster open
@@ -182,7 +179,7 @@ def load_wait_cycles(sass: Sass, execs: list[float], gpu: Gpu = H100) -> float:
                    - gpu.alu_latency_cycles * (issued - opened + later)) * runs
 
     for k, insn in enumerate(sass.insns):
-        here = next((ab for ab in sass.loops if ab[0] <= k <= ab[1]), None)
+        here = sass.loop_of(k)
         op = insn.op.split(".")[0]
         if pending is not None:
             waited = (pending.intersection(insn.reads) or insn.op.startswith("SYNCS.PHASECHK")

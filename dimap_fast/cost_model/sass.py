@@ -61,6 +61,11 @@ class Sass:
         hi = len(self.insns) - 1 if hi is None else hi
         return sum(i.op.split(".")[0] in prefixes for i in self.insns[lo:hi + 1])
 
+    def loop_of(self, k: int) -> tuple[int, int] | None:
+        """The innermost loop body holding instruction ``k`` (None outside every loop)."""
+        return min((ab for ab in self.loops if ab[0] <= k <= ab[1]), key=lambda ab: ab[1] - ab[0],
+                   default=None)
+
     def fenced_atomics_in_loops(self) -> int:
         """Atomics in a loop body that also holds a GPU- or system-scope MEMBAR (what acq_rel
         atomics compile to): each waits for the whole GPU. A CTA-scope MEMBAR (the fence before
